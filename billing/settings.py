@@ -1,0 +1,172 @@
+"""The service's settings, read from the environment and `.env`.
+
+The environment variable names are a public contract (README, settings table).
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from billing.errors import ConfigurationError
+from db.engine import DatabaseURLError, parse_database_url
+
+# Development-only values, so the quick start needs no configuration. Production refuses them.
+DEV_WEBHOOK_SECRET = "whsec_development_only_not_a_secret"
+DEV_JWT_SECRET = "development-only-jwt-secret-not-for-production"
+STRIPE_API_HOSTS = {"api.stripe.com", "files.stripe.com", "connect.stripe.com"}
+PLACEHOLDERS = {"changethis", "changeme", "secret", "password", "xxx", "todo"}
+MIN_SECRET_LENGTH = 32
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", env_ignore_empty=True, extra="ignore"
+    )
+
+    environment: Literal["development", "production"] = "development"
+    database_url: str = "sqlite+aiosqlite:///./billing.db"
+    stripe_secret_key: SecretStr | None = None
+    stripe_webhook_secret: SecretStr | None = None
+    stripe_api_base: str | None = None
+    public_base_url: str | None = None
+    app_url: str = "http://localhost:3000"
+    auth_jwt_secret: SecretStr | None = None
+    auth_jwks_url: str | None = None
+    auth_issuer: str | None = None
+    auth_audience: str | None = None
+    service_api_key: SecretStr | None = None
+    billing_plans_file: Path | None = None
+    log_level: str = Field(default="INFO")
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_url_parses(cls, value: str) -> str:
+        try:
+            return parse_database_url(value).render_as_string(hide_password=False)
+        except DatabaseURLError as exc:
+            raise ValueError(str(exc)) from None
+
+    @field_validator("stripe_api_base", "public_base_url", "app_url", "auth_jwks_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in {"http", "https"} or not parts.netloc:
+            raise ValueError(f"{value!r} is not an http(s) URL")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _safe_configuration(self) -> Settings:
+        problems = _problems(self)
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+    # Derived values -----------------------------------------------------------------------
+
+    @property
+    def is_production(self) -> bool:
+        return self.environment == "production"
+
+    @property
+    def sandbox_mode(self) -> bool:
+        """No Stripe key: the SDK talks to the project's own Stripe sandbox."""
+        return self.stripe_secret_key is None
+
+    @cached_property
+    def webhook_secrets(self) -> list[str]:
+        """Every accepted signing secret; the first one signs the sandbox's events."""
+        if self.stripe_webhook_secret is None:
+            return [DEV_WEBHOOK_SECRET]
+        return _split_secrets(self.stripe_webhook_secret)
+
+    @property
+    def jwt_secret(self) -> str | None:
+        if self.auth_jwt_secret is not None:
+            return self.auth_jwt_secret.get_secret_value()
+        if self.auth_jwks_url is None and not self.is_production:
+            return DEV_JWT_SECRET
+        return None
+
+    def secret_values(self) -> list[str]:
+        """Every configured secret, for checks that none leaks into logs or responses."""
+        values = [self.jwt_secret, *self.webhook_secrets]
+        for secret in (self.stripe_secret_key, self.service_api_key):
+            if secret is not None:
+                values.append(secret.get_secret_value())
+        return [value for value in values if value]
+
+
+def _split_secrets(raw: SecretStr) -> list[str]:
+    return [part.strip() for part in raw.get_secret_value().split(",") if part.strip()]
+
+
+def _is_weak(secret: str) -> bool:
+    return secret.lower() in PLACEHOLDERS or len(secret) < MIN_SECRET_LENGTH
+
+
+def _problems(settings: Settings) -> list[str]:
+    problems: list[str] = []
+    key = settings.stripe_secret_key.get_secret_value() if settings.stripe_secret_key else ""
+    if key.startswith(("sk_live_", "rk_live_")) and settings.stripe_api_base is not None:
+        host = urlsplit(settings.stripe_api_base).hostname or ""
+        if host not in STRIPE_API_HOSTS:
+            problems.append(
+                "STRIPE_API_BASE points at a host that is not Stripe's while STRIPE_SECRET_KEY is "
+                "a live key; a live key is only ever sent to api.stripe.com"
+            )
+    if settings.stripe_webhook_secret is not None and not _split_secrets(
+        settings.stripe_webhook_secret
+    ):
+        problems.append("STRIPE_WEBHOOK_SECRET is set but holds no secret")
+    if not settings.is_production:
+        return problems
+
+    if settings.stripe_secret_key is None:
+        problems.append("STRIPE_SECRET_KEY is not set: production refuses the local Stripe sandbox")
+    if settings.stripe_webhook_secret is None:
+        problems.append(
+            "STRIPE_WEBHOOK_SECRET is not set: production needs Stripe's signing secret"
+        )
+    elif DEV_WEBHOOK_SECRET in _split_secrets(settings.stripe_webhook_secret):
+        problems.append("STRIPE_WEBHOOK_SECRET holds the development secret")
+    if settings.auth_jwt_secret is None and settings.auth_jwks_url is None:
+        problems.append("AUTH_JWT_SECRET or AUTH_JWKS_URL must be set in production")
+    if settings.auth_jwt_secret is not None:
+        secret = settings.auth_jwt_secret.get_secret_value()
+        if secret == DEV_JWT_SECRET or _is_weak(secret):
+            problems.append(
+                "AUTH_JWT_SECRET is a development or placeholder value "
+                f"(use {MIN_SECRET_LENGTH}+ random characters)"
+            )
+    if settings.service_api_key is not None and _is_weak(
+        settings.service_api_key.get_secret_value()
+    ):
+        problems.append(
+            f"SERVICE_API_KEY is a placeholder (use {MIN_SECRET_LENGTH}+ random characters)"
+        )
+    return problems
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read the settings, turning validation errors into one readable `ConfigurationError`."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        raise ConfigurationError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for error in exc.errors():
+        field = ".".join(str(part) for part in error["loc"]).upper()
+        message = str(error["msg"]).removeprefix("Value error, ")
+        lines.append(f"{field}: {message}" if field else message)
+    return "invalid settings: " + "; ".join(lines)

@@ -1,0 +1,1 @@
+"""Tables, engine, sessions and queries. Knows nothing of Stripe or GraphQL."""

@@ -1,0 +1,127 @@
+"""The service's tables.
+
+Constraint and index names come from one naming convention, so migrations can refer to them
+by name on PostgreSQL and SQLite alike.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    CheckConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlmodel import Field, SQLModel
+
+from db.enums import BillingInterval, EventStatus, SubscriptionStatus, Tier, sql_in
+from db.types import UTCDateTime
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+# SQLModel keeps one MetaData for every table class; give it the convention before any table
+# is declared (names are resolved when a constraint attaches to its table).
+metadata: MetaData = SQLModel.metadata
+metadata.naming_convention = NAMING_CONVENTION
+
+BigId = BigInteger().with_variant(Integer(), "sqlite")  # SQLite autoincrements INTEGER only
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class BillingAccount(SQLModel, table=True):
+    """One row per user of the host app: their Stripe customer and subscription state."""
+
+    __tablename__ = "billing_account"
+    __table_args__ = (
+        UniqueConstraint("user_id"),
+        UniqueConstraint("stripe_customer_id"),
+        UniqueConstraint("stripe_subscription_id"),
+        CheckConstraint(f"tier IN ({sql_in(Tier)})", name="tier"),
+        CheckConstraint(
+            f"interval IS NULL OR interval IN ({sql_in(BillingInterval)})", name="interval"
+        ),
+        CheckConstraint(f"status IN ({sql_in(SubscriptionStatus)})", name="status"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    user_id: str = Field(sa_type=String(255))
+    email: str | None = Field(default=None, sa_type=String(320))
+    name: str | None = Field(default=None, sa_type=String(255))
+    stripe_customer_id: str | None = Field(default=None, sa_type=String(255))
+    stripe_subscription_id: str | None = Field(default=None, sa_type=String(255))
+    stripe_price_id: str | None = Field(default=None, sa_type=String(255))
+    tier: str = Field(default=Tier.NONE.value, sa_type=String(16))
+    interval: str | None = Field(default=None, sa_type=String(16))
+    status: str = Field(default=SubscriptionStatus.NONE.value, sa_type=String(32))
+    current_period_start: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    current_period_end: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    trial_end: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    cancel_at_period_end: bool = Field(default=False)
+    canceled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    trial_used: bool = Field(default=False)
+    synced_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class UsageRecord(SQLModel, table=True):
+    """One metered use of a feature, recorded once per idempotency key."""
+
+    __tablename__ = "usage_record"
+    __table_args__ = (
+        UniqueConstraint("account_id", "idempotency_key"),
+        CheckConstraint("quantity > 0", name="quantity_positive"),
+        # Serves "sum of feature F for account A between t1 and t2".
+        Index(None, "account_id", "feature", "recorded_at"),
+        Index(None, "reported_at", "recorded_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    account_id: int = Field(foreign_key="billing_account.id", ondelete="CASCADE", sa_type=BigId)
+    feature: str = Field(sa_type=String(64))
+    quantity: int = Field(sa_type=BigInteger)
+    recorded_at: datetime = Field(sa_type=UTCDateTime)
+    idempotency_key: str = Field(sa_type=String(255))
+    reported_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class StripeEvent(SQLModel, table=True):
+    """The inbox: every Stripe event received, stored once by its id."""
+
+    __tablename__ = "stripe_event"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({sql_in(EventStatus)})", name="status"),
+        Index(None, "status", "next_attempt_at"),
+    )
+
+    id: str = Field(primary_key=True, sa_type=String(255))
+    type: str = Field(sa_type=String(128))
+    stripe_created: datetime = Field(sa_type=UTCDateTime)
+    received_at: datetime = Field(sa_type=UTCDateTime)
+    status: str = Field(default=EventStatus.PENDING.value, sa_type=String(16))
+    attempts: int = Field(default=0)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = Field(default=None, sa_type=Text)
+    payload: dict[str, Any] = Field(sa_type=Json)
+
+
+account_table = BillingAccount.__table__  # type: ignore[attr-defined]
+usage_table = UsageRecord.__table__  # type: ignore[attr-defined]
+event_table = StripeEvent.__table__  # type: ignore[attr-defined]

@@ -1,0 +1,1 @@
+"""The transport: Strawberry schema, permission classes, the FastAPI app and the CLI."""

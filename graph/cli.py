@@ -1,0 +1,105 @@
+"""The `billing` command line."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import sys
+from typing import Any
+
+import click
+from sqlalchemy.exc import DBAPIError
+
+from billing.errors import ConfigurationError
+from billing.settings import Settings, load_settings
+from db import migrate as migrations
+from db.engine import DatabaseURLError, create_engine, safe_url
+from db.health import DatabaseNotReady, ensure_ready
+
+EXPECTED_FAILURES = (ConfigurationError, DatabaseNotReady, DatabaseURLError)
+
+
+class BillingGroup(click.Group):
+    """Turns expected failures into one line on stderr and exit status 1, without a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except EXPECTED_FAILURES as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+def _settings() -> Settings:
+    settings = load_settings()
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s %(message)s",
+    )
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
+    return settings
+
+
+async def _check_database(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        await ensure_ready(engine)
+    finally:
+        await engine.dispose()
+
+
+@click.group(cls=BillingGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """GraphQL billing API between a SaaS frontend and Stripe."""
+
+
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Interface to listen on.")
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--reload", is_flag=True, help="Restart on code changes (development).")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
+def serve(host: str, port: int, reload: bool, workers: int) -> None:
+    """Run the service (GraphQL at /graphql)."""
+    import uvicorn
+
+    settings = _settings()
+    asyncio.run(_check_database(settings.database_url))
+    if settings.public_base_url is None:
+        # Worker processes read their settings from the environment: tell them where we listen.
+        shown_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
+        os.environ["PUBLIC_BASE_URL"] = f"http://{shown_host}:{port}"
+    click.echo(f"serving on http://{host}:{port} (GraphQL at /graphql)", err=True)
+    uvicorn.run(
+        "graph.app:create_app",
+        factory=True,
+        host=host,
+        port=port,
+        reload=reload,
+        workers=None if reload else workers,
+        log_level=settings.log_level.lower(),
+        proxy_headers=True,
+    )
+
+
+@main.command()
+def migrate() -> None:
+    """Apply the database migrations."""
+    settings = _settings()
+    logging.getLogger("alembic.runtime.migration").setLevel(logging.INFO)
+    try:
+        migrations.upgrade(settings.database_url)
+    except DBAPIError as exc:
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise DatabaseNotReady(
+            f"cannot migrate {safe_url(settings.database_url)}: {reason}; check DATABASE_URL"
+        ) from None
+    except OSError as exc:
+        raise DatabaseNotReady(
+            f"cannot reach {safe_url(settings.database_url)}: {exc}; check DATABASE_URL"
+        ) from None
+    click.echo(f"database migrated to {migrations.head_revision()}", err=True)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""Fixtures on real databases: PostgreSQL over asyncpg and SQLite over aiosqlite.
+
+Every database test runs on both backends unless marked `postgres_only` or `sqlite_only`.
+Each test module gets a fresh schema (PostgreSQL) or file (SQLite), migrated once; tables are
+truncated before each test. No per-test rollback: concurrency tests need other connections to
+see committed rows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import pytest
+from sqlalchemy import text
+
+from db.engine import Database, create_engine
+from db.migrate import upgrade
+from db.models import metadata
+
+PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
+PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
+PG_USER = os.environ.get("TEST_PG_USER", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "backend" not in metafunc.fixturenames:
+        return
+    if metafunc.definition.get_closest_marker("postgres_only"):
+        params = ["postgresql"]
+    elif metafunc.definition.get_closest_marker("sqlite_only"):
+        params = ["sqlite"]
+    else:
+        params = ["sqlite", "postgresql"]
+    metafunc.parametrize("backend", params, indirect=True, scope="module")
+
+
+def pg_url(database: str) -> str:
+    return f"postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{database}"
+
+
+async def pg_admin(sql: str) -> None:
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
+    try:
+        await conn.execute(sql)
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(scope="session")
+def pg_database() -> Iterator[str]:
+    """A throw-away PostgreSQL database for this test session, dropped at the end."""
+    name = f"billing_test_{os.getpid()}_{uuid.uuid4().hex[:8]}"
+    asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield name
+    finally:
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@pytest.fixture
+def fresh_pg_url() -> Iterator[str]:
+    """A database of its own, for tests that run other processes (they cannot set a schema)."""
+    name = f"billing_test_own_{uuid.uuid4().hex[:12]}"
+    asyncio.run(pg_admin(f'CREATE DATABASE "{name}"'))
+    try:
+        yield pg_url(name)
+    finally:
+        asyncio.run(pg_admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+@dataclass(frozen=True)
+class DbTarget:
+    backend: str
+    url: str
+    schema: str | None = None
+
+    def database(self) -> Database:
+        return Database(create_engine(self.url, schema=self.schema))
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def _module_slug(request: pytest.FixtureRequest) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", request.module.__name__.rsplit(".", 1)[-1].lower())[:30]
+
+
+def _new_target(
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> DbTarget:
+    slug = _module_slug(request)
+    if backend == "sqlite":
+        path: Path = tmp_path_factory.mktemp(slug) / "billing.db"
+        return DbTarget("sqlite", f"sqlite+aiosqlite:///{path}")
+    pg_name = request.getfixturevalue("pg_database")
+    schema = f"{slug}_{uuid.uuid4().hex[:6]}"
+    asyncio.run(_create_schema(pg_name, schema))
+    return DbTarget("postgresql", pg_url(pg_name), schema)
+
+
+async def _create_schema(database: str, schema: str) -> None:
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=database)
+    try:
+        await conn.execute(f'CREATE SCHEMA "{schema}"')
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def blank_db(
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> DbTarget:
+    """A new database with nothing in it, not even migrations."""
+    return _new_target(backend, request, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def migrated_db(
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> DbTarget:
+    """The module's own database, migrated once."""
+    target = _new_target(backend, request, tmp_path_factory)
+    upgrade(target.url, schema=target.schema)
+    return target
+
+
+@pytest.fixture
+async def database(migrated_db: DbTarget) -> AsyncIterator[Database]:
+    """The migrated database of this module, emptied before the test."""
+    db = migrated_db.database()
+    await truncate_all(db)
+    try:
+        yield db
+    finally:
+        await db.dispose()
+
+
+async def truncate_all(db: Database) -> None:
+    tables = [table.name for table in metadata.sorted_tables]
+    async with db.write() as conn:
+        if db.is_postgres:
+            await conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
+        else:
+            for name in reversed(tables):
+                await conn.execute(text(f"DELETE FROM {name}"))

@@ -1,0 +1,143 @@
+"""The `billing` command line, run as a user runs it: a separate process."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+BILLING = str(Path(sys.executable).with_name("billing"))
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BILLING, *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def assert_one_clear_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("error: ")]
+    assert len(errors) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    for needle in needles:
+        assert needle in errors[0]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture
+def sqlite_env(tmp_path: Path) -> dict[str, str]:
+    return {"DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}"}
+
+
+def test_help_lists_every_command() -> None:
+    from graph.cli import main
+
+    result = run("--help")
+    assert result.returncode == 0
+    for command in main.commands:
+        assert command in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args", [["frobnicate"], ["migrate", "--no-such-option"], ["serve", "--port", "0"]]
+)
+def test_bad_usage_prints_usage_and_exits_2(args: list[str]) -> None:
+    result = run(*args)
+    assert result.returncode == 2
+    assert "Usage:" in result.stderr
+
+
+def test_migrate_creates_the_sqlite_database(tmp_path: Path, sqlite_env: dict[str, str]) -> None:
+    result = run("migrate", env=sqlite_env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "billing.db").exists()
+    assert run("migrate", env=sqlite_env, cwd=tmp_path).returncode == 0  # twice is fine
+
+
+def test_migrate_on_postgresql(fresh_pg_url: str, tmp_path: Path) -> None:
+    result = run("migrate", env={"DATABASE_URL": fresh_pg_url}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_an_unparsable_database_url_is_one_clear_line(command: str, tmp_path: Path) -> None:
+    result = run(command, env={"DATABASE_URL": "this is not a url"}, cwd=tmp_path)
+    assert_one_clear_line(result, "DATABASE_URL")
+
+
+@pytest.mark.parametrize("command", ["migrate", "serve"])
+def test_an_unreachable_database_is_one_clear_line(command: str, tmp_path: Path) -> None:
+    url = "postgresql+asyncpg://postgres:hunter2@127.0.0.1:1/none"
+    result = run(command, env={"DATABASE_URL": url}, cwd=tmp_path)
+    assert_one_clear_line(result, "DATABASE_URL")
+    assert "hunter2" not in result.stderr
+
+
+def test_serve_refuses_an_unmigrated_database(tmp_path: Path, sqlite_env: dict[str, str]) -> None:
+    result = run("serve", "--port", str(free_port()), env=sqlite_env, cwd=tmp_path)
+    assert_one_clear_line(result, "billing migrate")
+
+
+def test_serve_refuses_a_production_configuration_naming_the_setting(
+    tmp_path: Path, sqlite_env: dict[str, str]
+) -> None:
+    result = run("serve", env={**sqlite_env, "ENVIRONMENT": "production"}, cwd=tmp_path)
+    assert_one_clear_line(result, "STRIPE_SECRET_KEY")
+
+
+@pytest.fixture
+def served(tmp_path: Path, sqlite_env: dict[str, str]) -> Iterator[str]:
+    assert run("migrate", env=sqlite_env, cwd=tmp_path).returncode == 0
+    port = free_port()
+    process = subprocess.Popen(
+        [BILLING, "serve", "--port", str(port)],
+        env={**os.environ, **sqlite_env},
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("billing serve did not come up")
+        yield base
+    finally:
+        process.terminate()
+        process.wait(timeout=15)
+
+
+def test_serve_answers_health_probes_and_graphql(served: str) -> None:
+    assert httpx.get(f"{served}/readyz").json() == {"status": "ready"}
+    graphiql = httpx.get(f"{served}/graphql", headers={"Accept": "text/html"})
+    assert graphiql.status_code == 200 and "graphiql" in graphiql.text.lower()
+    answer = httpx.post(f"{served}/graphql", json={"query": "{ __typename }"})
+    assert answer.json() == {"data": {"__typename": "Query"}}

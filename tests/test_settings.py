@@ -1,0 +1,170 @@
+"""Settings: defaults that run with no set-up, and every production refusal naming its setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from billing.errors import ConfigurationError
+from billing.settings import DEV_JWT_SECRET, DEV_WEBHOOK_SECRET, Settings, load_settings
+
+SETTING_NAMES = [
+    "ENVIRONMENT",
+    "DATABASE_URL",
+    "STRIPE_SECRET_KEY",
+    "STRIPE_WEBHOOK_SECRET",
+    "STRIPE_API_BASE",
+    "PUBLIC_BASE_URL",
+    "APP_URL",
+    "AUTH_JWT_SECRET",
+    "AUTH_JWKS_URL",
+    "AUTH_ISSUER",
+    "AUTH_AUDIENCE",
+    "SERVICE_API_KEY",
+    "BILLING_PLANS_FILE",
+]
+STRONG = "s" * 40
+PRODUCTION = {
+    "ENVIRONMENT": "production",
+    "STRIPE_SECRET_KEY": "sk_test_123",
+    "STRIPE_WEBHOOK_SECRET": "whsec_real",
+    "AUTH_JWT_SECRET": STRONG,
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in SETTING_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+
+def configure(monkeypatch: pytest.MonkeyPatch, values: dict[str, str]) -> None:
+    for name, value in values.items():
+        monkeypatch.setenv(name, value)
+
+
+def test_development_needs_no_configuration() -> None:
+    settings = load_settings()
+    assert settings.database_url == "sqlite+aiosqlite:///./billing.db"
+    assert settings.sandbox_mode
+    assert settings.webhook_secrets == [DEV_WEBHOOK_SECRET]
+    assert settings.jwt_secret == DEV_JWT_SECRET
+
+
+def test_a_complete_production_configuration_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(monkeypatch, PRODUCTION)
+    settings = load_settings()
+    assert settings.is_production and not settings.sandbox_mode
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"STRIPE_SECRET_KEY": None}, "STRIPE_SECRET_KEY"),
+        ({"STRIPE_WEBHOOK_SECRET": None}, "STRIPE_WEBHOOK_SECRET"),
+        ({"STRIPE_WEBHOOK_SECRET": DEV_WEBHOOK_SECRET}, "STRIPE_WEBHOOK_SECRET"),
+        ({"AUTH_JWT_SECRET": None}, "AUTH_JWT_SECRET or AUTH_JWKS_URL"),
+        ({"AUTH_JWT_SECRET": DEV_JWT_SECRET}, "AUTH_JWT_SECRET"),
+        ({"AUTH_JWT_SECRET": "changethis"}, "AUTH_JWT_SECRET"),
+        ({"SERVICE_API_KEY": "changeme"}, "SERVICE_API_KEY"),
+        (
+            {
+                "STRIPE_SECRET_KEY": "sk_live_abc",
+                "STRIPE_API_BASE": "http://127.0.0.1:8000/sandbox",
+            },
+            "STRIPE_API_BASE",
+        ),
+        (
+            {"STRIPE_SECRET_KEY": "rk_live_abc", "STRIPE_API_BASE": "https://evil.example.com"},
+            "STRIPE_API_BASE",
+        ),
+    ],
+)
+def test_production_refuses_unsafe_configuration(
+    monkeypatch: pytest.MonkeyPatch, change: dict[str, str | None], named: str
+) -> None:
+    configure(monkeypatch, {k: v for k, v in {**PRODUCTION, **change}.items() if v is not None})
+    with pytest.raises(ConfigurationError, match=named):
+        load_settings()
+
+
+def test_jwks_alone_is_a_valid_production_auth_configuration(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configure(
+        monkeypatch,
+        {**PRODUCTION, "AUTH_JWKS_URL": "https://idp.example.com/.well-known/jwks.json"},
+    )
+    monkeypatch.delenv("AUTH_JWT_SECRET")
+    settings = load_settings()
+    assert settings.jwt_secret is None
+
+
+def test_a_live_key_is_never_sent_to_another_host_even_in_development(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configure(
+        monkeypatch, {"STRIPE_SECRET_KEY": "sk_live_x", "STRIPE_API_BASE": "http://localhost:9999"}
+    )
+    with pytest.raises(ConfigurationError, match="STRIPE_API_BASE"):
+        load_settings()
+
+
+def test_a_test_key_may_point_at_a_local_emulator_in_production(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    configure(monkeypatch, {**PRODUCTION, "STRIPE_API_BASE": "http://127.0.0.1:12111"})
+    assert load_settings().stripe_api_base == "http://127.0.0.1:12111"
+
+
+def test_a_live_key_may_name_stripe_itself(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(
+        monkeypatch,
+        {
+            **PRODUCTION,
+            "STRIPE_SECRET_KEY": "sk_live_x",
+            "STRIPE_API_BASE": "https://api.stripe.com",
+        },
+    )
+    assert load_settings().stripe_api_base == "https://api.stripe.com"
+
+
+def test_webhook_secrets_rotate_as_a_comma_separated_list(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(monkeypatch, {"STRIPE_WEBHOOK_SECRET": "whsec_new, whsec_old"})
+    assert load_settings().webhook_secrets == ["whsec_new", "whsec_old"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATABASE_URL", "not a url"),
+        ("DATABASE_URL", "mysql://root@localhost/x"),
+        ("ENVIRONMENT", "staging"),
+        ("APP_URL", "ftp://example.com"),
+        ("STRIPE_WEBHOOK_SECRET", " , "),
+    ],
+)
+def test_bad_values_are_refused_naming_the_setting(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str
+) -> None:
+    configure(monkeypatch, {name: value})
+    with pytest.raises(ConfigurationError, match=name):
+        load_settings()
+
+
+def test_postgres_urls_are_normalised_to_asyncpg(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(monkeypatch, {"DATABASE_URL": "postgresql://u:p@db.internal:5432/billing"})
+    assert load_settings().database_url == "postgresql+asyncpg://u:p@db.internal:5432/billing"
+
+
+def test_settings_are_read_from_a_dotenv_file(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("APP_URL=https://app.example.com\n")
+    assert Settings().app_url == "https://app.example.com"
+
+
+def test_secrets_do_not_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatch) -> None:
+    configure(monkeypatch, PRODUCTION)
+    shown = repr(load_settings())
+    assert STRONG not in shown and "sk_test_123" not in shown and "whsec_real" not in shown

@@ -4,7 +4,7 @@ set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 PYTHON="${PYTHON:-python3}"
-extras="${1:-}"
+extras="${EXTRAS:-}"
 if [ ! -x .venv/bin/python ]; then
   echo "==> creating .venv" >&2
   "$PYTHON" -m venv .venv

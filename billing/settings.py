@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     auth_audience: str | None = None
     service_api_key: SecretStr | None = None
     billing_plans_file: Path | None = None
+    sandbox_database_url: str | None = None
+    sandbox_dunning_final_action: Literal["cancel", "unpaid"] = "cancel"
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")
@@ -51,6 +53,11 @@ class Settings(BaseSettings):
             return parse_database_url(value).render_as_string(hide_password=False)
         except DatabaseURLError as exc:
             raise ValueError(str(exc)) from None
+
+    @field_validator("sandbox_database_url")
+    @classmethod
+    def _sandbox_url_parses(cls, value: str | None) -> str | None:
+        return None if value is None else cls._database_url_parses(value)
 
     @field_validator("stripe_api_base", "public_base_url", "app_url", "auth_jwks_url")
     @classmethod
@@ -79,6 +86,29 @@ class Settings(BaseSettings):
     def sandbox_mode(self) -> bool:
         """No Stripe key: the SDK talks to the project's own Stripe sandbox."""
         return self.stripe_secret_key is None
+
+    @property
+    def service_url(self) -> str:
+        """Where this service is reached (sandbox pages, sandbox webhook delivery)."""
+        return self.public_base_url or "http://127.0.0.1:8000"
+
+    def sandbox_database(self) -> tuple[str, str | None]:
+        """The sandbox's own database: (url, PostgreSQL schema or None).
+
+        Default: a second SQLite file beside the service's, or the `stripe_sandbox` schema of the
+        service's PostgreSQL database.
+        """
+        if self.sandbox_database_url is not None:
+            return self.sandbox_database_url, None
+        url = parse_database_url(self.database_url)
+        if url.get_backend_name() == "postgresql":
+            return self.database_url, "stripe_sandbox"
+        path = url.database or ""
+        if path in {"", ":memory:"}:
+            return "sqlite+aiosqlite:///./billing-sandbox.db", None
+        stem, dot, suffix = path.rpartition(".")
+        sandbox_path = f"{stem}-sandbox.{suffix}" if dot else f"{path}-sandbox"
+        return url.set(database=sandbox_path).render_as_string(hide_password=False), None
 
     @cached_property
     def webhook_secrets(self) -> list[str]:
@@ -122,9 +152,7 @@ def _problems(settings: Settings) -> list[str]:
                 "STRIPE_API_BASE points at a host that is not Stripe's while STRIPE_SECRET_KEY is "
                 "a live key; a live key is only ever sent to api.stripe.com"
             )
-    if settings.stripe_webhook_secret is not None and not _split_secrets(
-        settings.stripe_webhook_secret
-    ):
+    if settings.stripe_webhook_secret is not None and not _split_secrets(settings.stripe_webhook_secret):
         problems.append("STRIPE_WEBHOOK_SECRET is set but holds no secret")
     if not settings.is_production:
         return problems
@@ -132,9 +160,7 @@ def _problems(settings: Settings) -> list[str]:
     if settings.stripe_secret_key is None:
         problems.append("STRIPE_SECRET_KEY is not set: production refuses the local Stripe sandbox")
     if settings.stripe_webhook_secret is None:
-        problems.append(
-            "STRIPE_WEBHOOK_SECRET is not set: production needs Stripe's signing secret"
-        )
+        problems.append("STRIPE_WEBHOOK_SECRET is not set: production needs Stripe's signing secret")
     elif DEV_WEBHOOK_SECRET in _split_secrets(settings.stripe_webhook_secret):
         problems.append("STRIPE_WEBHOOK_SECRET holds the development secret")
     if settings.auth_jwt_secret is None and settings.auth_jwks_url is None:
@@ -146,12 +172,8 @@ def _problems(settings: Settings) -> list[str]:
                 "AUTH_JWT_SECRET is a development or placeholder value "
                 f"(use {MIN_SECRET_LENGTH}+ random characters)"
             )
-    if settings.service_api_key is not None and _is_weak(
-        settings.service_api_key.get_secret_value()
-    ):
-        problems.append(
-            f"SERVICE_API_KEY is a placeholder (use {MIN_SECRET_LENGTH}+ random characters)"
-        )
+    if settings.service_api_key is not None and _is_weak(settings.service_api_key.get_secret_value()):
+        problems.append(f"SERVICE_API_KEY is a placeholder (use {MIN_SECRET_LENGTH}+ random characters)")
     return problems
 
 

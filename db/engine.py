@@ -56,9 +56,7 @@ def create_engine(url: URL | str, *, schema: str | None = None, **kwargs: Any) -
     """Create the one engine of a process. `schema` sets PostgreSQL's search_path (tests)."""
     url = parse_database_url(str(url) if isinstance(url, str) else url.render_as_string(False))
     if url.get_backend_name() == "sqlite":
-        engine = create_async_engine(
-            url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs
-        )
+        engine = create_async_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, **kwargs)
         _configure_sqlite(engine)
         return engine
     connect_args: dict[str, Any] = {}

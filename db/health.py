@@ -29,9 +29,7 @@ async def ensure_ready(engine: AsyncEngine) -> None:
         ) from None
     except (OperationalError, DBAPIError, OSError) as exc:
         reason = _first_line(exc.orig if isinstance(exc, DBAPIError) else exc)
-        raise DatabaseNotReady(
-            f"cannot reach the database ({reason}); check DATABASE_URL"
-        ) from None
+        raise DatabaseNotReady(f"cannot reach the database ({reason}); check DATABASE_URL") from None
     if state.current is None:
         raise DatabaseNotReady("the database is not migrated; run `billing migrate`")
     if not state.up_to_date:

@@ -52,9 +52,7 @@ class BillingAccount(SQLModel, table=True):
         UniqueConstraint("stripe_customer_id"),
         UniqueConstraint("stripe_subscription_id"),
         CheckConstraint(f"tier IN ({sql_in(Tier)})", name="tier"),
-        CheckConstraint(
-            f"interval IS NULL OR interval IN ({sql_in(BillingInterval)})", name="interval"
-        ),
+        CheckConstraint(f"interval IS NULL OR interval IN ({sql_in(BillingInterval)})", name="interval"),
         CheckConstraint(f"status IN ({sql_in(SubscriptionStatus)})", name="status"),
     )
 

@@ -13,13 +13,16 @@ import os
 import re
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
 from sqlalchemy import text
 
+from billing.settings import Settings
 from db.engine import Database, create_engine
 from db.migrate import upgrade
 from db.models import metadata
@@ -152,3 +155,68 @@ async def truncate_all(db: Database) -> None:
         else:
             for name in reversed(tables):
                 await conn.execute(text(f"DELETE FROM {name}"))
+
+
+# A running service --------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class Service:
+    """The app served on a loopback port, as Stripe, a browser or the SDK reach it."""
+
+    url: str
+    app: Any
+    database: Database
+    sandbox_db: DbTarget
+
+
+@pytest.fixture
+def sandbox_db(
+    backend: str, request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> DbTarget:
+    """A fresh, empty database for the Stripe sandbox (it creates its own tables)."""
+    return _new_target(backend, request, tmp_path_factory)
+
+
+@asynccontextmanager
+async def serve(app: Any, port: int) -> AsyncIterator[None]:
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    while not server.started:
+        if task.done():
+            task.result()
+        await asyncio.sleep(0.01)
+    try:
+        yield
+    finally:
+        server.should_exit = True
+        await task
+
+
+def service_settings(url: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"public_base_url": url, "app_url": "http://app.test", **overrides}
+    return Settings(**values)
+
+
+@pytest.fixture
+async def service(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Service]:
+    """The whole service in sandbox mode on a real port, over this module's databases."""
+    from graph.app import create_app, sandbox_config
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = service_settings(url)
+    config = replace(sandbox_config(settings), database_url=sandbox_db.url, schema=sandbox_db.schema)
+    app = create_app(settings, database=database, sandbox=config)
+    async with serve(app, port):
+        yield Service(url=url, app=app, database=database, sandbox_db=sandbox_db)

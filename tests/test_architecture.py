@@ -49,11 +49,7 @@ def violations(path: Path, source: str) -> list[str]:
     for module in sorted(imported_modules(source)):
         if any(module == prefix or module.startswith(prefix + ".") for prefix in banned):
             found.append(f"{path.relative_to(ROOT)} imports {module}")
-        if (
-            layer == "sandbox"
-            and module.startswith("billing.")
-            and not module.startswith("billing.sandbox")
-        ):
+        if layer == "sandbox" and module.startswith("billing.") and not module.startswith("billing.sandbox"):
             found.append(f"{path.relative_to(ROOT)} imports domain module {module}")
     return found
 
@@ -63,9 +59,7 @@ def project_files() -> list[Path]:
 
 
 def test_every_module_respects_the_layers() -> None:
-    problems = [
-        problem for path in project_files() for problem in violations(path, path.read_text())
-    ]
+    problems = [problem for path in project_files() for problem in violations(path, path.read_text())]
     assert problems == []
 
 

@@ -59,9 +59,7 @@ def test_help_lists_every_command() -> None:
         assert command in result.stdout
 
 
-@pytest.mark.parametrize(
-    "args", [["frobnicate"], ["migrate", "--no-such-option"], ["serve", "--port", "0"]]
-)
+@pytest.mark.parametrize("args", [["frobnicate"], ["migrate", "--no-such-option"], ["serve", "--port", "0"]])
 def test_bad_usage_prints_usage_and_exits_2(args: list[str]) -> None:
     result = run(*args)
     assert result.returncode == 2

@@ -23,9 +23,7 @@ async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
 
 
 async def test_healthz_answers_without_touching_the_database() -> None:
-    app = create_app(
-        Settings(), database=Database.from_url("postgresql+asyncpg://x@127.0.0.1:1/none")
-    )
+    app = create_app(Settings(), database=Database.from_url("postgresql+asyncpg://x@127.0.0.1:1/none"))
     async with client_for(app) as client:
         response = await client.get("/healthz")
     assert response.status_code == 200
@@ -50,9 +48,7 @@ async def test_readyz_is_503_on_an_unmigrated_database(blank_db: DbTarget) -> No
 
 
 async def test_readyz_is_503_when_the_database_is_unreachable() -> None:
-    app = create_app(
-        Settings(), database=Database.from_url("postgresql+asyncpg://x:pw@127.0.0.1:1/none")
-    )
+    app = create_app(Settings(), database=Database.from_url("postgresql+asyncpg://x:pw@127.0.0.1:1/none"))
     async with client_for(app) as client:
         response = await client.get("/readyz")
     body = response.json()

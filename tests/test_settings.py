@@ -105,9 +105,7 @@ def test_jwks_alone_is_a_valid_production_auth_configuration(
 def test_a_live_key_is_never_sent_to_another_host_even_in_development(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    configure(
-        monkeypatch, {"STRIPE_SECRET_KEY": "sk_live_x", "STRIPE_API_BASE": "http://localhost:9999"}
-    )
+    configure(monkeypatch, {"STRIPE_SECRET_KEY": "sk_live_x", "STRIPE_API_BASE": "http://localhost:9999"})
     with pytest.raises(ConfigurationError, match="STRIPE_API_BASE"):
         load_settings()
 

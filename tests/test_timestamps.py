@@ -33,9 +33,7 @@ async def test_an_aware_time_comes_back_aware_and_in_utc(database: Database) -> 
 async def test_a_naive_time_is_refused_and_nothing_is_written(database: Database) -> None:
     with pytest.raises(StatementError, match="naive datetime"):
         async with database.write() as conn:
-            await conn.execute(
-                insert(account_table).values(account("u1", trial_end=datetime(2026, 1, 1)))
-            )
+            await conn.execute(insert(account_table).values(account("u1", trial_end=datetime(2026, 1, 1))))
     async with database.read() as conn:
         assert (await conn.execute(select(account_table.c.id))).all() == []
 
@@ -49,11 +47,7 @@ async def test_times_compare_in_time_order(database: Database) -> None:
             await conn.execute(insert(account_table).values(account(user, trial_end=value)))
     async with database.read() as conn:
         later = (
-            (
-                await conn.execute(
-                    select(account_table.c.user_id).where(account_table.c.trial_end > NOW)
-                )
-            )
+            (await conn.execute(select(account_table.c.user_id).where(account_table.c.trial_end > NOW)))
             .scalars()
             .all()
         )

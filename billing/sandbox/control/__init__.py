@@ -1,0 +1,2 @@
+"""Control routes under `/sandbox/_control` for tests and demos; each module registers its own
+with `billing.sandbox.api.control`. Not part of Stripe's API."""

@@ -1,0 +1,131 @@
+"""Customers: create, retrieve, update, delete, list, search."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from stripe.params import (
+    CustomerCreateParams,
+    CustomerDeleteParams,
+    CustomerListParams,
+    CustomerRetrieveParams,
+    CustomerSearchParams,
+    CustomerUpdateParams,
+)
+
+from billing.sandbox.api import (
+    Call,
+    apply_metadata,
+    created_filter,
+    endpoint,
+    paginate,
+    search_matcher,
+    search_result,
+)
+from billing.sandbox.store import new_id
+
+# Fields the sandbox stores as given when a create or update names them.
+_PLAIN_FIELDS = ("description", "email", "name", "phone", "preferred_locales", "tax_exempt")
+
+
+def new_customer(now: int, params: dict[str, Any]) -> dict[str, Any]:
+    customer: dict[str, Any] = {
+        "id": new_id("cus"),
+        "object": "customer",
+        "address": None,
+        "balance": params.get("balance", 0),
+        "created": now,
+        "currency": None,
+        "default_source": None,
+        "delinquent": False,
+        "description": None,
+        "discount": None,
+        "email": None,
+        "invoice_prefix": new_id("x")[2:10].upper(),
+        "invoice_settings": {
+            "custom_fields": None,
+            "default_payment_method": None,
+            "footer": None,
+            "rendering_options": None,
+        },
+        "livemode": False,
+        "metadata": {},
+        "name": None,
+        "next_invoice_sequence": 1,
+        "phone": None,
+        "preferred_locales": [],
+        "shipping": None,
+        "tax_exempt": "none",
+        "test_clock": None,
+    }
+    return _apply(customer, params)
+
+
+def _apply(customer: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    for name in _PLAIN_FIELDS:
+        if name in params:
+            customer[name] = params[name] or None if name != "preferred_locales" else params[name]
+    if "metadata" in params:
+        customer["metadata"] = apply_metadata(customer["metadata"], params["metadata"])
+    if "address" in params:
+        customer["address"] = params["address"] or None
+    if "shipping" in params:
+        customer["shipping"] = params["shipping"] or None
+    if "invoice_settings" in params:
+        settings = dict(customer["invoice_settings"])
+        for key, value in params["invoice_settings"].items():
+            settings[key] = value or None
+        customer["invoice_settings"] = settings
+    return customer
+
+
+@endpoint("POST", "/v1/customers", CustomerCreateParams)
+async def create_customer(call: Call) -> dict[str, Any]:
+    customer = new_customer(call.tx.now(), call.params)
+    await call.tx.insert(customer)
+    await call.tx.emit("customer.created", customer)
+    return customer
+
+
+@endpoint("GET", "/v1/customers/{id}", CustomerRetrieveParams)
+async def retrieve_customer(call: Call) -> dict[str, Any]:
+    found = await call.tx.find(call.path["id"])
+    if found is not None and found.get("object") == "customer" and found.get("deleted"):
+        return {"id": found["id"], "object": "customer", "deleted": True}
+    return await call.tx.get("customer", call.path["id"])
+
+
+@endpoint("POST", "/v1/customers/{id}", CustomerUpdateParams)
+async def update_customer(call: Call) -> dict[str, Any]:
+    customer = await call.tx.get("customer", call.path["id"])
+    before = {key: customer.get(key) for key in call.params if key != "expand"}
+    _apply(customer, call.params)
+    changed = {key: value for key, value in before.items() if customer.get(key) != value}
+    await call.tx.save(customer)
+    if changed:
+        await call.tx.emit("customer.updated", customer, previous_attributes=changed)
+    return customer
+
+
+@endpoint("DELETE", "/v1/customers/{id}", CustomerDeleteParams)
+async def delete_customer(call: Call) -> dict[str, Any]:
+    customer = await call.tx.get("customer", call.path["id"])
+    await call.tx.remove(customer["id"])
+    await call.tx.emit("customer.deleted", customer)
+    return {"id": customer["id"], "object": "customer", "deleted": True}
+
+
+@endpoint("GET", "/v1/customers", CustomerListParams)
+async def list_customers(call: Call) -> dict[str, Any]:
+    email = call.params.get("email")
+    in_range = created_filter(call.params)
+    customers = await call.tx.all(
+        "customer", lambda c: in_range(c) and (email is None or c.get("email") == email)
+    )
+    return paginate(customers, call.params, call.url)
+
+
+@endpoint("GET", "/v1/customers/search", CustomerSearchParams)
+async def search_customers(call: Call) -> dict[str, Any]:
+    matches = await call.tx.all("customer", search_matcher(call.params["query"]))
+    return search_result(matches, call.params, call.url)

@@ -1,0 +1,29 @@
+"""Stripe's own example objects (`../shared/stripe/fixtures3.json`), to check the sandbox's shapes."""
+
+from __future__ import annotations
+
+import json
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+FIXTURES = Path(
+    os.environ.get(
+        "STRIPE_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "stripe" / "fixtures3.json"
+    )
+)
+
+
+@cache
+def stripe_fixture(object_type: str) -> dict[str, Any]:
+    """Stripe's example of `object_type` (e.g. "customer", "checkout.session")."""
+    resources: dict[str, dict[str, Any]] = json.loads(FIXTURES.read_text())["resources"]
+    return resources[object_type]
+
+
+def missing_keys(obj: Any, object_type: str) -> list[str]:
+    """Top-level keys of Stripe's example that `obj` lacks (its own shape, deleted objects aside)."""
+    if hasattr(obj, "to_dict"):
+        obj = obj.to_dict()
+    return sorted(set(stripe_fixture(object_type)) - set(obj))

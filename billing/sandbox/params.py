@@ -107,13 +107,18 @@ def _typed_dict(cls: type, data: Any, *, prefix: str, top: bool = False) -> dict
     return result
 
 
+def _is_literal(annotation: Any) -> bool:
+    origin: Any = get_origin(annotation)
+    return origin is Literal
+
+
 def coerce(value: Any, annotation: Any, param: str) -> Any:
     origin: Any = get_origin(annotation)
     if annotation in (Any, object):
         return value
     if origin in (Union, types.UnionType):
         # Try the empty-string literal first: `''` unsets a field in Stripe's API.
-        alternatives = sorted(get_args(annotation), key=lambda alt: get_origin(alt) is not Literal)
+        alternatives = sorted(get_args(annotation), key=lambda alt: not _is_literal(alt))
         last_error: Exception | None = None
         for alternative in alternatives:
             try:

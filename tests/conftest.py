@@ -23,6 +23,7 @@ import pytest
 from sqlalchemy import text
 
 from billing.settings import Settings
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database, create_engine
 from db.migrate import upgrade
 from db.models import metadata
@@ -220,3 +221,23 @@ async def service(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
     app = create_app(settings, database=database, sandbox=config)
     async with serve(app, port):
         yield Service(url=url, app=app, database=database, sandbox_db=sandbox_db)
+
+
+@pytest.fixture
+async def stripe_gateway(service: Service) -> AsyncIterator[StripeGateway]:
+    """The project's gateway (the real SDK) pointed at the running service's sandbox."""
+    from billing.stripe_gateway import GatewayConfig
+
+    gateway = StripeGateway(
+        GatewayConfig(
+            api_key="sk_test_tests",
+            api_base=f"{service.url}/sandbox",
+            max_network_retries=1,
+            timeout_seconds=5,
+            rate_limit_base_delay=0.01,
+        )
+    )
+    try:
+        yield gateway
+    finally:
+        await gateway.close()

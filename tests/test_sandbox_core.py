@@ -2,79 +2,68 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
 import pytest
 import stripe
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from tests.conftest import Service
 
 
-@pytest.fixture
-async def gateway(service: Service) -> AsyncIterator[StripeGateway]:
-    gw = StripeGateway(
-        GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox", max_network_retries=0)
-    )
-    yield gw
-    await gw.close()
-
-
-async def test_a_customer_round_trips(gateway: StripeGateway) -> None:
-    created = await gateway.v1.customers.create_async(
+async def test_a_customer_round_trips(stripe_gateway: StripeGateway) -> None:
+    created = await stripe_gateway.v1.customers.create_async(
         {"email": "a@example.com", "metadata": {"userId": "u1"}}
     )
-    fetched = await gateway.v1.customers.retrieve_async(created.id)
+    fetched = await stripe_gateway.v1.customers.retrieve_async(created.id)
     assert created.id.startswith("cus_")
     assert fetched.email == "a@example.com"
     assert fetched.metadata.to_dict() == {"userId": "u1"}
 
 
-async def test_a_misspelled_parameter_is_stripes_parameter_unknown(gateway: StripeGateway) -> None:
+async def test_a_misspelled_parameter_is_stripes_parameter_unknown(stripe_gateway: StripeGateway) -> None:
     with pytest.raises(stripe.InvalidRequestError) as caught:
-        await gateway.v1.customers.create_async({"emial": "a@example.com"})  # type: ignore[typeddict-unknown-key]
+        await stripe_gateway.v1.customers.create_async({"emial": "a@example.com"})  # type: ignore[typeddict-unknown-key]
     assert caught.value.http_status == 400
     assert caught.value.code == "parameter_unknown"
     assert caught.value.param == "emial"
 
 
-async def test_a_missing_object_is_resource_missing(gateway: StripeGateway) -> None:
+async def test_a_missing_object_is_resource_missing(stripe_gateway: StripeGateway) -> None:
     with pytest.raises(stripe.InvalidRequestError) as caught:
-        await gateway.v1.customers.retrieve_async("cus_nope")
+        await stripe_gateway.v1.customers.retrieve_async("cus_nope")
     assert caught.value.http_status == 404
     assert caught.value.code == "resource_missing"
 
 
-async def test_lists_paginate_newest_first(gateway: StripeGateway) -> None:
-    ids = [(await gateway.v1.customers.create_async({"name": f"c{i}"})).id for i in range(5)]
-    first = await gateway.v1.customers.list_async({"limit": 2})
-    second = await gateway.v1.customers.list_async({"limit": 2, "starting_after": first.data[-1].id})
-    last = await gateway.v1.customers.list_async({"limit": 2, "starting_after": second.data[-1].id})
+async def test_lists_paginate_newest_first(stripe_gateway: StripeGateway) -> None:
+    ids = [(await stripe_gateway.v1.customers.create_async({"name": f"c{i}"})).id for i in range(5)]
+    first = await stripe_gateway.v1.customers.list_async({"limit": 2})
+    second = await stripe_gateway.v1.customers.list_async({"limit": 2, "starting_after": first.data[-1].id})
+    last = await stripe_gateway.v1.customers.list_async({"limit": 2, "starting_after": second.data[-1].id})
     seen = [c.id for page in (first, second, last) for c in page.data]
     assert seen == list(reversed(ids))
     assert (first.has_more, second.has_more, last.has_more) == (True, True, False)
 
 
-async def test_search_by_metadata(gateway: StripeGateway) -> None:
-    await gateway.v1.customers.create_async({"metadata": {"userId": "u1"}})
-    wanted = await gateway.v1.customers.create_async({"metadata": {"userId": "u2"}})
-    found = await gateway.v1.customers.search_async({"query": "metadata['userId']:'u2'"})
+async def test_search_by_metadata(stripe_gateway: StripeGateway) -> None:
+    await stripe_gateway.v1.customers.create_async({"metadata": {"userId": "u1"}})
+    wanted = await stripe_gateway.v1.customers.create_async({"metadata": {"userId": "u2"}})
+    found = await stripe_gateway.v1.customers.search_async({"query": "metadata['userId']:'u2'"})
     assert [c.id for c in found.data] == [wanted.id]
 
 
-async def test_an_idempotency_key_replays_the_first_response(gateway: StripeGateway) -> None:
-    first = await gateway.v1.customers.create_async({"name": "a"}, {"idempotency_key": "k1"})
-    again = await gateway.v1.customers.create_async({"name": "a"}, {"idempotency_key": "k1"})
-    listed = await gateway.v1.customers.list_async()
+async def test_an_idempotency_key_replays_the_first_response(stripe_gateway: StripeGateway) -> None:
+    first = await stripe_gateway.v1.customers.create_async({"name": "a"}, {"idempotency_key": "k1"})
+    again = await stripe_gateway.v1.customers.create_async({"name": "a"}, {"idempotency_key": "k1"})
+    listed = await stripe_gateway.v1.customers.list_async()
     assert again.id == first.id
     assert len(listed.data) == 1
 
 
-async def test_an_idempotency_key_with_other_parameters_is_refused(gateway: StripeGateway) -> None:
-    await gateway.v1.customers.create_async({"name": "a"}, {"idempotency_key": "k2"})
+async def test_an_idempotency_key_with_other_parameters_is_refused(stripe_gateway: StripeGateway) -> None:
+    await stripe_gateway.v1.customers.create_async({"name": "a"}, {"idempotency_key": "k2"})
     with pytest.raises(stripe.IdempotencyError):
-        await gateway.v1.customers.create_async({"name": "b"}, {"idempotency_key": "k2"})
+        await stripe_gateway.v1.customers.create_async({"name": "b"}, {"idempotency_key": "k2"})
 
 
 async def test_a_request_without_a_test_key_is_401(service: Service) -> None:

@@ -44,6 +44,7 @@ class Settings(BaseSettings):
     billing_plans_file: Path | None = None
     sandbox_database_url: str | None = None
     sandbox_dunning_final_action: Literal["cancel", "unpaid"] = "cancel"
+    sandbox_sync_catalog: bool = True
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -11,6 +12,9 @@ from fastapi.responses import JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
 from strawberry.asgi import GraphQL
 
+from billing.catalog import sync_catalog
+from billing.errors import BillingError, ErrorCode
+from billing.plans import Catalog, load_catalog
 from billing.sandbox.api import SandboxConfig
 from billing.sandbox.app import Sandbox
 from billing.settings import Settings, load_settings
@@ -46,18 +50,29 @@ def create_app(
     `/sandbox` and the SDK is pointed at it.
     """
     settings = settings or load_settings()
+    catalog = load_catalog(settings.billing_plans_file)
     sandbox_app = Sandbox(sandbox or sandbox_config(settings)) if settings.sandbox_mode else None
+    background: set[asyncio.Task[None]] = set()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database.from_url(settings.database_url)
         app.state.stripe = StripeGateway(GatewayConfig.from_settings(settings))
+        app.state.catalog_synced = asyncio.Event()
         if sandbox_app is not None:
             await sandbox_app.start()
+            if settings.sandbox_sync_catalog:
+                # Over HTTP like any Stripe call, so it must wait until the server listens.
+                task = asyncio.create_task(_sync_sandbox_catalog(app, catalog, settings))
+                background.add(task)
+                task.add_done_callback(background.discard)
         try:
             yield
         finally:
+            for task in list(background):
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             if sandbox_app is not None:
                 await sandbox_app.stop()
             await app.state.stripe.close()
@@ -72,6 +87,7 @@ def create_app(
         openapi_url=None if settings.is_production else "/openapi.json",
     )
     app.state.settings = settings
+    app.state.catalog = catalog
     app.state.sandbox = sandbox_app
 
     @app.get("/healthz", include_in_schema=False)
@@ -94,3 +110,22 @@ def create_app(
     if sandbox_app is not None:
         app.router.routes.append(Mount("/sandbox", app=sandbox_app))
     return app
+
+
+async def _sync_sandbox_catalog(app: FastAPI, catalog: Catalog, settings: Settings) -> None:
+    """Sandbox mode: make the sandbox match the plans file, so the first checkout works."""
+    for _attempt in range(40):
+        try:
+            report = await sync_catalog(
+                catalog=catalog, gateway=app.state.stripe, return_url=f"{settings.app_url}/billing"
+            )
+        except BillingError as exc:
+            if exc.code is not ErrorCode.BILLING_PROVIDER_UNAVAILABLE:
+                log.error("sandbox catalog sync failed: %s", exc.message)
+                return
+            await asyncio.sleep(0.25)  # the server is not listening yet
+            continue
+        log.info("sandbox catalog synced (%d changes)", len(report.changes))
+        app.state.catalog_synced.set()
+        return
+    log.error("sandbox catalog sync gave up: the sandbox never answered")

@@ -11,13 +11,16 @@ from typing import Any
 import click
 from sqlalchemy.exc import DBAPIError
 
-from billing.errors import ConfigurationError
+from billing.catalog import sync_catalog
+from billing.errors import BillingError, ConfigurationError
+from billing.plans import PlansFileError, load_catalog
 from billing.settings import Settings, load_settings
+from billing.stripe_gateway import GatewayConfig, StripeGateway
 from db import migrate as migrations
 from db.engine import DatabaseURLError, create_engine, safe_url
 from db.health import DatabaseNotReady, ensure_ready
 
-EXPECTED_FAILURES = (ConfigurationError, DatabaseNotReady, DatabaseURLError)
+EXPECTED_FAILURES = (ConfigurationError, DatabaseNotReady, DatabaseURLError, PlansFileError)
 
 
 class BillingGroup(click.Group):
@@ -29,6 +32,15 @@ class BillingGroup(click.Group):
         except EXPECTED_FAILURES as exc:
             click.echo(f"error: {exc}", err=True)
             ctx.exit(1)
+        except BillingError as exc:
+            click.echo(f"error: {exc.message} ({exc.code.value}){_sandbox_hint(exc)}", err=True)
+            ctx.exit(1)
+
+
+def _sandbox_hint(exc: BillingError) -> str:
+    if exc.code.value != "BILLING_PROVIDER_UNAVAILABLE" or not load_settings().sandbox_mode:
+        return ""
+    return "; in sandbox mode the Stripe sandbox lives inside the service: is `billing serve` running?"
 
 
 def _settings() -> Settings:
@@ -99,6 +111,41 @@ def migrate() -> None:
             f"cannot reach {safe_url(settings.database_url)}: {exc}; check DATABASE_URL"
         ) from None
     click.echo(f"database migrated to {migrations.head_revision()}", err=True)
+
+
+@main.group()
+def catalog() -> None:
+    """The plan catalog in Stripe (products, prices, meters, portal)."""
+
+
+@catalog.command("sync")
+@click.option("--dry-run", is_flag=True, help="Print what would change; change nothing.")
+def catalog_sync(dry_run: bool) -> None:
+    """Make Stripe match the plans file. Safe to run again."""
+    settings = _settings()
+    plans = load_catalog(settings.billing_plans_file)
+
+    async def run() -> list[str]:
+        gateway = StripeGateway(GatewayConfig.from_settings(settings))
+        try:
+            report = await sync_catalog(
+                catalog=plans,
+                gateway=gateway,
+                return_url=f"{settings.app_url}/billing",
+                dry_run=dry_run,
+                progress=lambda line: click.echo(f"  {line}", err=True),
+            )
+        finally:
+            await gateway.close()
+        return report.changes
+
+    changes = asyncio.run(run())
+    if not changes:
+        click.echo("Stripe already matches the plans file: nothing to change.")
+    elif dry_run:
+        click.echo(f"{len(changes)} change(s) would be made (dry run: nothing changed).")
+    else:
+        click.echo(f"{len(changes)} change(s) made.")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -205,7 +205,12 @@ async def serve(app: Any, port: int) -> AsyncIterator[None]:
 
 
 def service_settings(url: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"public_base_url": url, "app_url": "http://app.test", **overrides}
+    values: dict[str, Any] = {
+        "public_base_url": url,
+        "app_url": "http://app.test",
+        "sandbox_sync_catalog": False,  # tests that need the catalog sync it themselves
+        **overrides,
+    }
     return Settings(**values)
 
 

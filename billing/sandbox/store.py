@@ -20,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    Float,
     Integer,
     MetaData,
     String,
@@ -86,6 +87,7 @@ faults = Table(
     Column("code", String(64), nullable=True),
     Column("after_apply", Boolean, nullable=False, default=False),
     Column("remaining", Integer, nullable=False),
+    Column("seconds", Float, nullable=True),  # how long a "timeout" fault stalls
 )
 
 state = Table(

@@ -312,7 +312,10 @@ def _price_matches(
 
 
 def _metadata(obj: Any) -> dict[str, str]:
-    return dict(getattr(obj, "metadata", None) or {})
+    metadata = getattr(obj, "metadata", None)
+    if metadata is None:
+        return {}
+    return dict(metadata.to_dict() if hasattr(metadata, "to_dict") else metadata)
 
 
 def _describe_price(price: Price | MeteredPrice) -> str:

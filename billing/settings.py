@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     auth_issuer: str | None = None
     auth_audience: str | None = None
     service_api_key: SecretStr | None = None
+    # A past_due subscription keeps its tier for this many days after `current_period_start`
+    # (a failed renewal has already moved the period); 0 = no grace. billing/access.py decides.
+    past_due_grace_days: int = Field(default=7, ge=0, le=90)
     billing_plans_file: Path | None = None
     sandbox_database_url: str | None = None
     sandbox_dunning_final_action: Literal["cancel", "unpaid"] = "cancel"

@@ -146,7 +146,10 @@ class StripeGateway:
                     exc.request_id,
                 )
                 raise BillingError(
-                    "The billing provider refused the request.", code=ErrorCode.INVALID_REQUEST
+                    "The billing provider refused the request.",
+                    code=ErrorCode.INVALID_REQUEST,
+                    stripe_code=exc.code,
+                    http_status=exc.http_status,
                 ) from exc
 
     async def close(self) -> None:

@@ -120,6 +120,32 @@ class StripeEvent(SQLModel, table=True):
     payload: dict[str, Any] = Field(sa_type=Json)
 
 
+class Invoice(SQLModel, table=True):
+    """Stripe invoices of our customers, kept by the webhook sync for `viewer.invoices`."""
+
+    __tablename__ = "invoice"
+    __table_args__ = (Index(None, "stripe_customer_id", "created"),)
+
+    id: str = Field(primary_key=True, sa_type=String(255))  # Stripe's invoice id
+    stripe_customer_id: str = Field(sa_type=String(255))
+    stripe_subscription_id: str | None = Field(default=None, sa_type=String(255))
+    number: str | None = Field(default=None, sa_type=String(64))
+    status: str = Field(sa_type=String(32))
+    billing_reason: str | None = Field(default=None, sa_type=String(64))
+    currency: str = Field(sa_type=String(3))
+    amount_due: int = Field(sa_type=BigInteger)
+    amount_paid: int = Field(sa_type=BigInteger)
+    amount_remaining: int = Field(sa_type=BigInteger)
+    total: int = Field(sa_type=BigInteger)
+    hosted_invoice_url: str | None = Field(default=None, sa_type=Text)
+    invoice_pdf: str | None = Field(default=None, sa_type=Text)
+    period_start: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    period_end: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    created: datetime = Field(sa_type=UTCDateTime)
+    synced_at: datetime = Field(sa_type=UTCDateTime)
+
+
 account_table = BillingAccount.__table__  # type: ignore[attr-defined]
 usage_table = UsageRecord.__table__  # type: ignore[attr-defined]
 event_table = StripeEvent.__table__  # type: ignore[attr-defined]
+invoice_table = Invoice.__table__  # type: ignore[attr-defined]

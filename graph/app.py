@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -14,14 +15,17 @@ from strawberry.asgi import GraphQL
 
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
+from billing.notifier import LogNotifier, Notifier
 from billing.plans import Catalog, load_catalog
 from billing.sandbox.api import SandboxConfig
 from billing.sandbox.app import Sandbox
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.webhooks import EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
 from graph.schema import schema
+from graph.webhooks import stripe_webhook
 
 log = logging.getLogger("billing.app")
 
@@ -42,31 +46,39 @@ def create_app(
     *,
     database: Database | None = None,
     sandbox: SandboxConfig | None = None,
+    notifier: Notifier | None = None,
 ) -> FastAPI:
     """Build the app.
 
     Tests pass their own `database` (the caller then owns and disposes it) and `sandbox`
-    configuration. In sandbox mode (no `STRIPE_SECRET_KEY`) the Stripe sandbox is mounted at
-    `/sandbox` and the SDK is pointed at it.
+    configuration; host apps pass a `notifier` to send emails. In sandbox mode (no
+    `STRIPE_SECRET_KEY`) the Stripe sandbox is mounted at `/sandbox` and the SDK points at it.
     """
     settings = settings or load_settings()
     catalog = load_catalog(settings.billing_plans_file)
     sandbox_app = Sandbox(sandbox or sandbox_config(settings)) if settings.sandbox_mode else None
     background: set[asyncio.Task[None]] = set()
 
+    def start_background(job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(job)
+        background.add(task)
+        task.add_done_callback(background.discard)
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database.from_url(settings.database_url)
         app.state.stripe = StripeGateway(GatewayConfig.from_settings(settings))
+        app.state.events = EventProcessor(
+            database=app.state.database, gateway=app.state.stripe, notifier=notifier or LogNotifier()
+        )
+        start_background(app.state.events.run())
         app.state.catalog_synced = asyncio.Event()
         if sandbox_app is not None:
             await sandbox_app.start()
             if settings.sandbox_sync_catalog:
                 # Over HTTP like any Stripe call, so it must wait until the server listens.
-                task = asyncio.create_task(_sync_sandbox_catalog(app, catalog, settings))
-                background.add(task)
-                task.add_done_callback(background.discard)
+                start_background(_sync_sandbox_catalog(app, catalog, settings))
         try:
             yield
         finally:
@@ -107,6 +119,7 @@ def create_app(
     # injection per request, which costs about half the throughput (shared performance notes).
     app.router.routes.append(Route("/graphql", graphql_app, methods=["GET", "POST"]))
     app.router.routes.append(WebSocketRoute("/graphql", graphql_app))
+    app.router.routes.append(Route("/webhooks/stripe", stripe_webhook, methods=["POST"]))
     if sandbox_app is not None:
         app.router.routes.append(Mount("/sandbox", app=sandbox_app))
     return app

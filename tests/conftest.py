@@ -214,18 +214,27 @@ def service_settings(url: str, **overrides: Any) -> Settings:
     return Settings(**values)
 
 
-@pytest.fixture
-async def service(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Service]:
-    """The whole service in sandbox mode on a real port, over this module's databases."""
+@asynccontextmanager
+async def running_service(
+    database: Database, sandbox_db: DbTarget, **overrides: Any
+) -> AsyncIterator[Service]:
+    """Serve the whole app in sandbox mode on a free port; `overrides` are settings."""
     from graph.app import create_app, sandbox_config
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    settings = service_settings(url)
+    settings = service_settings(url, **overrides)
     config = replace(sandbox_config(settings), database_url=sandbox_db.url, schema=sandbox_db.schema)
     app = create_app(settings, database=database, sandbox=config)
     async with serve(app, port):
         yield Service(url=url, app=app, database=database, sandbox_db=sandbox_db)
+
+
+@pytest.fixture
+async def service(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Service]:
+    """The whole service in sandbox mode on a real port, over this module's databases."""
+    async with running_service(database, sandbox_db) as running:
+        yield running
 
 
 @pytest.fixture

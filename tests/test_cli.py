@@ -139,3 +139,34 @@ def test_serve_answers_health_probes_and_graphql(served: str) -> None:
     assert graphiql.status_code == 200 and "graphiql" in graphiql.text.lower()
     answer = httpx.post(f"{served}/graphql", json={"query": "{ __typename }"})
     assert answer.json() == {"data": {"__typename": "Query"}}
+
+
+def test_catalog_sync_against_the_running_sandbox(
+    served: str, tmp_path: Path, sqlite_env: dict[str, str]
+) -> None:
+    env = {**sqlite_env, "PUBLIC_BASE_URL": served}
+    deadline = time.monotonic() + 30
+    while True:  # the service syncs its sandbox at start-up; then there is nothing left to do
+        result = run("catalog", "sync", env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        if "nothing to change" in result.stdout or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "nothing to change" in result.stdout
+    dry = run("catalog", "sync", "--dry-run", env=env, cwd=tmp_path)
+    assert dry.returncode == 0 and "nothing to change" in dry.stdout
+
+
+def test_catalog_sync_without_a_running_sandbox_is_one_clear_line(
+    tmp_path: Path, sqlite_env: dict[str, str]
+) -> None:
+    env = {**sqlite_env, "PUBLIC_BASE_URL": f"http://127.0.0.1:{free_port()}"}
+    result = run("catalog", "sync", env=env, cwd=tmp_path)
+    assert_one_clear_line(result, "BILLING_PROVIDER_UNAVAILABLE", "billing serve")
+
+
+def test_an_invalid_plans_file_is_one_clear_line(tmp_path: Path, sqlite_env: dict[str, str]) -> None:
+    plans = tmp_path / "plans.toml"
+    plans.write_text('[tiers.gold]\nname = "Gold"\n')
+    result = run("catalog", "sync", env={**sqlite_env, "BILLING_PLANS_FILE": str(plans)}, cwd=tmp_path)
+    assert_one_clear_line(result, str(plans), "tiers")

@@ -1,0 +1,379 @@
+"""The one function that brings an account in line with Stripe: `sync_customer`.
+
+Stripe is the source of truth. The webhook worker, `confirmCheckoutSession`, `billing sync` and
+event replay all call `sync_customer`; nothing else writes subscription state. An event is only
+a hint that a customer changed: order and duplicates of events do not matter, because every
+sync fetches the customer's current subscriptions and writes what it finds, one customer at a
+time (a per-customer lock across processes on PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import stripe
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing.errors import BillingError
+from billing.notifier import Notification, NotificationKind, Notifier
+from billing.plans import plan_of_price, tier_rank
+from billing.stripe_gateway import StripeGateway
+from billing.stripe_objects import field as get
+from billing.stripe_objects import invoice_subscription_id, metadata, object_id, stripe_time
+from db.engine import Database
+from db.enums import BillingInterval, SubscriptionStatus, Tier
+from db.models import account_table, invoice_table
+
+log = logging.getLogger("billing.sync")
+
+# Statuses of a subscription that still exists and may bill: at most one should exist per user.
+LIVE_STATUSES = frozenset(
+    {
+        SubscriptionStatus.TRIALING,
+        SubscriptionStatus.ACTIVE,
+        SubscriptionStatus.PAST_DUE,
+        SubscriptionStatus.UNPAID,
+        SubscriptionStatus.PAUSED,
+        SubscriptionStatus.INCOMPLETE,
+    }
+)
+STATE_FIELDS = (
+    "stripe_subscription_id",
+    "stripe_price_id",
+    "tier",
+    "interval",
+    "status",
+    "current_period_start",
+    "current_period_end",
+    "trial_end",
+    "cancel_at_period_end",
+    "canceled_at",
+    "trial_used",
+)
+
+
+@dataclass(frozen=True)
+class SubscriptionState:
+    """What the account row says about the subscription."""
+
+    stripe_subscription_id: str | None = None
+    stripe_price_id: str | None = None
+    tier: Tier = Tier.NONE
+    interval: BillingInterval | None = None
+    status: SubscriptionStatus = SubscriptionStatus.NONE
+    current_period_start: datetime | None = None
+    current_period_end: datetime | None = None
+    trial_end: datetime | None = None
+    cancel_at_period_end: bool = False
+    canceled_at: datetime | None = None
+    trial_used: bool = False
+    live_subscription_ids: tuple[str, ...] = ()
+
+    def values(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in STATE_FIELDS}
+        values["tier"] = self.tier.value
+        values["status"] = self.status.value
+        values["interval"] = self.interval.value if self.interval else None
+        return values
+
+
+def licensed_item(subscription: Any) -> Any:
+    """The item that carries the plan: not a metered item, and preferably one of our prices."""
+    items = get(get(subscription, "items"), "data") or []
+    licensed = [
+        item for item in items if get(get(get(item, "price"), "recurring"), "usage_type") != "metered"
+    ]
+    for item in licensed:
+        if plan_of_price(get(item, "price")) is not None:
+            return item
+    return licensed[0] if licensed else None
+
+
+def subscription_state(subscription: Any) -> SubscriptionState:
+    item = licensed_item(subscription)
+    price = get(item, "price")
+    plan = plan_of_price(price) if price is not None else None
+    # Current period lives on the item in this API version; older payloads had it on the subscription.
+    period_start = get(item, "current_period_start") or get(subscription, "current_period_start")
+    period_end = get(item, "current_period_end") or get(subscription, "current_period_end")
+    return SubscriptionState(
+        stripe_subscription_id=get(subscription, "id"),
+        stripe_price_id=object_id(price),
+        tier=plan[0] if plan else Tier.NONE,
+        interval=plan[1] if plan else None,
+        status=SubscriptionStatus(get(subscription, "status")),
+        current_period_start=stripe_time(period_start),
+        current_period_end=stripe_time(period_end),
+        trial_end=stripe_time(get(subscription, "trial_end")),
+        cancel_at_period_end=bool(get(subscription, "cancel_at_period_end")),
+        canceled_at=stripe_time(get(subscription, "canceled_at")),
+        trial_used=get(subscription, "trial_start") is not None or get(subscription, "trial_end") is not None,
+    )
+
+
+def customer_state(subscriptions: Sequence[Any]) -> SubscriptionState:
+    """The account's state from all of a customer's subscriptions.
+
+    With several live subscriptions (two checkouts paid in two tabs, one made in the
+    dashboard) the account follows the highest tier; the caller flags it.
+    """
+    states = [subscription_state(subscription) for subscription in subscriptions]
+    trial_used = any(state.trial_used for state in states)
+    live = [state for state in states if state.status in LIVE_STATUSES]
+    created = {get(s, "id"): int(get(s, "created") or 0) for s in subscriptions}
+    if live:
+        chosen = max(live, key=lambda s: (tier_rank(s.tier), created.get(s.stripe_subscription_id, 0)))
+    elif states:
+        chosen = max(states, key=lambda s: created.get(s.stripe_subscription_id, 0))
+    else:
+        return SubscriptionState(trial_used=trial_used)
+    live_ids = tuple(sorted(s.stripe_subscription_id for s in live if s.stripe_subscription_id))
+    return SubscriptionState(
+        **{**chosen.__dict__, "trial_used": trial_used, "live_subscription_ids": live_ids}
+    )
+
+
+# Locks: one sync per customer at a time ------------------------------------------------------
+
+
+class CustomerLocks:
+    """Serialises syncs of one customer, so a slow, older fetch never overwrites a newer one.
+
+    PostgreSQL: a session-level advisory lock on a connection in autocommit mode, so it spans
+    the Stripe call without an open transaction, and holds across processes. SQLite (one
+    service process): an asyncio lock per customer.
+    """
+
+    def __init__(self, database: Database) -> None:
+        self.database = database
+        self._local: dict[str, asyncio.Lock] = {}
+
+    @asynccontextmanager
+    async def hold(self, customer_id: str) -> AsyncIterator[None]:
+        if not self.database.is_postgres:
+            lock = self._local.setdefault(customer_id, asyncio.Lock())
+            async with lock:
+                yield
+            return
+        async with self.database.engine.connect() as conn:
+            conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+            key = {"key": f"billing.customer:{customer_id}"}
+            await conn.execute(text("SELECT pg_advisory_lock(hashtextextended(:key, 0))"), key)
+            try:
+                yield
+            finally:
+                await conn.execute(text("SELECT pg_advisory_unlock(hashtextextended(:key, 0))"), key)
+
+
+# The sync ------------------------------------------------------------------------------------
+
+
+@dataclass
+class SyncResult:
+    customer_id: str
+    user_id: str | None
+    state: SubscriptionState | None
+    changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (before, after)
+    created_account: bool = False
+    unknown_customer: bool = False
+    customer_deleted: bool = False
+    conflict: str | None = None
+
+    @property
+    def multiple_live(self) -> bool:
+        return self.state is not None and len(self.state.live_subscription_ids) > 1
+
+
+async def sync_customer(
+    *,
+    database: Database,
+    gateway: StripeGateway,
+    locks: CustomerLocks,
+    customer_id: str,
+    now: datetime,
+    user_id_hint: str | None = None,
+    invoice_ids: Iterable[str] = (),
+    dry_run: bool = False,
+) -> SyncResult:
+    """Fetch the customer's subscriptions (and the named invoices) and write the account row."""
+    async with locks.hold(customer_id):
+        try:
+            customer = await gateway.call(
+                lambda o: gateway.v1.customers.retrieve_async(customer_id, None, o), what="retrieve customer"
+            )
+        except BillingError as exc:
+            if exc.extensions.get("stripe_code") != "resource_missing":
+                raise
+            return SyncResult(customer_id, None, None, unknown_customer=True)
+        if get(customer, "deleted"):
+            return await _customer_deleted(database, customer_id, now, dry_run)
+        subscriptions = await _subscriptions(gateway, customer_id)
+        invoices = [await _invoice(gateway, invoice_id) for invoice_id in invoice_ids]
+        state = customer_state(subscriptions)
+        hint = metadata(customer).get("userId") or user_id_hint
+        async with database.write() as conn:
+            result = await _write_account(conn, database, customer_id, hint, state, now, dry_run)
+            if not dry_run and not result.unknown_customer:
+                for invoice in invoices:
+                    await upsert_invoice(conn, database, invoice, now)
+        return result
+
+
+async def _subscriptions(gateway: StripeGateway, customer_id: str) -> list[stripe.Subscription]:
+    page = await gateway.call(
+        lambda o: gateway.v1.subscriptions.list_async(
+            {"customer": customer_id, "status": "all", "limit": 100}, o
+        ),
+        what="list subscriptions",
+    )
+    return [subscription async for subscription in page.auto_paging_iter()]
+
+
+async def _invoice(gateway: StripeGateway, invoice_id: str) -> stripe.Invoice:
+    return await gateway.call(
+        lambda o: gateway.v1.invoices.retrieve_async(invoice_id, None, o), what="retrieve invoice"
+    )
+
+
+async def _write_account(
+    conn: AsyncConnection,
+    database: Database,
+    customer_id: str,
+    user_id_hint: str | None,
+    state: SubscriptionState,
+    now: datetime,
+    dry_run: bool,
+) -> SyncResult:
+    by_customer = await _locked_row(conn, database, account_table.c.stripe_customer_id == customer_id)
+    row = by_customer
+    if row is None and user_id_hint:
+        row = await _locked_row(conn, database, account_table.c.user_id == user_id_hint)
+    if row is None and not user_id_hint:
+        return SyncResult(customer_id, None, state, unknown_customer=True)
+
+    values = {**state.values(), "synced_at": now, "updated_at": now}
+    if row is None:
+        assert user_id_hint is not None
+        result = SyncResult(customer_id, user_id_hint, state, created_account=True)
+        result.changes = {name: (None, value) for name, value in state.values().items()}
+        if not dry_run:
+            await conn.execute(
+                _insert(database).values(
+                    user_id=user_id_hint, stripe_customer_id=customer_id, created_at=now, **values
+                )
+            )
+        return result
+
+    result = SyncResult(customer_id, row.user_id, state)
+    if row.stripe_customer_id not in (None, customer_id):
+        # The user already pays through another customer: keep that link unless it has no live
+        # subscription and this one does (e.g. the old customer was replaced).
+        current_live = SubscriptionStatus(row.status) in LIVE_STATUSES
+        if current_live or state.status not in LIVE_STATUSES:
+            result.conflict = f"user {row.user_id} is linked to {row.stripe_customer_id}, not {customer_id}"
+            log.warning("sync: %s; not relinking", result.conflict)
+            return result
+    # Once used, a trial stays used (a deleted subscription's history may be gone from lists).
+    values["trial_used"] = bool(row.trial_used) or state.trial_used
+    result.changes = {
+        name: (getattr(row, name), values[name])
+        for name in (*STATE_FIELDS, "stripe_customer_id")
+        if name in values and getattr(row, name) != values[name]
+    }
+    if row.stripe_customer_id != customer_id:
+        result.changes["stripe_customer_id"] = (row.stripe_customer_id, customer_id)
+    if not dry_run:
+        await conn.execute(
+            update(account_table)
+            .where(account_table.c.id == row.id)
+            .values(stripe_customer_id=customer_id, **values)
+        )
+    return result
+
+
+async def _customer_deleted(database: Database, customer_id: str, now: datetime, dry_run: bool) -> SyncResult:
+    """The customer is gone: so are its subscriptions. Unlink it; a new checkout makes a new one."""
+    async with database.write() as conn:
+        row = await _locked_row(conn, database, account_table.c.stripe_customer_id == customer_id)
+        if row is None:
+            return SyncResult(customer_id, None, None, unknown_customer=True, customer_deleted=True)
+        ended = SubscriptionStatus.CANCELED if row.stripe_subscription_id else SubscriptionStatus.NONE
+        values = {
+            "stripe_customer_id": None,
+            "status": ended.value,
+            "cancel_at_period_end": False,
+            "synced_at": now,
+            "updated_at": now,
+        }
+        result = SyncResult(customer_id, row.user_id, None, customer_deleted=True)
+        result.changes = {
+            name: (getattr(row, name), value) for name, value in values.items() if name in STATE_FIELDS
+        }
+        if not dry_run:
+            await conn.execute(update(account_table).where(account_table.c.id == row.id).values(**values))
+        return result
+
+
+async def _locked_row(conn: AsyncConnection, database: Database, condition: Any) -> Any:
+    query = select(account_table).where(condition)
+    if database.is_postgres:
+        query = query.with_for_update()
+    return (await conn.execute(query)).first()
+
+
+def _insert(database: Database) -> Any:
+    return (postgresql.insert if database.is_postgres else sqlite.insert)(account_table)
+
+
+async def upsert_invoice(conn: AsyncConnection, database: Database, invoice: Any, now: datetime) -> None:
+    values = {
+        "stripe_customer_id": object_id(get(invoice, "customer")),
+        "stripe_subscription_id": invoice_subscription_id(invoice),
+        "number": get(invoice, "number"),
+        "status": get(invoice, "status") or "draft",
+        "billing_reason": get(invoice, "billing_reason"),
+        "currency": get(invoice, "currency"),
+        "amount_due": int(get(invoice, "amount_due") or 0),
+        "amount_paid": int(get(invoice, "amount_paid") or 0),
+        "amount_remaining": int(get(invoice, "amount_remaining") or 0),
+        "total": int(get(invoice, "total") or 0),
+        "hosted_invoice_url": get(invoice, "hosted_invoice_url"),
+        "invoice_pdf": get(invoice, "invoice_pdf"),
+        "period_start": stripe_time(get(invoice, "period_start")),
+        "period_end": stripe_time(get(invoice, "period_end")),
+        "created": stripe_time(get(invoice, "created")),
+        "synced_at": now,
+    }
+    insert = (postgresql.insert if database.is_postgres else sqlite.insert)(invoice_table)
+    statement = insert.values(id=get(invoice, "id"), **values)
+    await conn.execute(statement.on_conflict_do_update(index_elements=["id"], set_=values))
+
+
+def notifications_for(result: SyncResult) -> list[Notification]:
+    """Notifications a sync itself reveals (event-specific ones come from the event type)."""
+    if result.multiple_live and result.state is not None:
+        return [
+            Notification(
+                NotificationKind.MULTIPLE_LIVE_SUBSCRIPTIONS,
+                result.customer_id,
+                result.user_id,
+                {"subscriptions": list(result.state.live_subscription_ids)},
+            )
+        ]
+    return []
+
+
+async def notify_all(notifier: Notifier, notifications: Iterable[Notification]) -> None:
+    for notification in notifications:
+        try:
+            await notifier.notify(notification)
+        except Exception:  # a broken mailer must not undo a sync
+            log.exception("notifier failed for %s", notification.kind)

@@ -1,0 +1,423 @@
+"""Stripe webhooks: verify, store once, apply in the background.
+
+Design (the "inbox"): the route verifies the signature on the raw bytes, stores the event by
+its id with one `INSERT ... ON CONFLICT DO NOTHING`, and only then answers 2xx. Stripe advises
+acknowledging quickly, and a duplicate costs one no-op insert. A worker in every service
+process claims stored events (`FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite one writer at
+a time with a lease), groups them by customer and runs the shared sync once per customer: an
+event is only a hint, so order, duplicates and bursts do not matter. A failure leaves the
+event pending with its error and a backoff; `billing events replay` runs events again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import and_, or_, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+
+from billing.errors import BillingError
+from billing.notifier import Notification, NotificationKind, Notifier
+from billing.stripe_gateway import StripeGateway
+from billing.stripe_objects import field as get
+from billing.stripe_objects import object_id, stripe_time
+from billing.subscriptions import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
+from db.engine import Database
+from db.enums import EventStatus
+from db.models import event_table
+
+log = logging.getLogger("billing.webhooks")
+
+TOLERANCE_SECONDS = 300
+MAX_ATTEMPTS = 12
+LEASE = timedelta(minutes=2)
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# Signature -----------------------------------------------------------------------------------
+
+
+class InvalidWebhook(Exception):
+    """The request is not a genuine, well-formed Stripe event. Answered with 400."""
+
+
+def verify_signature(
+    payload: bytes,
+    header: str | None,
+    secrets: Sequence[str],
+    *,
+    now: float | None = None,
+    tolerance: int = TOLERANCE_SECONDS,
+) -> None:
+    """Stripe's scheme: `t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<raw body>")>`.
+
+    Any configured secret may match (rotation). The timestamp must be within `tolerance`
+    seconds of now in both directions (the SDK checks only the past).
+    """
+    if not header:
+        raise InvalidWebhook("missing Stripe-Signature header")
+    timestamp: int | None = None
+    signatures: list[str] = []
+    for part in header.split(","):
+        key, _, value = part.strip().partition("=")
+        if key == "t":
+            try:
+                timestamp = int(value)
+            except ValueError:
+                raise InvalidWebhook("malformed Stripe-Signature timestamp") from None
+        elif key == "v1" and value:
+            signatures.append(value)
+    if timestamp is None or not signatures:
+        raise InvalidWebhook("malformed Stripe-Signature header")
+    signed = str(timestamp).encode() + b"." + payload
+    expected = [hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest() for secret in secrets]
+    if not any(hmac.compare_digest(want, got) for want in expected for got in signatures):
+        raise InvalidWebhook("no signature matches")
+    current = time.time() if now is None else now
+    if abs(current - timestamp) > tolerance:
+        raise InvalidWebhook("signature timestamp outside the tolerance")
+
+
+@dataclass(frozen=True)
+class Envelope:
+    id: str
+    type: str
+    created: datetime
+    payload: dict[str, Any]
+
+
+def parse_event(payload: bytes) -> Envelope:
+    try:
+        event = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidWebhook("body is not JSON") from None
+    if not isinstance(event, dict):
+        raise InvalidWebhook("body is not a JSON object")
+    event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
+    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 255:
+        raise InvalidWebhook("event has no valid id")
+    if not isinstance(event_type, str) or not event_type or len(event_type) > 128:
+        raise InvalidWebhook("event has no valid type")
+    if not isinstance(created, int) or isinstance(created, bool):
+        raise InvalidWebhook("event has no valid created time")
+    if not isinstance(event.get("data"), dict) or not isinstance(event["data"].get("object"), dict):
+        raise InvalidWebhook("event has no data.object")
+    created_at = stripe_time(created)
+    assert created_at is not None
+    return Envelope(event_id, event_type, created_at, event)
+
+
+# The inbox -----------------------------------------------------------------------------------
+
+
+async def store_event(database: Database, envelope: Envelope, *, now: datetime) -> bool:
+    """Store the event once; True when it is new. A duplicate is a no-op, never an error."""
+    insert = (postgresql.insert if database.is_postgres else sqlite.insert)(event_table)
+    statement = insert.values(
+        id=envelope.id,
+        type=envelope.type,
+        stripe_created=envelope.created,
+        received_at=now,
+        status=EventStatus.PENDING.value,
+        attempts=0,
+        next_attempt_at=now,
+        payload=envelope.payload,
+    ).on_conflict_do_nothing(index_elements=["id"])
+    async with database.write() as conn:
+        result = await conn.execute(statement)
+    return bool(result.rowcount)
+
+
+# Applying events -----------------------------------------------------------------------------
+
+SUBSCRIPTION_EVENTS = frozenset(
+    {
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
+        "customer.subscription.pending_update_applied",
+        "customer.subscription.pending_update_expired",
+        "customer.subscription.trial_will_end",
+    }
+)
+INVOICE_EVENTS = frozenset(
+    {
+        "invoice.created",
+        "invoice.finalized",
+        "invoice.paid",
+        "invoice.payment_succeeded",
+        "invoice.payment_failed",
+        "invoice.payment_action_required",
+        "invoice.updated",
+        "invoice.voided",
+        "invoice.marked_uncollectible",
+    }
+)
+CUSTOMER_EVENTS = frozenset({"customer.updated", "customer.deleted"})
+HANDLED = SUBSCRIPTION_EVENTS | INVOICE_EVENTS | CUSTOMER_EVENTS | {"checkout.session.completed"}
+
+EVENT_NOTIFICATIONS = {
+    "invoice.payment_failed": NotificationKind.PAYMENT_FAILED,
+    "invoice.payment_action_required": NotificationKind.PAYMENT_ACTION_REQUIRED,
+    "customer.subscription.trial_will_end": NotificationKind.TRIAL_ENDING,
+    "customer.subscription.deleted": NotificationKind.SUBSCRIPTION_CANCELED,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """What an event asks the worker to sync."""
+
+    customer_id: str | None
+    user_id_hint: str | None = None
+    invoice_id: str | None = None
+
+
+def target_of(event_type: str, payload: dict[str, Any]) -> Target | None:
+    """None for events this service does not act on (recorded as ignored)."""
+    obj = payload["data"]["object"]
+    if event_type == "checkout.session.completed":
+        if get(obj, "mode") != "subscription":
+            return None
+        return Target(object_id(get(obj, "customer")), user_id_hint=get(obj, "client_reference_id"))
+    if event_type in SUBSCRIPTION_EVENTS:
+        return Target(object_id(get(obj, "customer")))
+    if event_type in INVOICE_EVENTS:
+        return Target(object_id(get(obj, "customer")), invoice_id=get(obj, "id"))
+    if event_type in CUSTOMER_EVENTS:
+        return Target(get(obj, "id"))
+    return None
+
+
+@dataclass
+class Claimed:
+    id: str
+    type: str
+    attempts: int
+    payload: dict[str, Any]
+
+
+@dataclass
+class BatchReport:
+    processed: int = 0
+    ignored: int = 0
+    failed: int = 0
+    syncs: list[SyncResult] = field(default_factory=list)
+
+
+class EventProcessor:
+    """Claims stored events and applies them through the shared sync. One per process."""
+
+    def __init__(
+        self,
+        *,
+        database: Database,
+        gateway: StripeGateway,
+        notifier: Notifier,
+        clock: Clock = utcnow,
+        batch_size: int = 100,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.database = database
+        self.gateway = gateway
+        self.notifier = notifier
+        self.clock = clock
+        self.batch_size = batch_size
+        self.poll_seconds = poll_seconds
+        self.locks = CustomerLocks(database)
+        self._wake = asyncio.Event()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Apply events until cancelled: promptly after a kick, else every `poll_seconds`."""
+        while True:
+            try:
+                await self.drain()
+            except Exception:
+                log.exception("webhook worker pass failed; retrying")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
+            self._wake.clear()
+
+    async def drain(self, *, max_batches: int = 1000) -> BatchReport:
+        """Apply everything due now (tests, CLI)."""
+        total = BatchReport()
+        for _ in range(max_batches):
+            report = await self.process_batch()
+            total.processed += report.processed
+            total.ignored += report.ignored
+            total.failed += report.failed
+            total.syncs.extend(report.syncs)
+            if report.processed + report.ignored + report.failed == 0:
+                break
+        return total
+
+    async def process_batch(self) -> BatchReport:
+        claimed = await self.claim()
+        report = BatchReport()
+        if not claimed:
+            return report
+        groups: dict[str, list[tuple[Claimed, Target]]] = {}
+        for event in claimed:
+            target = target_of(event.type, event.payload)
+            if target is None or target.customer_id is None:
+                await self._finish(
+                    [event],
+                    EventStatus.IGNORED,
+                    "event type not handled" if target is None else "no customer",
+                )
+                report.ignored += 1
+                continue
+            groups.setdefault(target.customer_id, []).append((event, target))
+        for customer_id, members in groups.items():
+            events = [event for event, _ in members]
+            try:
+                result = await self._apply(customer_id, [target for _, target in members])
+            except Exception as exc:  # recorded on the events, retried with backoff
+                await self._fail(events, exc)
+                report.failed += len(events)
+                continue
+            report.syncs.append(result)
+            if result.unknown_customer and not result.customer_deleted:
+                await self._finish(
+                    events, EventStatus.IGNORED, f"unknown customer {customer_id}; run `billing sync`"
+                )
+                report.ignored += len(events)
+                continue
+            await self._finish(events, EventStatus.PROCESSED, None)
+            report.processed += len(events)
+            await notify_all(
+                self.notifier, [*notifications_for(result), *self._notifications(events, result)]
+            )
+        return report
+
+    async def _apply(self, customer_id: str, targets: list[Target]) -> SyncResult:
+        hint = next((t.user_id_hint for t in targets if t.user_id_hint), None)
+        invoices = sorted({t.invoice_id for t in targets if t.invoice_id})
+        return await sync_customer(
+            database=self.database,
+            gateway=self.gateway,
+            locks=self.locks,
+            customer_id=customer_id,
+            now=self.clock(),
+            user_id_hint=hint,
+            invoice_ids=invoices,
+        )
+
+    def _notifications(self, events: list[Claimed], result: SyncResult) -> list[Notification]:
+        found = []
+        for event in events:
+            kind = EVENT_NOTIFICATIONS.get(event.type)
+            if kind is not None:
+                obj = event.payload["data"]["object"]
+                found.append(
+                    Notification(
+                        kind,
+                        result.customer_id,
+                        result.user_id,
+                        {"event": event.id, "object": get(obj, "id")},
+                    )
+                )
+        return found
+
+    # Claiming and finishing ------------------------------------------------------------
+
+    async def claim(self) -> list[Claimed]:
+        now = self.clock()
+        due = or_(
+            and_(event_table.c.status == EventStatus.PENDING.value, event_table.c.next_attempt_at <= now),
+            and_(event_table.c.status == EventStatus.PROCESSING.value, event_table.c.lease_expires_at < now),
+        )
+        query = select(event_table.c.id).where(due).order_by(event_table.c.received_at).limit(self.batch_size)
+        if self.database.is_postgres:
+            query = query.with_for_update(skip_locked=True)
+        async with self.database.write() as conn:
+            ids = list((await conn.execute(query)).scalars())
+            if not ids:
+                return []
+            rows = await conn.execute(
+                update(event_table)
+                .where(event_table.c.id.in_(ids))
+                .values(
+                    status=EventStatus.PROCESSING.value,
+                    lease_expires_at=now + LEASE,
+                    attempts=event_table.c.attempts + 1,
+                )
+                .returning(
+                    event_table.c.id, event_table.c.type, event_table.c.attempts, event_table.c.payload
+                )
+            )
+            return [Claimed(row.id, row.type, row.attempts, row.payload) for row in rows]
+
+    async def _finish(self, events: list[Claimed], status: EventStatus, note: str | None) -> None:
+        async with self.database.write() as conn:
+            await conn.execute(
+                update(event_table)
+                .where(event_table.c.id.in_([event.id for event in events]))
+                .values(status=status.value, lease_expires_at=None, next_attempt_at=None, last_error=note)
+            )
+
+    async def _fail(self, events: list[Claimed], exc: Exception) -> None:
+        message = exc.message if isinstance(exc, BillingError) else f"{type(exc).__name__}: {exc}"
+        log.warning("applying %d event(s) failed: %s", len(events), message)
+        now = self.clock()
+        try:
+            async with self.database.write() as conn:
+                for event in events:
+                    final = event.attempts >= MAX_ATTEMPTS
+                    await conn.execute(
+                        update(event_table)
+                        .where(event_table.c.id == event.id)
+                        .values(
+                            status=(EventStatus.FAILED if final else EventStatus.PENDING).value,
+                            lease_expires_at=None,
+                            next_attempt_at=None if final else now + backoff(event.attempts),
+                            last_error=message[:2000],
+                        )
+                    )
+        except Exception:
+            # The database itself is failing: the lease expires and the events are claimed again.
+            log.exception("could not record the failure; the lease will expire and retry")
+
+
+def backoff(attempts: int) -> timedelta:
+    """1 s, 2 s, 4 s ... capped at 10 minutes."""
+    return timedelta(seconds=min(2 ** max(attempts - 1, 0), 600))
+
+
+async def requeue(
+    database: Database, *, event_id: str | None = None, failed: bool = False, now: datetime
+) -> int:
+    """Make events due again for `billing events replay`: one by id, or every failed one."""
+    condition = (
+        event_table.c.id == event_id
+        if event_id is not None
+        else event_table.c.status == EventStatus.FAILED.value
+    )
+    if event_id is None and not failed:
+        return 0
+    async with database.write() as conn:
+        result = await conn.execute(
+            update(event_table)
+            .where(condition)
+            .values(status=EventStatus.PENDING.value, next_attempt_at=now, lease_expires_at=None, attempts=0)
+        )
+    return int(result.rowcount)

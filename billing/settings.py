@@ -48,6 +48,7 @@ class Settings(BaseSettings):
     sandbox_database_url: str | None = None
     sandbox_dunning_final_action: Literal["cancel", "unpaid"] = "cancel"
     sandbox_sync_catalog: bool = True
+    webhook_worker: bool = True
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")

@@ -72,7 +72,8 @@ def create_app(
         app.state.events = EventProcessor(
             database=app.state.database, gateway=app.state.stripe, notifier=notifier or LogNotifier()
         )
-        start_background(app.state.events.run())
+        if settings.webhook_worker:
+            start_background(app.state.events.run())
         app.state.catalog_synced = asyncio.Event()
         if sandbox_app is not None:
             await sandbox_app.start()

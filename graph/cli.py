@@ -13,11 +13,14 @@ from sqlalchemy.exc import DBAPIError
 
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ConfigurationError
+from billing.notifier import LogNotifier
 from billing.plans import PlansFileError, load_catalog
+from billing.reconcile import ReconcileReport, customer_ids, reconcile
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.webhooks import BatchReport, EventProcessor, requeue, utcnow
 from db import migrate as migrations
-from db.engine import DatabaseURLError, create_engine, safe_url
+from db.engine import Database, DatabaseURLError, create_engine, safe_url
 from db.health import DatabaseNotReady, ensure_ready
 
 EXPECTED_FAILURES = (ConfigurationError, DatabaseNotReady, DatabaseURLError, PlansFileError)
@@ -146,6 +149,97 @@ def catalog_sync(dry_run: bool) -> None:
         click.echo(f"{len(changes)} change(s) would be made (dry run: nothing changed).")
     else:
         click.echo(f"{len(changes)} change(s) made.")
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Report the drift; change nothing.")
+def sync(dry_run: bool) -> None:
+    """Reconcile every Stripe customer and subscription into the database."""
+    settings = _settings()
+
+    async def run() -> ReconcileReport:
+        database = Database.from_url(settings.database_url)
+        gateway = StripeGateway(GatewayConfig.from_settings(settings))
+        try:
+            await ensure_ready(database.engine)
+            ids = await customer_ids(database=database, gateway=gateway)
+            with click.progressbar(length=len(ids), label="syncing customers", file=sys.stderr) as bar:
+                return await reconcile(
+                    database=database,
+                    gateway=gateway,
+                    notifier=LogNotifier(),
+                    customers=ids,
+                    now=utcnow(),
+                    dry_run=dry_run,
+                    on_customer=lambda _id: bar.update(1),
+                )
+        finally:
+            await gateway.close()
+            await database.dispose()
+
+    report = asyncio.run(run())
+    _print_reconcile(report)
+
+
+def _print_reconcile(report: ReconcileReport) -> None:
+    verb = "would fix" if report.dry_run else "fixed"
+    for result in report.drifted:
+        new = " [new account]" if result.created_account else ""
+        click.echo(f"drift: user {result.user_id or '?'} (customer {result.customer_id}){new}")
+        for name, (before, after) in sorted(result.changes.items()):
+            click.echo(f"    {name}: {before!r} -> {after!r}")
+    for result in report.unknown:
+        click.echo(f"unknown: customer {result.customer_id} names no user (metadata.userId); left alone")
+    for result in report.multiple_live:
+        assert result.state is not None
+        live = ", ".join(result.state.live_subscription_ids)
+        click.echo(
+            f"warning: customer {result.customer_id} has several live subscriptions ({live}); "
+            "the account follows the highest tier"
+        )
+    for result in report.conflicts:
+        click.echo(f"conflict: {result.conflict}")
+    click.echo(
+        f"{len(report.results)} customer(s) checked, {len(report.drifted)} drifted ({verb}), "
+        f"{len(report.unknown)} unknown, {len(report.multiple_live)} with several live subscriptions."
+    )
+
+
+@main.group()
+def events() -> None:
+    """The Stripe event inbox."""
+
+
+@events.command("replay")
+@click.argument("event_id", required=False)
+@click.option("--failed", is_flag=True, help="Replay every event that failed for good.")
+def events_replay(event_id: str | None, failed: bool) -> None:
+    """Process stored events again: one by id, or every failed one."""
+    if (event_id is None) == (not failed):
+        raise click.UsageError("give either EVENT_ID or --failed")
+    settings = _settings()
+
+    async def run() -> tuple[int, BatchReport]:
+        database = Database.from_url(settings.database_url)
+        gateway = StripeGateway(GatewayConfig.from_settings(settings))
+        try:
+            await ensure_ready(database.engine)
+            queued = await requeue(database, event_id=event_id, failed=failed, now=utcnow())
+            processor = EventProcessor(database=database, gateway=gateway, notifier=LogNotifier())
+            return queued, await processor.drain()
+        finally:
+            await gateway.close()
+            await database.dispose()
+
+    queued, report = asyncio.run(run())
+    if event_id is not None and queued == 0:
+        raise click.ClickException(f"no stored event {event_id}")
+    click.echo(
+        f"{queued} event(s) replayed: {report.processed} processed, {report.ignored} ignored, "
+        f"{report.failed} failed again"
+    )
+    if report.failed:
+        sys.exit(1)
 
 
 if __name__ == "__main__":  # pragma: no cover

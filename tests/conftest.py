@@ -216,16 +216,26 @@ def service_settings(url: str, **overrides: Any) -> Settings:
 
 @asynccontextmanager
 async def running_service(
-    database: Database, sandbox_db: DbTarget, **overrides: Any
+    database: Database,
+    sandbox_db: DbTarget,
+    *,
+    notifier: Any = None,
+    sandbox: dict[str, Any] | None = None,
+    **overrides: Any,
 ) -> AsyncIterator[Service]:
-    """Serve the whole app in sandbox mode on a free port; `overrides` are settings."""
+    """Serve the whole app in sandbox mode on a free port.
+
+    `overrides` are settings; `sandbox` overrides fields of the sandbox's configuration.
+    """
     from graph.app import create_app, sandbox_config
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     settings = service_settings(url, **overrides)
-    config = replace(sandbox_config(settings), database_url=sandbox_db.url, schema=sandbox_db.schema)
-    app = create_app(settings, database=database, sandbox=config)
+    config = replace(
+        sandbox_config(settings), database_url=sandbox_db.url, schema=sandbox_db.schema, **(sandbox or {})
+    )
+    app = create_app(settings, database=database, sandbox=config, notifier=notifier)
     async with serve(app, port):
         yield Service(url=url, app=app, database=database, sandbox_db=sandbox_db)
 

@@ -1,0 +1,104 @@
+"""Drive the sandbox the way a customer and Stripe would: catalog, checkout, clock, cards."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx
+from sqlalchemy import select
+
+from billing.catalog import sync_catalog
+from billing.plans import load_catalog
+from billing.stripe_gateway import StripeGateway
+from db.engine import Database
+from db.models import account_table
+from tests.conftest import Service
+
+
+async def setup_catalog(gateway: StripeGateway) -> dict[str, str]:
+    """Sync the shipped catalog into the sandbox; lookup key -> price id."""
+    await sync_catalog(catalog=load_catalog(), gateway=gateway, return_url="http://app.test/billing")
+    prices = await gateway.v1.prices.list_async({"active": True, "limit": 100})
+    return {price.lookup_key: price.id for price in prices.data if price.lookup_key}
+
+
+async def control(service: Service, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.post(f"{service.url}/sandbox/_control/{path}", json=body or {})
+    assert response.status_code == 200, response.text
+    result: dict[str, Any] = response.json()
+    return result
+
+
+async def checkout(
+    gateway: StripeGateway,
+    prices: dict[str, str],
+    user_id: str,
+    lookup_key: str = "starter_monthly",
+    *,
+    trial_days: int | None = 14,
+) -> tuple[str, str]:
+    """A customer for `user_id` and an open checkout session; returns (customer id, session id)."""
+    customer = await gateway.v1.customers.create_async(
+        {"email": f"{user_id}@example.com", "metadata": {"userId": user_id}}
+    )
+    subscription_data: dict[str, Any] = {"metadata": {"userId": user_id}}
+    if trial_days:
+        subscription_data["trial_period_days"] = trial_days
+    session = await gateway.v1.checkout.sessions.create_async(
+        {
+            "mode": "subscription",
+            "customer": customer.id,
+            "client_reference_id": user_id,
+            "line_items": [{"price": prices[lookup_key], "quantity": 1}],
+            "subscription_data": subscription_data,  # type: ignore[typeddict-item]
+            "success_url": "http://app.test/billing/success?session_id={CHECKOUT_SESSION_ID}",
+            "cancel_url": "http://app.test/pricing",
+        }
+    )
+    return customer.id, session.id
+
+
+async def subscribe(
+    service: Service,
+    gateway: StripeGateway,
+    prices: dict[str, str],
+    user_id: str,
+    lookup_key: str = "starter_monthly",
+    *,
+    trial_days: int | None = 14,
+) -> tuple[str, str]:
+    """Check out and pay; returns (customer id, subscription id)."""
+    customer_id, session_id = await checkout(gateway, prices, user_id, lookup_key, trial_days=trial_days)
+    await control(service, f"checkout/{session_id}/complete", {"outcome": "paid"})
+    session = await gateway.v1.checkout.sessions.retrieve_async(session_id)
+    assert session.subscription is not None
+    subscription = session.subscription if isinstance(session.subscription, str) else session.subscription.id
+    return customer_id, subscription
+
+
+async def advance(service: Service, seconds: int) -> dict[str, Any]:
+    return await control(service, "clock/advance", {"seconds": seconds})
+
+
+async def card_fails(service: Service, customer_id: str, fails: bool = True) -> None:
+    await control(service, f"customers/{customer_id}/payment_method", {"fails": fails})
+
+
+async def account(database: Database, user_id: str) -> Any:
+    async with database.read() as conn:
+        return (await conn.execute(select(account_table).where(account_table.c.user_id == user_id))).first()
+
+
+async def wait_for_account(database: Database, user_id: str, **expected: Any) -> Any:
+    """Poll until the account row has the expected values (webhooks are asynchronous)."""
+    deadline = time.monotonic() + 20
+    row = None
+    while time.monotonic() < deadline:
+        row = await account(database, user_id)
+        if row is not None and all(getattr(row, key) == value for key, value in expected.items()):
+            return row
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"account {user_id} never reached {expected}; last seen {row}")

@@ -11,7 +11,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
-from strawberry.asgi import GraphQL
+from strawberry.schema import BaseSchema
 
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
@@ -24,7 +24,9 @@ from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.webhooks import EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
-from graph.schema import schema
+from graph.context import GraphQLServices
+from graph.schema import schema as billing_schema
+from graph.view import BillingGraphQL
 from graph.webhooks import stripe_webhook
 
 log = logging.getLogger("billing.app")
@@ -47,12 +49,15 @@ def create_app(
     database: Database | None = None,
     sandbox: SandboxConfig | None = None,
     notifier: Notifier | None = None,
+    schema: BaseSchema | None = None,
 ) -> FastAPI:
     """Build the app.
 
     Tests pass their own `database` (the caller then owns and disposes it) and `sandbox`
-    configuration; host apps pass a `notifier` to send emails. In sandbox mode (no
-    `STRIPE_SECRET_KEY`) the Stripe sandbox is mounted at `/sandbox` and the SDK points at it.
+    configuration; host apps pass a `notifier` to send emails, and may pass their own `schema`
+    (built with `graph.schema.build_schema`, merging the billing `Query` with theirs) to serve
+    it at /graphql instead of the billing one. In sandbox mode (no `STRIPE_SECRET_KEY`) the
+    Stripe sandbox is mounted at `/sandbox` and the SDK points at it.
     """
     settings = settings or load_settings()
     catalog = load_catalog(settings.billing_plans_file)
@@ -68,6 +73,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database.from_url(settings.database_url)
+        graphql_services.database = app.state.database
         app.state.stripe = StripeGateway(GatewayConfig.from_settings(settings))
         app.state.events = EventProcessor(
             database=app.state.database, gateway=app.state.stripe, notifier=notifier or LogNotifier()
@@ -102,6 +108,8 @@ def create_app(
     app.state.settings = settings
     app.state.catalog = catalog
     app.state.sandbox = sandbox_app
+    graphql_services = GraphQLServices.create(settings, catalog)
+    app.state.graphql = graphql_services
 
     @app.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
@@ -115,7 +123,7 @@ def create_app(
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
 
-    graphql_app = GraphQL(schema, graphql_ide=None if settings.is_production else "graphiql")
+    graphql_app = BillingGraphQL(schema or billing_schema, graphql_services)
     # Strawberry's own ASGI app, routed directly: FastAPI's GraphQLRouter adds dependency
     # injection per request, which costs about half the throughput (shared performance notes).
     app.router.routes.append(Route("/graphql", graphql_app, methods=["GET", "POST"]))

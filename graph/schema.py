@@ -1,15 +1,169 @@
-"""The GraphQL schema (placeholder until the GraphQL issue lands)."""
+"""The billing GraphQL schema, and `build_schema` for host apps that merge it with their own.
+
+Resolvers stay thin: they read the context and call `billing`. `schema.graphql` at the repository
+root is this schema's SDL (`billing schema` prints it, `billing schema --check` compares).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+from contextlib import aclosing
+from typing import Any
+
 import strawberry
+from graphql import GraphQLError
+from strawberry.extensions import ParserCache, SchemaExtension, ValidationCache
+from strawberry.schema.schema import StreamResult
+from strawberry.types import ExecutionResult
+from strawberry.types.execution import ExecutionContext
+from strawberry.types.graphql import OperationType
+
+from graph.context import OperationScope, context_of
+from graph.errors import ErrorCodes, format_errors
+from graph.permissions import IsAuthenticated, IsService, PermissionExtension
+from graph.types import AccessDecision, BillingSubscription, Plan, Viewer
+
+PARSER_CACHE_SIZE = 256
+VALIDATION_CACHE_SIZE = 256
 
 
 @strawberry.type
 class Query:
-    @strawberry.field(description="Always true: the GraphQL endpoint is up.")
-    async def ok(self) -> bool:
-        return True
+    @strawberry.field(description="The plans on sale, one per tier and interval. Public.")
+    def plans(self, info: strawberry.Info[Any, Any]) -> list[Plan]:
+        return Plan.all_from_catalog(context_of(info).catalog)
+
+    @strawberry.field(
+        description="The signed-in user and their subscription. UNAUTHENTICATED without a user token.",
+        extensions=[PermissionExtension(permissions=[IsAuthenticated()])],
+    )
+    async def viewer(self, info: strawberry.Info[Any, Any]) -> Viewer:
+        context = context_of(info)
+        user, state = await context.viewer()
+        return Viewer.from_model(user, state, context.policy, context.now)
+
+    @strawberry.field(
+        description=(
+            "May the viewer use `feature`? For frontends gating pages. Without a token the answer "
+            "is not allowed, reason UNAUTHENTICATED."
+        )
+    )
+    async def access(self, info: strawberry.Info[Any, Any], feature: str) -> AccessDecision:
+        context = context_of(info)
+        if await context.principal() is None:
+            return AccessDecision.from_model(context.policy.anonymous_feature_access(feature))
+        _user, state = await context.viewer()
+        return AccessDecision.from_model(context.policy.feature_access(state, feature, context.now))
+
+    @strawberry.field(
+        description="One user's subscription, for the host app's backend (service key only).",
+        extensions=[PermissionExtension(permissions=[IsService()])],
+    )
+    async def user_subscription(
+        self, info: strawberry.Info[Any, Any], user_id: strawberry.ID
+    ) -> BillingSubscription:
+        context = context_of(info)
+        state = await context.subscription(str(user_id))
+        return BillingSubscription.from_model(state, context.policy, context.now)
 
 
-schema = strawberry.Schema(query=Query)
+class BillingSchema(strawberry.Schema):
+    """A schema whose every error carries a code (`graph.errors.format_errors`), HTTP and websocket."""
+
+    def process_errors(
+        self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
+    ) -> None:
+        # Strawberry logs every error with its traceback, expected ones included; format_errors
+        # logs the unexpected ones, with the request id.
+        return None
+
+    async def execute(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+    ) -> ExecutionResult:
+        result = await super().execute(
+            query,
+            variable_values,
+            context_value,
+            root_value,
+            operation_name,
+            allowed_operation_types,
+            operation_extensions,
+        )
+        _format_result(result, context_value)
+        return result
+
+    async def stream(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+        allowed_operation_types: Iterable[OperationType] | None = None,
+    ) -> StreamResult:
+        source = await super().stream(
+            query,
+            variable_values,
+            context_value,
+            root_value,
+            operation_name,
+            operation_extensions,
+            allowed_operation_types,
+        )
+        return _formatted_stream(source, context_value)
+
+
+async def _formatted_stream(source: StreamResult, context: Any) -> StreamResult:
+    async with aclosing(source):
+        async for result in source:
+            _format_result(result, context)
+            yield result
+
+
+def _format_result(result: object, context: Any) -> None:
+    errors = getattr(result, "errors", None)
+    if errors:
+        result.errors = format_errors(errors, context)  # type: ignore[attr-defined]
+
+
+def schema_extensions() -> list[type[SchemaExtension] | Any]:
+    """The extensions every schema served by this app needs (one fresh instance per request)."""
+    return [
+        lambda: ParserCache(maxsize=PARSER_CACHE_SIZE),
+        lambda: ValidationCache(maxsize=VALIDATION_CACHE_SIZE),
+        ErrorCodes,
+        OperationScope,
+    ]
+
+
+def build_schema(
+    query: type,
+    *,
+    mutation: type | None = None,
+    subscription: type | None = None,
+    types: Iterable[type] = (),
+    extensions: Sequence[type[SchemaExtension] | Any] = (),
+) -> BillingSchema:
+    """A schema with the billing extensions: caches, error codes, per-operation websocket state."""
+    return BillingSchema(
+        query=query,
+        mutation=mutation,
+        subscription=subscription,
+        types=list(types),
+        extensions=[*schema_extensions(), *extensions],
+    )
+
+
+def print_sdl(schema: strawberry.Schema) -> str:
+    return schema.as_str().rstrip("\n") + "\n"
+
+
+schema = build_schema(Query)

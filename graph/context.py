@@ -1,0 +1,198 @@
+"""The per-request GraphQL context: cheap to build, lazy about everything else.
+
+Building a context allocates one small object: no dependency injection, no database session, no
+token check. The principal is authenticated the first time a field asks for it, and a user's
+subscription is loaded at most once per request (concurrent fields share one query), so a
+permission class and the resolver it guards cost a single round trip together.
+
+Host apps with their own GraphQL view build the context with `Context(request, response,
+services)` so the permission classes of `graph.permissions` work on their fields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import strawberry
+from strawberry.extensions import SchemaExtension
+
+from billing.access import AccessPolicy, SubscriptionState, load_subscription
+from billing.errors import BillingError, ErrorCode
+from billing.plans import Catalog
+from billing.settings import Settings
+from db.engine import Database
+from graph.auth import Authenticator, Principal, ServicePrincipal, User
+
+REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+@dataclass(slots=True)
+class GraphQLServices:
+    """What every request shares: built once per app; the database is bound at start-up."""
+
+    settings: Settings
+    catalog: Catalog
+    policy: AccessPolicy
+    authenticator: Authenticator
+    database: Database | None = None
+
+    @classmethod
+    def create(
+        cls, settings: Settings, catalog: Catalog, *, database: Database | None = None
+    ) -> GraphQLServices:
+        return cls(
+            settings=settings,
+            catalog=catalog,
+            policy=AccessPolicy.from_settings(catalog, settings),
+            authenticator=Authenticator(settings),
+            database=database,
+        )
+
+
+class Context:
+    __slots__ = (
+        "_now",
+        "_principal",
+        "_request_id",
+        "_subscriptions",
+        "connection_params",
+        "request",
+        "response",
+        "services",
+    )
+
+    def __init__(self, request: Any, response: Any, services: GraphQLServices) -> None:
+        self.request = request
+        self.response = response
+        self.services = services
+        self.connection_params: Mapping[str, Any] | None = None  # graphql-transport-ws payload
+        self._now: datetime | None = None
+        self._principal: asyncio.Future[Principal | None] | None = None
+        self._subscriptions: dict[str, asyncio.Future[SubscriptionState]] | None = None
+        self._request_id: str | None = None
+
+    # Shared services -----------------------------------------------------------------------
+
+    @property
+    def policy(self) -> AccessPolicy:
+        return self.services.policy
+
+    @property
+    def catalog(self) -> Catalog:
+        return self.services.catalog
+
+    @property
+    def database(self) -> Database:
+        database = self.services.database
+        if database is None:
+            raise RuntimeError("GraphQLServices.database is not bound (the app has not started)")
+        return database
+
+    @property
+    def is_websocket(self) -> bool:
+        return bool(self.request.scope["type"] == "websocket")
+
+    # Per request ---------------------------------------------------------------------------
+
+    @property
+    def now(self) -> datetime:
+        """One instant per request, so every access decision of a request agrees."""
+        if self._now is None:
+            self._now = datetime.now(UTC)
+        return self._now
+
+    @property
+    def request_id(self) -> str:
+        """The caller's `X-Request-ID` when it is sane, else a new one (sent back as a header)."""
+        if self._request_id is None:
+            given = self.request.headers.get("x-request-id")
+            self._request_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            headers = getattr(self.response, "headers", None)
+            if headers is not None and not self.is_websocket:
+                headers["x-request-id"] = self._request_id
+        return self._request_id
+
+    def begin_operation(self) -> None:
+        """A websocket keeps one context for many operations: forget what each one learned."""
+        self._now = None
+        self._principal = None
+        self._subscriptions = None
+
+    @property
+    def authorization(self) -> str | None:
+        params = self.connection_params
+        if isinstance(params, Mapping):
+            for key in ("Authorization", "authorization"):
+                value = params.get(key)
+                if isinstance(value, str):
+                    return value
+        value = self.request.headers.get("authorization")
+        return value if isinstance(value, str) else None
+
+    async def principal(self) -> Principal | None:
+        """The caller, authenticated once per request; None when no credentials were sent."""
+        if self._principal is None:
+            self._principal = asyncio.ensure_future(
+                self.services.authenticator.authenticate(self.authorization)
+            )
+        return await self._principal
+
+    async def user(self) -> User:
+        """The signed-in user, or UNAUTHENTICATED (nobody) / FORBIDDEN (the service key)."""
+        principal = await self.principal()
+        if isinstance(principal, User):
+            return principal
+        if isinstance(principal, ServicePrincipal):
+            raise BillingError(
+                "the service key has no user: sign in with a user token", code=ErrorCode.FORBIDDEN
+            )
+        raise BillingError("sign in: this needs a user token", code=ErrorCode.UNAUTHENTICATED)
+
+    async def service(self) -> ServicePrincipal:
+        """The service principal, or UNAUTHENTICATED (nobody) / FORBIDDEN (a user)."""
+        principal = await self.principal()
+        if isinstance(principal, ServicePrincipal):
+            return principal
+        if principal is None:
+            raise BillingError("this needs the service key", code=ErrorCode.UNAUTHENTICATED)
+        raise BillingError("only the host app's backend (service key) may do this", code=ErrorCode.FORBIDDEN)
+
+    async def subscription(self, user_id: str) -> SubscriptionState:
+        """The user's subscription state, read at most once per request."""
+        if self._subscriptions is None:
+            self._subscriptions = {}
+        future = self._subscriptions.get(user_id)
+        if future is None:
+            future = asyncio.ensure_future(load_subscription(self.database, user_id))
+            self._subscriptions[user_id] = future
+        return await future
+
+    async def viewer(self) -> tuple[User, SubscriptionState]:
+        user = await self.user()
+        return user, await self.subscription(user.id)
+
+
+def context_of(info: strawberry.Info[Any, Any]) -> Context:
+    context = info.context
+    if not isinstance(context, Context):
+        raise TypeError(
+            "the billing fields and permissions need graph.context.Context as the GraphQL context "
+            f"(got {type(context).__name__})"
+        )
+    return context
+
+
+class OperationScope(SchemaExtension):
+    """Per-operation state on websockets, where one context serves the whole connection."""
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context.context
+        if isinstance(context, Context) and context.is_websocket:
+            context.begin_operation()
+        yield

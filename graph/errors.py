@@ -1,0 +1,149 @@
+"""Every GraphQL error carries a stable `extensions.code`; unexpected failures are masked.
+
+| where the error comes from | `extensions.code` | message |
+|---|---|---|
+| a `BillingError` (domain, auth, permissions) | its `ErrorCode` (UNAUTHENTICATED, ...) | its message |
+| a query that does not parse | GRAPHQL_PARSE_FAILED | graphql-core's |
+| a wrong argument or variable (type, missing, unknown) | BAD_USER_INPUT | graphql-core's |
+| any other invalid query (unknown field, ...) | GRAPHQL_VALIDATION_FAILED | graphql-core's |
+| a `GraphQLError` raised on purpose by a resolver | its own code, else BAD_REQUEST | its message |
+| anything else (a bug, the database down, ...) | INTERNAL_ERROR, plus `requestId` | "Internal server error" |
+
+Internal errors are logged with the request id and the traceback; the response holds no stack
+trace, SQL, key or exception text.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+from graphql import GraphQLError, GraphQLSyntaxError
+from graphql.validation import (
+    ASTValidationRule,
+    KnownArgumentNamesRule,
+    ProvidedRequiredArgumentsRule,
+    ValuesOfCorrectTypeRule,
+)
+from strawberry.extensions import SchemaExtension
+
+from billing.errors import BillingError, ErrorCode
+
+log = logging.getLogger("billing.graphql")
+
+GRAPHQL_PARSE_FAILED = "GRAPHQL_PARSE_FAILED"
+GRAPHQL_VALIDATION_FAILED = "GRAPHQL_VALIDATION_FAILED"
+BAD_REQUEST = "BAD_REQUEST"
+INTERNAL_MESSAGE = "Internal server error"
+
+
+def _bad_user_input(error: GraphQLError) -> GraphQLError:
+    error.extensions = {**(error.extensions or {}), "code": ErrorCode.BAD_USER_INPUT.value}
+    return error
+
+
+class _KnownArgumentNames(KnownArgumentNamesRule):
+    def report_error(self, error: GraphQLError) -> None:
+        super().report_error(_bad_user_input(error))
+
+
+class _ValuesOfCorrectType(ValuesOfCorrectTypeRule):
+    def report_error(self, error: GraphQLError) -> None:
+        super().report_error(_bad_user_input(error))
+
+
+class _ProvidedRequiredArguments(ProvidedRequiredArgumentsRule):
+    def report_error(self, error: GraphQLError) -> None:
+        super().report_error(_bad_user_input(error))
+
+
+# graphql-core's argument rules, replaced by the same rules tagging their errors BAD_USER_INPUT.
+_ARGUMENT_RULES: dict[type[ASTValidationRule], type[ASTValidationRule]] = {
+    KnownArgumentNamesRule: _KnownArgumentNames,
+    ValuesOfCorrectTypeRule: _ValuesOfCorrectType,
+    ProvidedRequiredArgumentsRule: _ProvidedRequiredArguments,
+}
+_rules_cache: dict[tuple[type[ASTValidationRule], ...], tuple[type[ASTValidationRule], ...]] = {}
+
+
+def _with_argument_rules(rules: tuple[type[ASTValidationRule], ...]) -> tuple[type[ASTValidationRule], ...]:
+    # The same tuple each time, so ValidationCache's key (which includes the rules) keeps hitting.
+    replaced = _rules_cache.get(rules)
+    if replaced is None:
+        replaced = tuple(_ARGUMENT_RULES.get(rule, rule) for rule in rules)
+        if len(_rules_cache) < 32:
+            _rules_cache[rules] = replaced
+    return replaced
+
+
+class ErrorCodes(SchemaExtension):
+    """Codes the errors only the validation step can tell apart (put it after the caches).
+
+    Argument errors become BAD_USER_INPUT, every other validation error
+    GRAPHQL_VALIDATION_FAILED. `BillingSchema` gives the rest their code (`format_errors`).
+    """
+
+    def on_operation(self) -> Iterator[None]:
+        context = self.execution_context
+        context.validation_rules = _with_argument_rules(context.validation_rules)
+        yield
+
+    def on_validate(self) -> Iterator[None]:
+        yield
+        for error in self.execution_context.pre_execution_errors or ():
+            # Validation errors are cached and shared: the same code every time, so this is safe.
+            if not (error.extensions or {}).get("code"):
+                error.extensions = {**(error.extensions or {}), "code": GRAPHQL_VALIDATION_FAILED}
+
+
+def format_errors(errors: list[GraphQLError], context: Any) -> list[GraphQLError]:
+    """Every error with its code; unexpected ones masked and logged. Safe to apply twice."""
+    return [format_error(error, context) for error in errors]
+
+
+def format_error(error: GraphQLError, context: Any) -> GraphQLError:
+    original = error.original_error
+    if isinstance(original, BillingError):
+        extensions = {key: value for key, value in original.extensions.items() if value is not None}
+        return _copy(error, original.message, {**extensions, "code": original.code.value})
+    if original is not None and not isinstance(original, GraphQLError):
+        return _mask(error, context)
+    extensions = error.extensions or {}
+    if isinstance(error, GraphQLSyntaxError):
+        return _copy(error, error.message, {**extensions, "code": GRAPHQL_PARSE_FAILED})
+    if extensions.get("code"):
+        return error if original is None else _copy(error, error.message, dict(extensions))
+    if error.path is None:  # the request is at fault before any resolver ran: variables that
+        # do not coerce to their types, an unknown operation name
+        return _copy(error, error.message, {**extensions, "code": ErrorCode.BAD_USER_INPUT.value})
+    if isinstance(original, GraphQLError):  # raised on purpose by a resolver or a permission
+        return _copy(error, error.message, {**extensions, "code": BAD_REQUEST})
+    return _mask(error, context)  # graphql-core's own execution errors (null for non-null, ...)
+
+
+def _mask(error: GraphQLError, context: Any) -> GraphQLError:
+    request_id = getattr(context, "request_id", None) or uuid.uuid4().hex
+    original = error.original_error or error
+    log.error(
+        "internal error in GraphQL at %s (request %s): %s",
+        ".".join(str(part) for part in error.path or ()) or "(request)",
+        request_id,
+        type(original).__name__,
+        exc_info=(type(original), original, original.__traceback__),
+    )
+    return _copy(error, INTERNAL_MESSAGE, {"code": ErrorCode.INTERNAL_ERROR.value, "requestId": request_id})
+
+
+def _copy(error: GraphQLError, message: str, extensions: dict[str, Any]) -> GraphQLError:
+    # A new error: validation errors are cached and shared between requests.
+    return GraphQLError(
+        message,
+        nodes=error.nodes,
+        source=error.source,
+        positions=error.positions,
+        path=error.path,
+        original_error=None,
+        extensions=extensions,
+    )

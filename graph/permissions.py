@@ -1,0 +1,136 @@
+"""Permission classes for the billing schema and for host apps' own fields.
+
+Every check reads the viewer's subscription through the request context, so a request loads it
+once however many fields it guards. Access itself is decided by `billing.access` (the effective
+tier): a canceled or unpaid Pro subscriber passes none of the subscription checks.
+
+| class | passes when | fails with `extensions.code` |
+|---|---|---|
+| `IsAuthenticated()` | a valid user token | UNAUTHENTICATED |
+| `IsService()` | the service key | UNAUTHENTICATED (nothing sent), FORBIDDEN (a user) |
+| `HasActiveSubscription()` | any paid effective tier | FORBIDDEN_TIER |
+| `RequiresTier(Tier.PRO)` | effective tier ranks at least PRO | FORBIDDEN_TIER |
+| `RequiresFeature("name")` | the effective tier's plan has the feature | FEATURE_NOT_IN_PLAN |
+
+The subscription checks fail with UNAUTHENTICATED without a user token and FORBIDDEN for the
+service key. Their errors carry `reason`, `effectiveTier` and `requiredTier` extensions.
+
+Use them in one way, through Strawberry's `PermissionExtension` (Strawberry instantiates
+`permission_classes` entries without arguments, so parameterised checks cannot go there):
+
+    @strawberry.field(extensions=[PermissionExtension(permissions=[RequiresTier(Tier.PRO)])])
+    async def forecast(self) -> Forecast: ...
+
+Guard async resolvers: the checks are async (they may read the database). The checks raise their
+error themselves, so `fail_silently=True` does not apply to them.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import strawberry
+from strawberry.permission import BasePermission, PermissionExtension
+
+from billing.errors import BillingError, ErrorCode
+from billing.plans import tier_rank
+from db.enums import Tier
+from graph.context import context_of
+
+log = logging.getLogger("billing.graphql")
+
+__all__ = [
+    "HasActiveSubscription",
+    "IsAuthenticated",
+    "IsService",
+    "PermissionExtension",
+    "RequiresFeature",
+    "RequiresTier",
+    "Tier",
+]
+
+
+class _BillingPermission(BasePermission):
+    code: ErrorCode = ErrorCode.FORBIDDEN
+
+    def on_unauthorized(self) -> None:
+        # The checks raise their precise error; this is only reached if one returns False.
+        raise BillingError(self.message or "not allowed", code=self.code)
+
+
+class IsAuthenticated(_BillingPermission):
+    message = "sign in: this needs a user token"
+    code = ErrorCode.UNAUTHENTICATED
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        await context_of(info).user()
+        return True
+
+
+class IsService(_BillingPermission):
+    message = "only the host app's backend (service key) may do this"
+    code = ErrorCode.FORBIDDEN
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        await context_of(info).service()
+        return True
+
+
+class RequiresTier(_BillingPermission):
+    """The viewer's effective tier ranks at least `tier` (PRO satisfies STARTER)."""
+
+    code = ErrorCode.FORBIDDEN_TIER
+
+    def __init__(self, tier: Tier) -> None:
+        if tier is Tier.NONE:
+            raise ValueError("RequiresTier needs a paid tier; use IsAuthenticated for any signed-in user")
+        self.tier = tier
+        self.message: str = f"this needs the {tier.name} plan or higher"
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        context = context_of(info)
+        _user, state = await context.viewer()
+        decision = context.policy.tier_access(state, self.tier, context.now)
+        if not decision.allowed:
+            raise decision.error(self.code, self._refusal(decision.effective_tier))
+        return True
+
+    def _refusal(self, effective: Tier) -> str:
+        if effective is Tier.NONE:
+            return f"{self.message}: there is no active subscription"
+        return f"{self.message}: the current plan is {effective.name}"
+
+
+class HasActiveSubscription(RequiresTier):
+    """Any subscription that grants access now (active, trialing, past_due within grace)."""
+
+    def __init__(self) -> None:
+        lowest = min((tier for tier in Tier if tier is not Tier.NONE), key=tier_rank)
+        super().__init__(lowest)
+        self.message = "this needs an active subscription"
+
+    def _refusal(self, effective: Tier) -> str:
+        return self.message
+
+
+class RequiresFeature(_BillingPermission):
+    """The plan of the viewer's effective tier includes `feature`."""
+
+    code = ErrorCode.FEATURE_NOT_IN_PLAN
+
+    def __init__(self, feature: str) -> None:
+        self.feature = feature
+        self.message: str = f"the current plan does not include {feature!r}"
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        context = context_of(info)
+        _user, state = await context.viewer()
+        decision = context.policy.feature_access(state, self.feature, context.now)
+        if not decision.allowed:
+            if decision.required_tier is None:
+                log.warning("RequiresFeature(%r): no plan has this feature (check plans.toml)", self.feature)
+            error = decision.error(self.code, self.message)
+            error.extensions["feature"] = self.feature
+            raise error
+        return True

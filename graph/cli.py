@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import difflib
 import logging
 import os
 import sys
+from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import click
@@ -240,6 +243,57 @@ def events_replay(event_id: str | None, failed: bool) -> None:
     )
     if report.failed:
         sys.exit(1)
+
+
+@main.command("schema")
+@click.option("--check", is_flag=True, help="Exit 1 when the SDL file differs from the code.")
+@click.option(
+    "--file",
+    "path",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=Path("schema.graphql"),
+    show_default=True,
+    help="The SDL file --check compares with the code.",
+)
+def schema_command(check: bool, path: Path) -> None:
+    """Print the GraphQL schema (SDL); --check compares schema.graphql with the code."""
+    from graph.schema import print_sdl, schema
+
+    sdl = print_sdl(schema)
+    if not check:
+        click.echo(sdl, nl=False)
+        return
+    try:
+        committed = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot read {path} ({exc.strerror}): run `billing schema > {path}`"
+        ) from None
+    if committed == sdl:
+        click.echo(f"{path} matches the code")
+        return
+    click.echo(f"error: {path} differs from the code's schema: run `billing schema > {path}`", err=True)
+    diff = difflib.unified_diff(
+        committed.splitlines(), sdl.splitlines(), f"{path} (file)", "code", n=1, lineterm=""
+    )
+    for line in list(diff)[:80]:
+        click.echo(f"  {line}", err=True)
+    sys.exit(1)
+
+
+@main.command()
+@click.argument("user_id")
+@click.option("--email", default=None, help="The `email` claim.")
+@click.option("--name", default=None, help="The `name` claim.")
+@click.option(
+    "--ttl", default=3600, show_default=True, type=click.IntRange(1, 31 * 86400), help="Lifetime in seconds."
+)
+def token(user_id: str, email: str | None, name: str | None, ttl: int) -> None:
+    """Print a development user token (HS256 with AUTH_JWT_SECRET). Refused in production."""
+    from graph.auth import issue_dev_token
+
+    settings = load_settings()
+    click.echo(issue_dev_token(settings, user_id, email=email, name=name, ttl=timedelta(seconds=ttl)))
 
 
 if __name__ == "__main__":  # pragma: no cover

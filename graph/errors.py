@@ -20,7 +20,7 @@ import uuid
 from collections.abc import Iterator
 from typing import Any
 
-from graphql import GraphQLError, GraphQLSyntaxError
+from graphql import ArgumentNode, GraphQLError, GraphQLSyntaxError
 from graphql.validation import (
     ASTValidationRule,
     KnownArgumentNamesRule,
@@ -47,6 +47,16 @@ def _bad_user_input(error: GraphQLError) -> GraphQLError:
 class _KnownArgumentNames(KnownArgumentNamesRule):
     def report_error(self, error: GraphQLError) -> None:
         super().report_error(_bad_user_input(error))
+
+    def enter_argument(self, node: ArgumentNode, *args: Any) -> None:
+        # graphql-core reports unknown field arguments through the context, not `report_error`.
+        context = self.context
+        on_error = context.on_error
+        context.on_error = lambda error: on_error(_bad_user_input(error))  # type: ignore[method-assign]
+        try:
+            super().enter_argument(node, *args)
+        finally:
+            context.on_error = on_error  # type: ignore[method-assign]
 
 
 class _ValuesOfCorrectType(ValuesOfCorrectTypeRule):

@@ -6,8 +6,8 @@ root is this schema's SDL (`billing schema` prints it, `billing schema --check` 
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from contextlib import aclosing
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import aclosing, suppress
 from typing import Any
 
 import strawberry
@@ -134,10 +134,24 @@ def _format_result(result: object, context: Any) -> None:
         result.errors = format_errors(errors, context)  # type: ignore[attr-defined]
 
 
+class SafeParserCache(ParserCache):
+    """Strawberry's `ParserCache`, except that it leaves a query that does not parse to Strawberry.
+
+    The stock extension raises the syntax error from its hook, outside the code that turns it
+    into a GraphQL error: on a websocket that kills the operation's task with no answer.
+    """
+
+    def on_parse(self) -> Iterator[None]:
+        context = self.execution_context
+        with suppress(GraphQLError):  # Strawberry parses it again and reports GRAPHQL_PARSE_FAILED
+            context.graphql_document = self.cached_parse_document(context.query, **context.parse_options)
+        yield
+
+
 def schema_extensions() -> list[type[SchemaExtension] | Any]:
     """The extensions every schema served by this app needs (one fresh instance per request)."""
     return [
-        lambda: ParserCache(maxsize=PARSER_CACHE_SIZE),
+        lambda: SafeParserCache(maxsize=PARSER_CACHE_SIZE),
         lambda: ValidationCache(maxsize=VALIDATION_CACHE_SIZE),
         ErrorCodes,
         OperationScope,

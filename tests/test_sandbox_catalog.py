@@ -82,6 +82,30 @@ async def test_a_product_and_its_recurring_price_round_trip(gateway: StripeGatew
     assert "tiers" not in fetched.to_dict()  # includable: only when expanded
 
 
+async def test_tiers_of_a_tiered_price_are_returned_only_when_expanded(gateway: StripeGateway) -> None:
+    product = await _product(gateway)
+    tiers: Any = [{"up_to": 10, "unit_amount": 100}, {"up_to": "inf", "unit_amount": 80, "flat_amount": 500}]
+    price = await gateway.v1.prices.create_async(
+        {
+            "product": product.id,
+            "currency": "usd",
+            "billing_scheme": "tiered",
+            "tiers_mode": "graduated",
+            "tiers": tiers,
+            "recurring": {"interval": "month"},
+        }
+    )
+    plain = await gateway.v1.prices.retrieve_async(price.id)
+    expanded = await gateway.v1.prices.retrieve_async(price.id, {"expand": ["tiers"]})
+    assert (plain.billing_scheme, plain.tiers_mode, plain.unit_amount) == ("tiered", "graduated", None)
+    assert "tiers" not in plain.to_dict()
+    assert expanded.tiers is not None
+    assert [(t.up_to, t.unit_amount, t.flat_amount) for t in expanded.tiers] == [
+        (10, 100, None),
+        (None, 80, 500),
+    ]
+
+
 async def test_a_product_update_changes_only_what_is_named(gateway: StripeGateway) -> None:
     product = await _product(gateway, description="Old", metadata={"a": "1", "b": "2"})
     updated = await gateway.v1.products.update_async(

@@ -83,8 +83,6 @@ async def new_price(
         "type": "one_time" if recurring is None else "recurring",
         "unit_amount": None,
         "unit_amount_decimal": None,
-        "currency_options": None,
-        "tiers": None,
     }
     if scheme == "per_unit":
         _per_unit_amount(price, params, param)
@@ -102,9 +100,18 @@ async def new_price(
                 "transform_quantity needs divide_by >= 1 and round of up or down.",
             )
         price["transform_quantity"] = {"divide_by": transform["divide_by"], "round": transform["round"]}
-    if "currency_options" in params:
-        price["currency_options"] = _currency_options(params["currency_options"])
+    _set_currency_options(price, params)
     return price
+
+
+def _set_currency_options(price: dict[str, Any], params: dict[str, Any]) -> None:
+    """Stored only when given, so prices read by other sandbox resources carry no extra keys."""
+    if "currency_options" in params:
+        options = _currency_options(params["currency_options"])
+        if options is None:
+            price.pop("currency_options", None)
+        else:
+            price["currency_options"] = options
 
 
 def _per_unit_amount(price: dict[str, Any], params: dict[str, Any], param: str) -> None:
@@ -363,8 +370,7 @@ async def update_price(call: Call) -> dict[str, Any]:
         price["nickname"] = params["nickname"] or None
     if "metadata" in params:
         price["metadata"] = apply_metadata(price["metadata"], params["metadata"])
-    if "currency_options" in params:
-        price["currency_options"] = _currency_options(params["currency_options"])
+    _set_currency_options(price, params)
     if "lookup_key" in params and (params["lookup_key"] or None) != price["lookup_key"]:
         await _claim_lookup_key(
             tx, price, params["lookup_key"] or None, params.get("transfer_lookup_key", False)

@@ -1,0 +1,1 @@
+"""Examples of using the billing API from a host application (not installed with the package)."""

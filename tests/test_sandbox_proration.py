@@ -315,3 +315,62 @@ async def test_plan_changes_are_validated(service: Service, stripe_gateway: Stri
     assert "must match" in str(mixed.value.user_message)
     assert missing.value.http_status == 404
     assert outside.value.param == "proration_date"
+
+
+async def test_billing_cycle_anchor_now_credits_unused_time_and_bills_a_new_full_period(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    pro = await insert_price(service, unit_amount=2900, product_name="Pro")
+    _customer, item = await day_ten(service, stripe_gateway, pro)
+
+    updated = await stripe_gateway.v1.subscriptions.update_async(
+        item.subscription,
+        {"billing_cycle_anchor": {"type": "now"}, "proration_date": item.current_period_start + 10 * DAY},
+    )
+
+    new_item = updated["items"].data[0]
+    assert new_item.current_period_start == updated.billing_cycle_anchor > item.current_period_start
+    assert new_item.current_period_end == engine.add_intervals(new_item.current_period_start, "month", 1, 1)
+    invoice = await stripe_gateway.v1.invoices.retrieve_async(str(updated.latest_invoice))
+    assert amounts(invoice) == [-1933, 2900]
+    assert (invoice.total, invoice.amount_paid) == (967, 967)
+
+
+async def test_canceling_now_with_prorate_and_invoice_now_credits_the_unused_time(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    pro = await insert_price(service, unit_amount=2900, product_name="Pro")
+    customer_id, item = await day_ten(service, stripe_gateway, pro)
+    await advance(service, item.current_period_start + 20 * DAY - await clock(service))  # 10 days left
+
+    canceled = await stripe_gateway.v1.subscriptions.cancel_async(
+        item.subscription, {"prorate": True, "invoice_now": True}
+    )
+
+    assert canceled.status == "canceled"
+    final = await stripe_gateway.v1.invoices.retrieve_async(str(canceled.latest_invoice))
+    assert len(final.lines.data) == 1 and final.lines.data[0].parent.subscription_item_details.proration
+    credit = final.lines.data[0].amount
+    ended_at = int(canceled.ended_at or 0)
+    expected = -engine.prorated(2900, item.current_period_start, item.current_period_end, ended_at)
+    assert credit == expected and -967 <= credit <= -966  # 2900 x 10/30, give or take a second
+    assert (final.amount_due, final.status) == (0, "paid")
+    assert (await stripe_gateway.v1.customers.retrieve_async(customer_id)).balance == credit
+
+
+async def test_a_preview_without_changes_is_the_next_renewal(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    pro = await insert_price(service, unit_amount=2900, product_name="Pro")
+    customer_id, subscription_id = await subscribe(service, stripe_gateway, pro)
+    item = (await stripe_gateway.v1.subscriptions.retrieve_async(subscription_id))["items"].data[0]
+
+    by_subscription = await stripe_gateway.v1.invoices.create_preview_async({"subscription": subscription_id})
+    by_customer = await stripe_gateway.v1.invoices.create_preview_async({"customer": customer_id})
+
+    for preview in (by_subscription, by_customer):
+        assert amounts(preview) == [2900]
+        assert preview.lines.data[0].period.start == item.current_period_end
+        assert preview.lines.data[0].id.startswith("il_tmp_")
+        assert preview.status == "draft"
+    assert len((await stripe_gateway.v1.invoices.list_async({"customer": customer_id})).data) == 1

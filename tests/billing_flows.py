@@ -102,3 +102,14 @@ async def wait_for_account(database: Database, user_id: str, **expected: Any) ->
             return row
         await asyncio.sleep(0.05)
     raise AssertionError(f"account {user_id} never reached {expected}; last seen {row}")
+
+
+async def raw_events(service: Service, **params: Any) -> list[dict[str, Any]]:
+    """Events as Stripe's JSON (the SDK's objects turn decimal strings into Decimals), oldest first."""
+    query = {"limit": 100, **params}
+    async with httpx.AsyncClient() as client:
+        response = await client.get(
+            f"{service.url}/sandbox/v1/events", params=query, headers={"Authorization": "Bearer sk_test_x"}
+        )
+    assert response.status_code == 200, response.text
+    return list(reversed(response.json()["data"]))

@@ -1,0 +1,171 @@
+"""Stripe delivers at least once: every copy gets a 2xx, exactly one effect happens."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.webhooks import Envelope, store_event
+from db.engine import Database
+from db.models import account_table, event_table
+from tests.conftest import DbTarget, Service, free_port, running_service
+from tests.stripe_events import event, post_event
+
+
+@pytest.fixture
+async def service(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Service]:
+    """The service with the sandbox's own deliveries off: the test posts every event itself."""
+    async with running_service(database, sandbox_db, sandbox={"deliver_webhooks": False}) as running:
+        yield running
+
+
+async def new_customer(gateway: StripeGateway, user_id: str) -> dict[str, object]:
+    customer = await gateway.v1.customers.create_async(
+        {"email": f"{user_id}@example.com", "metadata": {"userId": user_id}}
+    )
+    return customer.to_dict()
+
+
+async def wait_processed(database: Database, event_id: str) -> tuple[str, int]:
+    deadline = time.monotonic() + 15
+    while True:
+        async with database.read() as conn:
+            row = (
+                await conn.execute(
+                    select(event_table.c.status, event_table.c.attempts).where(event_table.c.id == event_id)
+                )
+            ).first()
+        if row is not None and row.status in ("processed", "ignored", "failed"):
+            return row.status, row.attempts
+        if time.monotonic() > deadline:
+            raise AssertionError(f"event {event_id} not processed: {row}")
+        await asyncio.sleep(0.05)
+
+
+async def counts(database: Database) -> tuple[int, int]:
+    async with database.read() as conn:
+        events = (await conn.execute(select(func.count()).select_from(event_table))).scalar_one()
+        accounts = (await conn.execute(select(func.count()).select_from(account_table))).scalar_one()
+    return int(events), int(accounts)
+
+
+async def test_a_duplicate_delivered_later_is_acknowledged_and_ignored(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    customer = await new_customer(stripe_gateway, "u1")
+    evt = event("customer.updated", customer)
+    async with httpx.AsyncClient() as client:
+        first = await post_event(client, service.url, evt)
+        assert await wait_processed(service.database, evt["id"]) == ("processed", 1)
+        second = await post_event(client, service.url, evt)
+    assert first.json() == {"received": True, "duplicate": False}
+    assert second.status_code == 200 and second.json()["duplicate"] is True
+    assert await counts(service.database) == (1, 1)
+    assert await wait_processed(service.database, evt["id"]) == ("processed", 1)
+
+
+async def test_ten_parallel_copies_cause_one_effect(service: Service, stripe_gateway: StripeGateway) -> None:
+    customer = await new_customer(stripe_gateway, "u1")
+    evt = event("customer.updated", customer)
+    async with httpx.AsyncClient() as client:
+        responses = await asyncio.gather(*(post_event(client, service.url, evt) for _ in range(10)))
+    assert [r.status_code for r in responses] == [200] * 10
+    assert sum(not r.json()["duplicate"] for r in responses) == 1
+    assert await wait_processed(service.database, evt["id"]) == ("processed", 1)
+    assert await counts(service.database) == (1, 1)
+
+
+async def test_a_conflict_on_the_event_id_is_a_duplicate_but_other_integrity_errors_are_not(
+    database: Database,
+) -> None:
+    from datetime import UTC, datetime
+
+    now = datetime.now(UTC)
+    envelope = Envelope("evt_same", "customer.updated", now, {"id": "evt_same"})
+    assert await store_event(database, envelope, now=now) is True
+    assert await store_event(database, envelope, now=now) is False
+    broken = Envelope("evt_other", "customer.updated", None, {"id": "evt_other"})  # type: ignore[arg-type]
+    with pytest.raises(Exception, match=r"(?i)null"):
+        await store_event(database, broken, now=now)
+
+
+# Two service processes sharing one PostgreSQL -------------------------------------------------
+
+BILLING = str(Path(sys.executable).with_name("billing"))
+
+
+@pytest.fixture
+def two_processes(fresh_pg_url: str, tmp_path: Path) -> Iterator[list[str]]:
+    env = {**os.environ, "DATABASE_URL": fresh_pg_url, "SANDBOX_SYNC_CATALOG": "false"}
+    subprocess.run([BILLING, "migrate"], env=env, check=True, capture_output=True, cwd=tmp_path)
+    urls, processes = [], []
+    try:
+        for _ in range(2):  # one after the other: the first creates the sandbox's tables
+            port = free_port()
+            url = f"http://127.0.0.1:{port}"
+            processes.append(
+                subprocess.Popen(
+                    [BILLING, "serve", "--port", str(port)],
+                    env={**env, "PUBLIC_BASE_URL": url},
+                    cwd=tmp_path,
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+            )
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                time.sleep(0.1)
+            else:
+                pytest.fail("billing serve did not come up")
+            urls.append(url)
+        yield urls
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.wait(timeout=15)
+
+
+@pytest.mark.postgres_only
+async def test_copies_sent_to_two_processes_cause_one_effect(
+    two_processes: list[str], fresh_pg_url: str
+) -> None:
+    gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{two_processes[0]}/sandbox"))
+    database = Database.from_url(fresh_pg_url)
+    try:
+        customer = await new_customer(gateway, "u-two")
+        evt = event("customer.updated", customer)
+        async with httpx.AsyncClient() as client:
+            responses = await asyncio.gather(
+                *(post_event(client, two_processes[i % 2], evt) for i in range(10))
+            )
+        assert [r.status_code for r in responses] == [200] * 10
+        assert await wait_processed(database, evt["id"]) == ("processed", 1)  # claimed and applied once
+        async with database.read() as conn:
+            updated = (
+                await conn.execute(
+                    select(func.count())
+                    .select_from(event_table)
+                    .where(event_table.c.type == "customer.updated")
+                )
+            ).scalar_one()
+            accounts = (await conn.execute(select(func.count()).select_from(account_table))).scalar_one()
+        assert (updated, accounts) == (1, 1)  # (the sandbox also delivers its own customer.created)
+    finally:
+        await gateway.close()
+        await database.dispose()

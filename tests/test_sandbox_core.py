@@ -70,3 +70,15 @@ async def test_a_request_without_a_test_key_is_401(service: Service) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.get(f"{service.url}/sandbox/v1/customers")
     assert response.status_code == 401
+
+
+async def test_a_deleted_customer_is_a_retrievable_stub_and_leaves_lists(stripe_gateway: StripeGateway) -> None:
+    customer = await stripe_gateway.v1.customers.create_async({"email": "gone@example.com"})
+    deleted = await stripe_gateway.v1.customers.delete_async(customer.id)
+    again = await stripe_gateway.v1.customers.retrieve_async(customer.id)
+    assert deleted.deleted is True
+    assert again["deleted"] is True and again.id == customer.id
+    assert (await stripe_gateway.v1.customers.list_async()).data == []
+    with pytest.raises(stripe.InvalidRequestError) as caught:
+        await stripe_gateway.v1.customers.update_async(customer.id, {"name": "back"})
+    assert caught.value.code == "resource_missing"

@@ -22,6 +22,7 @@ from billing.sandbox.api import (
     search_matcher,
     search_result,
 )
+from billing.sandbox.errors import resource_missing
 from billing.sandbox.store import new_id
 
 # Fields the sandbox stores as given when a create or update names them.
@@ -87,17 +88,26 @@ async def create_customer(call: Call) -> dict[str, Any]:
     return customer
 
 
+async def live_customer(call: Call, customer_id: str) -> dict[str, Any]:
+    """A customer that is not deleted (a deleted one is a 404 for everything but retrieve)."""
+    customer = await call.tx.get("customer", customer_id)
+    if customer.get("deleted"):
+        raise resource_missing("customer", customer_id)
+    return customer
+
+
 @endpoint("GET", "/v1/customers/{id}", CustomerRetrieveParams)
 async def retrieve_customer(call: Call) -> dict[str, Any]:
-    found = await call.tx.find(call.path["id"])
-    if found is not None and found.get("object") == "customer" and found.get("deleted"):
-        return {"id": found["id"], "object": "customer", "deleted": True}
-    return await call.tx.get("customer", call.path["id"])
+    customer = await call.tx.get("customer", call.path["id"])
+    if customer.get("deleted"):
+        # As Stripe does: a deleted customer stays retrievable, as a stub.
+        return {"id": customer["id"], "object": "customer", "deleted": True}
+    return customer
 
 
 @endpoint("POST", "/v1/customers/{id}", CustomerUpdateParams)
 async def update_customer(call: Call) -> dict[str, Any]:
-    customer = await call.tx.get("customer", call.path["id"])
+    customer = await live_customer(call, call.path["id"])
     before = {key: customer.get(key) for key in call.params if key != "expand"}
     _apply(customer, call.params)
     changed = {key: value for key, value in before.items() if customer.get(key) != value}
@@ -109,9 +119,20 @@ async def update_customer(call: Call) -> dict[str, Any]:
 
 @endpoint("DELETE", "/v1/customers/{id}", CustomerDeleteParams)
 async def delete_customer(call: Call) -> dict[str, Any]:
-    customer = await call.tx.get("customer", call.path["id"])
-    await call.tx.remove(customer["id"])
+    """Deleting a customer cancels its subscriptions at once, as Stripe does."""
+    from billing.sandbox import engine  # the billing engine imports this module's helpers
+
+    customer = await live_customer(call, call.path["id"])
+    live = await call.tx.all(
+        "subscription",
+        lambda s: (
+            s.get("customer") == customer["id"] and s.get("status") not in ("canceled", "incomplete_expired")
+        ),
+    )
+    for subscription in live:
+        await engine.cancel_subscription(call.tx, call.config, subscription, call.tx.now())
     await call.tx.emit("customer.deleted", customer)
+    await call.tx.save({**customer, "deleted": True})
     return {"id": customer["id"], "object": "customer", "deleted": True}
 
 
@@ -120,12 +141,14 @@ async def list_customers(call: Call) -> dict[str, Any]:
     email = call.params.get("email")
     in_range = created_filter(call.params)
     customers = await call.tx.all(
-        "customer", lambda c: in_range(c) and (email is None or c.get("email") == email)
+        "customer",
+        lambda c: not c.get("deleted") and in_range(c) and (email is None or c.get("email") == email),
     )
     return paginate(customers, call.params, call.url)
 
 
 @endpoint("GET", "/v1/customers/search", CustomerSearchParams)
 async def search_customers(call: Call) -> dict[str, Any]:
-    matches = await call.tx.all("customer", search_matcher(call.params["query"]))
+    matcher = search_matcher(call.params["query"])
+    matches = await call.tx.all("customer", lambda c: not c.get("deleted") and matcher(c))
     return search_result(matches, call.params, call.url)

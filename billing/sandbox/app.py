@@ -23,6 +23,7 @@ from starlette.types import Receive, Scope, Send
 
 from billing.sandbox import control, resources
 from billing.sandbox.api import CONTROL_ROUTES, ENDPOINTS, Call, Endpoint, SandboxConfig, expand
+from billing.sandbox.delivery import Deliverer
 from billing.sandbox.errors import StripeError, card_declined
 from billing.sandbox.params import parse_form, validate
 from billing.sandbox.store import Store, Transaction, faults, idempotency, new_id
@@ -53,6 +54,10 @@ class Sandbox:
         self.events_committed: list[EventsHook] = []
         self.background: list[Callable[[], Coroutine[Any, Any, None]]] = []
         self._tasks: list[asyncio.Task[None]] = []
+        # Webhook delivery from the outbox: kicked after each commit, polled in the background.
+        self.delivery = Deliverer(self.store, config)
+        self.events_committed.append(self.delivery.kick)
+        self.background.append(self.delivery.run)
         self.app = Starlette(routes=self._routes())
 
     async def start(self) -> None:

@@ -1,0 +1,286 @@
+"""Signed, at-least-once delivery of the outbox (`sbx_event`) to the webhook endpoint.
+
+Stripe's behaviour, as documented: each event is POSTed as JSON to the endpoint with a
+`Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` header, where `t` is the
+real time of sending; any non-2xx answer or network error is retried with exponential backoff.
+
+How the sandbox does it, so several processes sharing one sandbox database behave:
+
+* claim: in one short write transaction (the store's global lock), pick the due events, oldest
+  first, and lease them by pushing `next_attempt_at` ahead; another process skips them;
+* send: POST outside any transaction (the receiver writes to its own database and may call back
+  into the sandbox, which on SQLite would wait for our lock);
+* record: in another short transaction, mark the event delivered, or count the failed attempt,
+  keep the error and schedule the next one (`base_delay * 2**(failures-1)`, capped), giving up
+  after `max_attempts`.
+
+A kick after each commit makes delivery prompt; the background loop polls for retries and for
+events written by other processes (the CLI, other service processes).
+
+Modes (`sbx_state.delivery_mode`): `ordered` sends each batch one by one in creation order;
+`shuffled_duplicated` shuffles each batch and sends every event 1-3 times, for tests of
+idempotent, order-independent handlers. A failed event is retried later in either mode, as on
+Stripe, so later events may overtake it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import hmac
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select, update
+
+from billing.sandbox.api import SandboxConfig
+from billing.sandbox.store import Store, events
+
+log = logging.getLogger("billing.sandbox.delivery")
+
+ORDERED = "ordered"
+SHUFFLED_DUPLICATED = "shuffled_duplicated"
+MODES = (ORDERED, SHUFFLED_DUPLICATED)
+MODE_STATE_KEY = "delivery_mode"
+USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
+MAX_COPIES = 3  # shuffled_duplicated sends each event 1..MAX_COPIES times
+
+
+def signature_header(secret: str, body: bytes, timestamp: int) -> str:
+    """Stripe's `Stripe-Signature` for `body` signed at `timestamp`."""
+    signed = f"{timestamp}.".encode() + body
+    digest = hmac.new(secret.encode(), signed, hashlib.sha256).hexdigest()
+    return f"t={timestamp},v1={digest}"
+
+
+@dataclass(frozen=True)
+class _Claimed:
+    seq: int
+    id: str
+    body: bytes
+
+
+@dataclass(frozen=True)
+class DeliveryStats:
+    mode: str
+    enabled: bool
+    endpoint_url: str
+    pending: int  # not delivered yet, attempts left (including those waiting for a retry)
+    delivered: int
+    failed: int  # given up after `max_attempts`
+    failed_attempts: int  # every attempt that got no 2xx
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "mode": self.mode,
+            "enabled": self.enabled,
+            "endpoint_url": self.endpoint_url,
+            "pending": self.pending,
+            "delivered": self.delivered,
+            "failed": self.failed,
+            "failed_attempts": self.failed_attempts,
+        }
+
+
+class Deliverer:
+    """Delivers one sandbox's outbox; `kick` after commits, `run` as its background loop.
+
+    The knobs are plain attributes so tests can shorten them before the sandbox starts.
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        config: SandboxConfig,
+        *,
+        base_delay: float = 1.0,
+        max_delay: float = 3600.0,
+        max_attempts: int = 10,
+        poll_interval: float = 0.5,
+        batch_size: int = 20,
+        timeout_seconds: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.config = config
+        self.base_delay = base_delay
+        self.max_delay = max_delay
+        self.max_attempts = max_attempts
+        self.poll_interval = poll_interval
+        self.batch_size = batch_size
+        self.timeout_seconds = timeout_seconds
+        self._wake = asyncio.Event()
+        self._pass_lock = asyncio.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.deliver_webhooks
+
+    def retry_delay(self, failures: int) -> float:
+        """Seconds to wait after the `failures`-th failed attempt of an event."""
+        return float(min(self.base_delay * 2 ** (failures - 1), self.max_delay))
+
+    # Triggers --------------------------------------------------------------------------------
+
+    async def kick(self, emitted: list[dict[str, Any]]) -> None:
+        """An `events_committed` hook: wake the loop now instead of at its next poll."""
+        self._wake.set()
+
+    async def run(self) -> None:
+        """The background loop: deliver whatever is due, then sleep until kicked or polled."""
+        while True:
+            if self.enabled:
+                try:
+                    while await self.deliver_due():
+                        pass
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    log.exception("webhook delivery pass failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_interval)
+            self._wake.clear()
+
+    async def drain(self, timeout: float = 10.0) -> DeliveryStats:  # noqa: ASYNC109 - a deadline, not a cancel scope
+        """Deliver until nothing is pending (retries included); TimeoutError past `timeout`.
+
+        Returns at once when delivery is disabled: nothing would ever leave the outbox.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.enabled:
+                await self.deliver_due()
+            stats = await self.stats()
+            if not self.enabled or stats.pending == 0:
+                return stats
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"webhook outbox not drained after {timeout}s: {stats.as_dict()}")
+            await asyncio.sleep(min(0.05, self.poll_interval))
+
+    # One pass --------------------------------------------------------------------------------
+
+    async def deliver_due(self) -> int:
+        """Claim one batch of due events, send it, record the results; the number claimed."""
+        async with self._pass_lock:
+            mode, batch = await self._claim()
+            if not batch:
+                return 0
+            sends = list(batch)
+            if mode == SHUFFLED_DUPLICATED:
+                sends = [event for event in batch for _ in range(random.randint(1, MAX_COPIES))]
+                random.shuffle(sends)
+            results: dict[str, str | None] = {}  # id -> None once any copy got a 2xx
+            async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
+                for event in sends:
+                    error = await self._send(client, event)
+                    if results.get(event.id, "") is not None:
+                        results[event.id] = error
+            await self._record(results)
+            return len(batch)
+
+    async def _claim(self) -> tuple[str, list[_Claimed]]:
+        now = int(time.time())
+        async with self.store.transaction() as tx:
+            mode = await tx.get_state(MODE_STATE_KEY, ORDERED)
+            rows = (
+                await tx.conn.execute(
+                    select(events.c.seq, events.c.id, events.c.data)
+                    .where(
+                        events.c.delivered.is_(False),
+                        events.c.attempts < self.max_attempts,
+                        events.c.next_attempt_at.is_not(None),
+                        events.c.next_attempt_at <= now,
+                    )
+                    .order_by(events.c.seq)
+                    .limit(self.batch_size)
+                )
+            ).all()
+            if not rows:
+                return mode, []
+            copies = MAX_COPIES if mode == SHUFFLED_DUPLICATED else 1
+            lease = now + math.ceil(self.timeout_seconds * copies * len(rows)) + 30
+            await tx.conn.execute(
+                update(events)
+                .where(events.c.seq.in_([row.seq for row in rows]))
+                .values(next_attempt_at=lease)
+            )
+        return mode, [_Claimed(row.seq, row.id, str(row.data).encode()) for row in rows]
+
+    async def _send(self, client: httpx.AsyncClient, event: _Claimed) -> str | None:
+        """POST one event; None on a 2xx, else what went wrong."""
+        timestamp = int(time.time())  # real time: the sandbox clock may be far ahead
+        headers = {
+            "Content-Type": "application/json; charset=utf-8",
+            "User-Agent": USER_AGENT,
+            "Stripe-Signature": signature_header(self.config.webhook_secret, event.body, timestamp),
+        }
+        try:
+            response = await client.post(self.config.endpoint_url, content=event.body, headers=headers)
+        except httpx.HTTPError as exc:
+            return f"{type(exc).__name__}: {exc}"[:1000]
+        if 200 <= response.status_code < 300:
+            return None
+        return f"HTTP {response.status_code}: {response.text[:500]}"
+
+    async def _record(self, results: dict[str, str | None]) -> None:
+        now = time.time()
+        async with self.store.transaction() as tx:
+            for event_id, error in results.items():
+                if error is None:
+                    await tx.conn.execute(
+                        update(events)
+                        .where(events.c.id == event_id)
+                        .values(delivered=True, attempts=events.c.attempts + 1, next_attempt_at=None)
+                    )
+                    continue
+                row = (
+                    await tx.conn.execute(
+                        select(events.c.attempts, events.c.delivered).where(events.c.id == event_id)
+                    )
+                ).first()
+                if row is None or row.delivered:
+                    continue  # another process delivered it after our lease ran out
+                failures = int(row.attempts) + 1
+                retry_at = (
+                    math.ceil(now + self.retry_delay(failures)) if failures < self.max_attempts else None
+                )
+                await tx.conn.execute(
+                    update(events)
+                    .where(events.c.id == event_id)
+                    .values(attempts=failures, last_error=error, next_attempt_at=retry_at)
+                )
+                if retry_at is None:
+                    log.warning("webhook %s not delivered after %d attempts: %s", event_id, failures, error)
+                else:
+                    log.info(
+                        "webhook %s attempt %d failed (%s); retry at %d", event_id, failures, error, retry_at
+                    )
+
+    # Introspection ---------------------------------------------------------------------------
+
+    async def stats(self) -> DeliveryStats:
+        undelivered = events.c.delivered.is_(False)
+        async with self.store.transaction() as tx:
+            mode = await tx.get_state(MODE_STATE_KEY, ORDERED)
+            pending = await tx.conn.scalar(
+                select(func.count()).where(undelivered, events.c.attempts < self.max_attempts)
+            )
+            failed = await tx.conn.scalar(
+                select(func.count()).where(undelivered, events.c.attempts >= self.max_attempts)
+            )
+            delivered = await tx.conn.scalar(select(func.count()).where(events.c.delivered.is_(True)))
+            attempts = await tx.conn.scalar(select(func.coalesce(func.sum(events.c.attempts), 0)))
+        return DeliveryStats(
+            mode=mode,
+            enabled=self.enabled,
+            endpoint_url=self.config.endpoint_url,
+            pending=int(pending or 0),
+            delivered=int(delivered or 0),
+            failed=int(failed or 0),
+            failed_attempts=int(attempts or 0) - int(delivered or 0),
+        )

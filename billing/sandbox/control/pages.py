@@ -1,0 +1,865 @@
+"""Hosted pages a person uses in a browser: Checkout, the customer portal, invoices.
+
+Plain server-rendered HTML (no JavaScript), every printed value HTML-escaped. Each action is a
+form POST that runs the same engine functions as the API and the control routes, in one sandbox
+transaction, so it emits the same events; then it redirects (303) as Stripe's pages do.
+
+- `GET /checkout/{id}` (a session's `url`): plan, price and interval, trial, email, then
+  `POST /checkout/{id}/pay` (as `POST /_control/checkout/{id}/complete {"outcome": "paid"}`,
+  then 303 to the success URL) or `POST /checkout/{id}/decline` (the card is refused: the page
+  shows the decline and the session stays open, as on Stripe; "Cancel" links to cancel_url).
+- `GET /portal/{id}` (a portal session's `url`): each live subscription (plan, status, period
+  end, pending cancellation), the payment method, invoice history, a link to `return_url`.
+  `POST /portal/{id}/subscriptions/{sub}/cancel` and `.../resume`, and
+  `POST /portal/{id}/payment_method` (`fails=true|false`), each allowed only when the portal
+  configuration enables the feature, then 303 back to the portal.
+- `GET /invoices/{id}` (an invoice's `hosted_invoice_url`): lines and amounts; an open invoice
+  can be paid (`POST /invoices/{id}/pay`) or the card declined (`.../decline`, nothing changes).
+  `GET /invoices/{id}/pdf` (`invoice_pdf`): the same as a one-page PDF.
+"""
+
+from __future__ import annotations
+
+import copy
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, RedirectResponse, Response
+
+from billing.sandbox import engine
+from billing.sandbox.api import SandboxConfig, SandboxHost, control
+from billing.sandbox.errors import StripeError
+from billing.sandbox.store import Transaction
+
+Obj = dict[str, Any]
+
+ENDED_STATUSES = ("canceled", "incomplete_expired")
+DECLINED = "Your card was declined. Try again, or use another card."
+NOTICES = {
+    "canceled": "Your subscription will be canceled at the end of the billing period.",
+    "canceled_now": "Your subscription has been canceled.",
+    "resumed": "Your subscription will renew: the pending cancellation is undone.",
+    "card_works": "Your payment method has been updated.",
+    "card_fails": "Your payment method has been updated (sandbox: charges to it will fail).",
+    "paid": "Thank you: the invoice is paid.",
+}
+
+
+# HTML helpers ---------------------------------------------------------------------------------
+
+
+def esc(value: object) -> str:
+    return html.escape("" if value is None else str(value), quote=True)
+
+
+def href(url: object) -> str:
+    """An escaped link target; anything but http(s) or a path becomes inert."""
+    text = "" if url is None else str(url)
+    scheme = urlsplit(text).scheme.lower()
+    if scheme in ("http", "https") or (text.startswith("/") and not text.startswith("//")):
+        return esc(text)
+    return "#"
+
+
+def day(ts: object) -> str:
+    if ts in (None, ""):
+        return ""
+    return datetime.fromtimestamp(int(str(ts)), UTC).strftime("%d %b %Y")
+
+
+def moment(ts: int) -> str:
+    return datetime.fromtimestamp(ts, UTC).strftime("%d %b %Y %H:%M UTC")
+
+
+def money(amount: object, currency: object) -> str:
+    return engine.format_amount(int(str(amount or 0)), str(currency or "usd"))
+
+
+def interval_label(price: Obj) -> str:
+    recurring = price.get("recurring")
+    if not recurring:
+        return "one time"
+    interval, count = engine.interval_of(price)
+    return f"per {interval}" if count == 1 else f"every {count} {interval}s"
+
+
+_CSS = """
+*{box-sizing:border-box}
+body{margin:0;background:#f6f8fa;color:#1a1f36;font:15px/1.5 -apple-system,BlinkMacSystemFont,
+"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
+main{max-width:760px;margin:32px auto;padding:0 16px}
+.card{background:#fff;border:1px solid #e3e8ee;border-radius:8px;padding:24px;margin-bottom:16px}
+.badge{display:inline-block;font-size:12px;font-weight:600;padding:2px 8px;border-radius:10px;
+background:#ffde92;color:#a04100}
+.status{display:inline-block;font-size:12px;font-weight:600;padding:2px 8px;border-radius:10px;
+background:#e3e8ee}
+.status.active,.status.paid,.status.trialing{background:#d7f7c2;color:#05690d}
+.status.past_due,.status.open,.status.unpaid{background:#ffe7f2;color:#b3093c}
+h1{font-size:22px;margin:8px 0 16px}h2{font-size:17px;margin:0 0 12px}
+.muted{color:#697386}.big{font-size:30px;font-weight:600}
+table{width:100%;border-collapse:collapse}
+td,th{text-align:left;padding:6px 4px;border-bottom:1px solid #e3e8ee;vertical-align:top}
+td.num,th.num{text-align:right}
+form.inline{display:inline}
+button{font:inherit;font-weight:600;border:0;border-radius:6px;padding:8px 16px;cursor:pointer;
+background:#635bff;color:#fff;margin:4px 8px 4px 0}
+button.secondary{background:#fff;color:#1a1f36;border:1px solid #c9ced6}
+button.danger{background:#df1b41}
+input,select{font:inherit;padding:6px 8px;border:1px solid #c9ced6;border-radius:6px;width:100%}
+.notice{background:#d7f7c2;color:#05690d;border-radius:6px;padding:10px 14px;margin-bottom:16px}
+.error{background:#ffe7f2;color:#b3093c;border-radius:6px;padding:10px 14px;margin-bottom:16px}
+a{color:#635bff}
+"""
+
+
+def page(title: str, body: str, *, status: int = 200, now: int | None = None) -> HTMLResponse:
+    clock = f" · sandbox clock {esc(moment(now))}" if now is not None else ""
+    document = (
+        "<!doctype html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
+        '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f"<style>{_CSS}</style></head><body><main>"
+        f'<p><span class="badge">TEST MODE</span> <span class="muted">Stripe sandbox{clock}</span></p>'
+        f"{body}</main></body></html>"
+    )
+    return HTMLResponse(document, status_code=status)
+
+
+def banner(notice: str | None = None, error: str | None = None) -> str:
+    parts = []
+    if notice:
+        parts.append(f'<div class="notice" role="status">{esc(notice)}</div>')
+    if error:
+        parts.append(f'<div class="error" role="alert">{esc(error)}</div>')
+    return "".join(parts)
+
+
+def missing(what: str, object_id: str) -> HTMLResponse:
+    return page(
+        f"No such {what}",
+        f'<div class="card"><h1>No such {esc(what)}</h1><p>{esc(object_id)} does not exist in this '
+        "sandbox.</p></div>",
+        status=404,
+    )
+
+
+def root(request: Request) -> str:
+    """The sandbox's mount path as this request reached it (links stay on the same host)."""
+    return str(request.scope.get("root_path", ""))
+
+
+def see_other(url: str) -> Response:
+    return RedirectResponse(url, status_code=303)
+
+
+async def form(request: Request) -> dict[str, str]:
+    body = (await request.body()).decode("utf-8", errors="replace")
+    return dict(parse_qsl(body, keep_blank_values=True))
+
+
+async def _find(tx: Transaction, object_type: str, object_id: str) -> Obj | None:
+    found = await tx.find(object_id)
+    return found if found is not None and found.get("object") == object_type else None
+
+
+# Checkout -------------------------------------------------------------------------------------
+
+
+@dataclass
+class CheckoutLine:
+    name: str
+    quantity: int | None
+    amount: str
+    interval: str
+
+
+@dataclass
+class CheckoutView:
+    session: Obj
+    customer: Obj | None
+    lines: list[CheckoutLine]
+    trial_days: int | None
+    trial_end: int | None
+    now: int
+
+    @property
+    def expired(self) -> bool:
+        return self.session["status"] == "expired" or (
+            self.session["status"] == "open" and self.now >= int(self.session["expires_at"])
+        )
+
+    @property
+    def email(self) -> str | None:
+        found = (self.customer or {}).get("email") or self.session.get("customer_email")
+        return None if found is None else str(found)
+
+
+async def checkout_view(tx: Transaction, session_id: str) -> CheckoutView | None:
+    session = await _find(tx, "checkout.session", session_id)
+    if session is None:
+        return None
+    now = tx.now()
+    request: Obj = json.loads(await tx.get_state(engine.checkout_request_key(session_id), "{}"))
+    lines = []
+    for spec in request.get("line_items", []):
+        price = await tx.get("price", spec["price"])
+        quantity = spec.get("quantity")
+        amount = (
+            "metered usage"
+            if engine.is_metered(price)
+            else money(engine.price_amount(price, int(quantity or 1)), price.get("currency"))
+        )
+        name = await engine.product_name(tx, price)
+        lines.append(CheckoutLine(name, quantity, amount, interval_label(price)))
+    data = request.get("subscription_data") or {}
+    trial_end = int(data["trial_end"]) if data.get("trial_end") is not None else None
+    trial_days = int(data["trial_period_days"]) if data.get("trial_period_days") else None
+    if trial_end is not None and trial_days is None:
+        trial_days = max(1, math.ceil((trial_end - now) / engine.DAY))
+    customer_id = session.get("customer")
+    customer = None if not customer_id else await _find(tx, "customer", str(customer_id))
+    return CheckoutView(session, customer, lines, trial_days, trial_end, now)
+
+
+def render_checkout(
+    request: Request, view: CheckoutView, *, error: str | None = None, status: int = 200
+) -> HTMLResponse:
+    session = view.session
+    base = f"{root(request)}/checkout/{session['id']}"
+    cancel = session.get("cancel_url")
+    back = f'<p><a href="{href(cancel)}">&larr; Cancel and go back</a></p>' if cancel else ""
+    if session["status"] == "complete":
+        body = (
+            f'<div class="card"><h1>This checkout session is complete</h1>{banner(error=error)}'
+            "<p>The payment went through and the subscription has started. Nothing more to do "
+            "here.</p>"
+            f'<p><a href="{href(session.get("success_url"))}">Continue</a></p></div>'
+        )
+        return page("Checkout complete", body, status=status, now=view.now)
+    if view.expired:
+        body = (
+            f'<div class="card"><h1>This checkout session has expired</h1>{banner(error=error)}'
+            f"<p>It expired on {esc(moment(min(int(session['expires_at']), view.now)))}. Start "
+            f"a new checkout from the app.</p>{back}</div>"
+        )
+        return page("Checkout expired", body, status=status if status != 200 else 410, now=view.now)
+
+    rows = "".join(
+        f"<tr><td>{esc(line.name)}"
+        + (f' <span class="muted">&times; {esc(line.quantity)}</span>' if line.quantity else "")
+        + f'</td><td class="num">{esc(line.amount)} <span class="muted">{esc(line.interval)}</span>'
+        "</td></tr>"
+        for line in view.lines
+    )
+    trial = ""
+    if view.trial_days:
+        until = f" (until {esc(day(view.trial_end))})" if view.trial_end else ""
+        trial = f"<p><strong>{esc(view.trial_days)}-day free trial</strong>{until}</p>"
+    today = money(session.get("amount_total"), session.get("currency"))
+    customer = view.customer or {}
+    who = ""
+    if customer.get("name"):
+        who += f"<p>Customer: <strong>{esc(customer['name'])}</strong></p>"
+    if view.email:
+        who += f"<p>Email: <strong>{esc(view.email)}</strong></p>"
+        email_field = ""
+    else:
+        email_field = (
+            '<p><label>Email<input type="email" name="email" required '
+            'placeholder="you@example.com"></label></p>'
+        )
+    body = (
+        f'{back}<div class="card"><p class="muted">Subscribe to</p>'
+        f"<h1>{esc(', '.join(line.name for line in view.lines))}</h1>"
+        f"<table>{rows}</table>{trial}"
+        f'<p>Total due today: <span class="big">{esc(today)}</span></p>{who}</div>'
+        f'<div class="card"><h2>Payment</h2>{banner(error=error)}'
+        '<p class="muted">Card: 4242 4242 4242 4242 &middot; 12/34 &middot; 123 (sandbox test card)</p>'
+        f'<form method="post" action="{esc(base)}/pay">{email_field}'
+        '<button type="submit">Pay</button></form>'
+        f'<form method="post" action="{esc(base)}/decline">'
+        '<button type="submit" class="secondary">Decline (the card is refused)</button></form>'
+        "</div>"
+    )
+    return page("Checkout", body, status=status, now=view.now)
+
+
+@control("GET", "/checkout/{session_id}")
+async def checkout_page(sandbox: SandboxHost, request: Request) -> Response:
+    session_id = request.path_params["session_id"]
+    async with sandbox.transaction() as tx:
+        view = await checkout_view(tx, session_id)
+    if view is None:
+        return missing("checkout session", session_id)
+    return render_checkout(request, view)
+
+
+@control("POST", "/checkout/{session_id}/pay")
+async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
+    session_id = request.path_params["session_id"]
+    fields = await form(request)
+    error: StripeError | None = None
+    try:
+        async with sandbox.transaction() as tx:
+            session = await _find(tx, "checkout.session", session_id)
+            if session is None:
+                return missing("checkout session", session_id)
+            email = None if session.get("customer") else (fields.get("email") or "").strip() or None
+            result = await engine.complete_checkout(
+                tx, sandbox.config, session_id, outcome="paid", email=email
+            )
+    except StripeError as exc:
+        error = exc
+    if error is not None:
+        async with sandbox.transaction() as tx:
+            view = await checkout_view(tx, session_id)
+        assert view is not None
+        return render_checkout(request, view, error=error.message, status=409)
+    success = str(result["session"]["success_url"]).replace("{CHECKOUT_SESSION_ID}", session_id)
+    return see_other(success)
+
+
+@control("POST", "/checkout/{session_id}/decline")
+async def checkout_decline(sandbox: SandboxHost, request: Request) -> Response:
+    session_id = request.path_params["session_id"]
+    message = DECLINED
+    status = 402
+    async with sandbox.transaction() as tx:
+        try:
+            await engine.complete_checkout(tx, sandbox.config, session_id, outcome="declined")
+        except StripeError as exc:
+            if exc.status == 404:
+                return missing("checkout session", session_id)
+            message, status = exc.message, 409
+        view = await checkout_view(tx, session_id)
+    assert view is not None
+    return render_checkout(request, view, error=message, status=status)
+
+
+# Customer portal ------------------------------------------------------------------------------
+
+
+@dataclass
+class PortalSubscription:
+    subscription: Obj
+    plan: str
+    price: str
+
+    @property
+    def id(self) -> str:
+        return str(self.subscription["id"])
+
+    @property
+    def pending_cancel(self) -> bool:
+        return bool(self.subscription.get("cancel_at_period_end") or self.subscription.get("cancel_at"))
+
+
+@dataclass
+class PortalView:
+    session: Obj
+    configuration: Obj
+    customer: Obj
+    subscriptions: list[PortalSubscription]
+    invoices: list[Obj]
+    card: Obj | None
+    card_fails: bool
+    now: int
+    features: Obj = field(default_factory=dict)
+
+    def enabled(self, feature: str) -> bool:
+        return bool((self.features.get(feature) or {}).get("enabled"))
+
+
+async def _subscription_view(tx: Transaction, subscription: Obj) -> PortalSubscription:
+    names, prices = [], []
+    for item in engine.items_of(subscription):
+        price = item["price"]
+        names.append(await engine.product_name(tx, price))
+        if engine.is_metered(price):
+            prices.append("metered usage")
+        else:
+            amount = engine.price_amount(price, int(item.get("quantity") or 1))
+            prices.append(f"{money(amount, price.get('currency'))} {interval_label(price)}")
+    return PortalSubscription(subscription, " + ".join(names), " + ".join(prices))
+
+
+async def portal_view(tx: Transaction, session_id: str) -> PortalView | None:
+    session = await _find(tx, "billing_portal.session", session_id)
+    if session is None:
+        return None
+    configuration = await tx.get("billing_portal.configuration", str(session["configuration"]))
+    customer_id = str(session["customer"])
+    customer = await tx.get("customer", customer_id)
+    subscriptions = await tx.all(
+        "subscription",
+        lambda s: s.get("customer") == customer_id and s.get("status") not in ENDED_STATUSES,
+    )
+    invoices = await tx.all(
+        "invoice", lambda i: i.get("customer") == customer_id and i.get("status") != "draft"
+    )
+    method_id = (customer.get("invoice_settings") or {}).get("default_payment_method") or next(
+        (s.get("default_payment_method") for s in subscriptions if s.get("default_payment_method")), None
+    )
+    card = None if not method_id else await _find(tx, "payment_method", str(method_id))
+    return PortalView(
+        session=session,
+        configuration=configuration,
+        customer=customer,
+        subscriptions=[await _subscription_view(tx, s) for s in subscriptions],
+        invoices=invoices,
+        card=card,
+        card_fails=await engine.payment_method_fails(tx, customer_id),
+        now=tx.now(),
+        features=configuration.get("features") or {},
+    )
+
+
+def _subscription_card(base: str, view: PortalView, item: PortalSubscription) -> str:
+    subscription = item.subscription
+    status = str(subscription["status"])
+    period_end = engine.period_of(subscription)[1]
+    lines = [
+        f'<h2>{esc(item.plan)} <span class="status {esc(status)}">{esc(status.replace("_", " "))}'
+        "</span></h2>",
+        f"<p>{esc(item.price)}</p>",
+    ]
+    if status == "trialing" and subscription.get("trial_end"):
+        lines.append(f"<p>Trial ends on <strong>{esc(day(subscription['trial_end']))}</strong>.</p>")
+    if item.pending_cancel:
+        ends = subscription.get("cancel_at") or period_end
+        lines.append(f"<p>Cancels on <strong>{esc(day(ends))}</strong>.</p>")
+    else:
+        lines.append(f"<p>Current period ends on <strong>{esc(day(period_end))}</strong>; renews then.</p>")
+    action = f"{base}/subscriptions/{subscription['id']}"
+    cancel = view.features.get("subscription_cancel") or {}
+    if item.pending_cancel:
+        lines.append(
+            f'<form method="post" action="{esc(action)}/resume">'
+            '<button type="submit">Renew subscription (undo the cancellation)</button></form>'
+        )
+    elif cancel.get("enabled"):
+        reasons = (cancel.get("cancellation_reason") or {}).get("options") or []
+        select = ""
+        if (cancel.get("cancellation_reason") or {}).get("enabled") and reasons:
+            options = "".join(
+                f'<option value="{esc(r)}">{esc(r.replace("_", " "))}</option>' for r in reasons
+            )
+            select = (
+                '<p><label>Why are you canceling?<select name="feedback">'
+                f'<option value="">(no answer)</option>{options}</select></label></p>'
+            )
+        when = (
+            "now" if cancel.get("mode") == "immediately" else f"at the end of the period ({day(period_end)})"
+        )
+        lines.append(
+            f'<form method="post" action="{esc(action)}/cancel">{select}'
+            f'<button type="submit" class="danger">Cancel subscription</button>'
+            f'<span class="muted">ends it {esc(when)}</span></form>'
+        )
+    return f'<div class="card">{"".join(lines)}</div>'
+
+
+def render_portal(
+    request: Request,
+    view: PortalView,
+    *,
+    notice: str | None = None,
+    error: str | None = None,
+    status: int = 200,
+) -> HTMLResponse:
+    session, customer = view.session, view.customer
+    base = f"{root(request)}/portal/{session['id']}"
+    headline = (view.configuration.get("business_profile") or {}).get("headline")
+    parts = [
+        f'<p><a href="{href(session.get("return_url"))}">&larr; Return to the app</a></p>',
+        f"<h1>{esc(headline or 'Manage your billing')}</h1>",
+        banner(notice, error),
+        '<div class="card"><h2>Account</h2>'
+        f"<p>{esc(customer.get('name') or '')}<br>{esc(customer.get('email') or '')}</p></div>",
+    ]
+    if view.subscriptions:
+        parts += [_subscription_card(base, view, item) for item in view.subscriptions]
+    else:
+        parts.append('<div class="card"><h2>Subscription</h2><p>No current subscription.</p></div>')
+    if view.enabled("payment_method_update"):
+        if view.card is not None:
+            card = view.card.get("card") or {}
+            current = (
+                f"{esc(str(card.get('brand') or 'card').title())} ending in {esc(card.get('last4'))}, "
+                f"expires {esc(card.get('exp_month'))}/{esc(card.get('exp_year'))}"
+            )
+        else:
+            current = "No payment method on file."
+        warning = ' <span class="status past_due">charges fail (sandbox)</span>' if view.card_fails else ""
+        parts.append(
+            f'<div class="card"><h2>Payment method</h2><p>{current}{warning}</p>'
+            f'<form class="inline" method="post" action="{esc(base)}/payment_method">'
+            '<input type="hidden" name="fails" value="false">'
+            '<button type="submit">Use a new card (works)</button></form>'
+            f'<form class="inline" method="post" action="{esc(base)}/payment_method">'
+            '<input type="hidden" name="fails" value="true">'
+            '<button type="submit" class="secondary">Use a new card that will be declined</button></form>'
+            "</div>"
+        )
+    if view.enabled("invoice_history"):
+        rows = "".join(
+            f"<tr><td>{esc(day(inv.get('created')))}</td><td>{esc(inv.get('number') or inv['id'])}</td>"
+            f'<td class="num">{esc(money(inv.get("total"), inv.get("currency")))}</td>'
+            f'<td><span class="status {esc(inv["status"])}">{esc(inv["status"])}</span></td>'
+            + (
+                f'<td><a href="{href(inv["hosted_invoice_url"])}">View</a></td>'
+                if inv.get("hosted_invoice_url")
+                else "<td></td>"
+            )
+            + "</tr>"
+            for inv in view.invoices
+        )
+        table = (
+            '<table><tr><th>Date</th><th>Number</th><th class="num">Amount</th><th>Status</th><th></th>'
+            f"</tr>{rows}</table>"
+            if rows
+            else "<p>No invoices yet.</p>"
+        )
+        parts.append(f'<div class="card"><h2>Invoice history</h2>{table}</div>')
+    return page("Billing portal", "".join(parts), status=status, now=view.now)
+
+
+async def _portal_response(
+    sandbox: SandboxHost, request: Request, session_id: str, *, error: str, status: int
+) -> Response:
+    async with sandbox.transaction() as tx:
+        view = await portal_view(tx, session_id)
+    if view is None:
+        return missing("portal session", session_id)
+    return render_portal(request, view, error=error, status=status)
+
+
+@control("GET", "/portal/{session_id}")
+async def portal_page(sandbox: SandboxHost, request: Request) -> Response:
+    session_id = request.path_params["session_id"]
+    async with sandbox.transaction() as tx:
+        view = await portal_view(tx, session_id)
+    if view is None:
+        return missing("portal session", session_id)
+    return render_portal(request, view, notice=NOTICES.get(request.query_params.get("notice", "")))
+
+
+class PortalRefusal(Exception):
+    def __init__(self, message: str, status: int) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+async def _portal_subscription(tx: Transaction, session_id: str, subscription_id: str) -> tuple[Obj, Obj]:
+    """The portal session's configuration features and one of its customer's subscriptions."""
+    session = await tx.get("billing_portal.session", session_id)
+    configuration = await tx.get("billing_portal.configuration", str(session["configuration"]))
+    subscription = await _find(tx, "subscription", subscription_id)
+    if subscription is None or subscription.get("customer") != session["customer"]:
+        raise PortalRefusal("This subscription does not belong to this customer.", 404)
+    return configuration.get("features") or {}, subscription
+
+
+async def cancel_from_portal(
+    tx: Transaction, config: SandboxConfig, session_id: str, subscription_id: str, feedback: str | None
+) -> str:
+    """What the portal's cancel button does, as configured; returns the notice key."""
+    features, subscription = await _portal_subscription(tx, session_id, subscription_id)
+    cancel = features.get("subscription_cancel") or {}
+    if not cancel.get("enabled"):
+        raise PortalRefusal("Canceling is not enabled in this portal's configuration.", 403)
+    if subscription["status"] in ENDED_STATUSES:
+        raise PortalRefusal("This subscription has already ended.", 409)
+    details: Obj = {}
+    options = (cancel.get("cancellation_reason") or {}).get("options") or []
+    if feedback and feedback in options:
+        details["feedback"] = feedback
+    if cancel.get("mode") == "immediately":
+        behavior = str(cancel.get("proration_behavior") or "none")
+        await engine.cancel_subscription(
+            tx,
+            config,
+            subscription,
+            tx.now(),
+            prorate=behavior != "none",
+            invoice_now=behavior == "always_invoice",
+            details=details or None,
+        )
+        return "canceled_now"
+    params: Obj = {"cancel_at_period_end": True}
+    if details:
+        params["cancellation_details"] = details
+    await engine.update_subscription(tx, config, subscription_id, params)
+    return "canceled"
+
+
+async def resume_from_portal(
+    tx: Transaction, config: SandboxConfig, session_id: str, subscription_id: str
+) -> str:
+    """Undo a pending cancellation, as `POST /v1/subscriptions/{id} cancel_at_period_end=false`."""
+    _features, subscription = await _portal_subscription(tx, session_id, subscription_id)
+    if subscription["status"] in ENDED_STATUSES:
+        raise PortalRefusal("This subscription has already ended.", 409)
+    if not (subscription.get("cancel_at_period_end") or subscription.get("cancel_at")):
+        raise PortalRefusal("This subscription is not set to cancel.", 409)
+    await engine.update_subscription(tx, config, subscription_id, {"cancel_at_period_end": False})
+    return "resumed"
+
+
+async def update_payment_method(tx: Transaction, config: SandboxConfig, session_id: str, fails: bool) -> str:
+    """The customer enters a new card: attached, made the default, and (sandbox) failing or not.
+
+    Charges fail from now on exactly as after `POST /_control/customers/{id}/payment_method`.
+    """
+    session = await tx.get("billing_portal.session", session_id)
+    configuration = await tx.get("billing_portal.configuration", str(session["configuration"]))
+    if not ((configuration.get("features") or {}).get("payment_method_update") or {}).get("enabled"):
+        raise PortalRefusal("Updating the payment method is not enabled in this portal's configuration.", 403)
+    customer_id = str(session["customer"])
+    customer = await tx.get("customer", customer_id)
+    method = await engine.create_payment_method(tx, customer_id, tx.now(), customer.get("email"))
+    settings = dict(customer.get("invoice_settings") or {})
+    previous = {"invoice_settings": copy.deepcopy(settings)}
+    settings["default_payment_method"] = method["id"]
+    customer["invoice_settings"] = settings
+    await tx.save(customer)
+    await engine.emit(tx, "customer.updated", customer, previous)
+    subscriptions = await tx.all(
+        "subscription",
+        lambda s: (
+            s.get("customer") == customer_id
+            and s.get("status") not in ENDED_STATUSES
+            and bool(s.get("default_payment_method"))
+        ),
+    )
+    for subscription in subscriptions:
+        await engine.update_subscription(
+            tx, config, subscription["id"], {"default_payment_method": method["id"]}
+        )
+    await engine.set_payment_method_fails(tx, customer_id, fails)
+    return "card_fails" if fails else "card_works"
+
+
+async def _portal_action(sandbox: SandboxHost, request: Request, action: str) -> Response:
+    session_id = request.path_params["session_id"]
+    fields = await form(request)
+    try:
+        async with sandbox.transaction() as tx:
+            if await _find(tx, "billing_portal.session", session_id) is None:
+                return missing("portal session", session_id)
+            if action == "cancel":
+                notice = await cancel_from_portal(
+                    tx,
+                    sandbox.config,
+                    session_id,
+                    request.path_params["subscription_id"],
+                    fields.get("feedback"),
+                )
+            elif action == "resume":
+                notice = await resume_from_portal(
+                    tx, sandbox.config, session_id, request.path_params["subscription_id"]
+                )
+            else:
+                choice = fields.get("fails", "").lower()
+                if choice not in ("true", "false"):
+                    raise PortalRefusal("Choose a card that works or one that fails.", 400)
+                notice = await update_payment_method(tx, sandbox.config, session_id, choice == "true")
+    except PortalRefusal as refusal:
+        return await _portal_response(
+            sandbox, request, session_id, error=refusal.message, status=refusal.status
+        )
+    except StripeError as exc:
+        return await _portal_response(sandbox, request, session_id, error=exc.message, status=exc.status)
+    return see_other(f"{root(request)}/portal/{session_id}?notice={notice}")
+
+
+@control("POST", "/portal/{session_id}/subscriptions/{subscription_id}/cancel")
+async def portal_cancel(sandbox: SandboxHost, request: Request) -> Response:
+    return await _portal_action(sandbox, request, "cancel")
+
+
+@control("POST", "/portal/{session_id}/subscriptions/{subscription_id}/resume")
+async def portal_resume(sandbox: SandboxHost, request: Request) -> Response:
+    return await _portal_action(sandbox, request, "resume")
+
+
+@control("POST", "/portal/{session_id}/payment_method")
+async def portal_payment_method(sandbox: SandboxHost, request: Request) -> Response:
+    return await _portal_action(sandbox, request, "payment_method")
+
+
+# Invoices -------------------------------------------------------------------------------------
+
+
+def render_invoice(
+    request: Request,
+    invoice: Obj,
+    now: int,
+    *,
+    notice: str | None = None,
+    error: str | None = None,
+    status: int = 200,
+) -> HTMLResponse:
+    currency = invoice.get("currency")
+    base = f"{root(request)}/invoices/{invoice['id']}"
+    rows = "".join(
+        f'<tr><td>{esc(line.get("description"))}<br><span class="muted">'
+        f"{esc(day((line.get('period') or {}).get('start')))} &ndash; "
+        f"{esc(day((line.get('period') or {}).get('end')))}</span></td>"
+        f'<td class="num">{esc(line.get("quantity") or "")}</td>'
+        f'<td class="num">{esc(money(line.get("amount"), currency))}</td></tr>'
+        for line in (invoice.get("lines") or {}).get("data") or []
+    )
+    totals = "".join(
+        f'<tr><td colspan="2">{esc(label)}</td>'
+        f'<td class="num">{esc(money(invoice.get(key), currency))}</td></tr>'
+        for label, key in (
+            ("Subtotal", "subtotal"),
+            ("Total", "total"),
+            ("Amount due", "amount_due"),
+            ("Amount paid", "amount_paid"),
+            ("Amount remaining", "amount_remaining"),
+        )
+    )
+    pay = ""
+    if invoice["status"] == "open" and int(invoice.get("amount_remaining") or 0) > 0:
+        pay = (
+            '<div class="card"><h2>Pay this invoice</h2>'
+            '<p class="muted">Card: 4242 4242 4242 4242 (sandbox test card)</p>'
+            f'<form class="inline" method="post" action="{esc(base)}/pay">'
+            f'<button type="submit">Pay {esc(money(invoice.get("amount_remaining"), currency))}</button>'
+            "</form>"
+            f'<form class="inline" method="post" action="{esc(base)}/decline">'
+            '<button type="submit" class="secondary">Decline (the card is refused)</button></form></div>'
+        )
+    due = ""
+    if invoice.get("next_payment_attempt"):
+        due = f"<p>Next automatic payment attempt: {esc(day(invoice['next_payment_attempt']))}</p>"
+    body = (
+        f"{banner(notice, error)}"
+        f'<div class="card"><p class="muted">{esc(invoice.get("account_name") or "Stripe sandbox")}</p>'
+        f"<h1>Invoice {esc(invoice.get('number') or invoice['id'])} "
+        f'<span class="status {esc(invoice["status"])}">{esc(invoice["status"])}</span></h1>'
+        f"<p>Billed to {esc(invoice.get('customer_name') or '')} {esc(invoice.get('customer_email') or '')}"
+        f"<br>Issued {esc(day(invoice.get('effective_at') or invoice.get('created')))}</p>{due}"
+        f'<table><tr><th>Description</th><th class="num">Qty</th><th class="num">Amount</th></tr>'
+        f"{rows}{totals}</table>"
+        f'<p><a href="{esc(base)}/pdf">Download PDF</a></p></div>{pay}'
+    )
+    return page(f"Invoice {invoice.get('number') or invoice['id']}", body, status=status, now=now)
+
+
+@control("GET", "/invoices/{invoice_id}")
+async def invoice_page(sandbox: SandboxHost, request: Request) -> Response:
+    invoice_id = request.path_params["invoice_id"]
+    async with sandbox.transaction() as tx:
+        invoice = await _find(tx, "invoice", invoice_id)
+        now = tx.now()
+    if invoice is None:
+        return missing("invoice", invoice_id)
+    return render_invoice(request, invoice, now, notice=NOTICES.get(request.query_params.get("notice", "")))
+
+
+@control("POST", "/invoices/{invoice_id}/pay")
+async def invoice_pay(sandbox: SandboxHost, request: Request) -> Response:
+    """The customer pays an open invoice with a new card that works (as on Stripe's page)."""
+    invoice_id = request.path_params["invoice_id"]
+    async with sandbox.transaction() as tx:
+        invoice = await _find(tx, "invoice", invoice_id)
+        if invoice is None:
+            return missing("invoice", invoice_id)
+        now = tx.now()
+        if invoice["status"] != "open" or int(invoice.get("amount_remaining") or 0) <= 0:
+            return render_invoice(
+                request,
+                invoice,
+                now,
+                error=f"This invoice is {invoice['status']}: nothing to pay.",
+                status=409,
+            )
+        paid = await engine.attempt_payment(tx, invoice, now, succeed=True)
+        await engine.settle_subscription(tx, sandbox.config, invoice, paid, now)
+    return see_other(f"{root(request)}/invoices/{invoice_id}?notice=paid")
+
+
+@control("POST", "/invoices/{invoice_id}/decline")
+async def invoice_decline(sandbox: SandboxHost, request: Request) -> Response:
+    """The card entered on the page is refused: nothing changes (no attempt is recorded)."""
+    invoice_id = request.path_params["invoice_id"]
+    async with sandbox.transaction() as tx:
+        invoice = await _find(tx, "invoice", invoice_id)
+        now = tx.now()
+    if invoice is None:
+        return missing("invoice", invoice_id)
+    return render_invoice(request, invoice, now, error=DECLINED, status=402)
+
+
+@control("GET", "/invoices/{invoice_id}/pdf")
+async def invoice_pdf(sandbox: SandboxHost, request: Request) -> Response:
+    invoice_id = request.path_params["invoice_id"]
+    async with sandbox.transaction() as tx:
+        invoice = await _find(tx, "invoice", invoice_id)
+    if invoice is None:
+        return missing("invoice", invoice_id)
+    currency = invoice.get("currency")
+    lines = [
+        str(invoice.get("account_name") or "Stripe sandbox") + " (test mode)",
+        f"Invoice {invoice.get('number') or invoice['id']} - {invoice['status']}",
+        f"Billed to {invoice.get('customer_name') or ''} {invoice.get('customer_email') or ''}".rstrip(),
+        f"Issued {day(invoice.get('effective_at') or invoice.get('created'))}",
+        "",
+    ]
+    for line in (invoice.get("lines") or {}).get("data") or []:
+        lines.append(f"{line.get('description')}: {money(line.get('amount'), currency)}")
+    lines += [
+        "",
+        f"Total: {money(invoice.get('total'), currency)}",
+        f"Amount paid: {money(invoice.get('amount_paid'), currency)}",
+        f"Amount remaining: {money(invoice.get('amount_remaining'), currency)}",
+    ]
+    filename = f"{invoice.get('number') or invoice['id']}.pdf"
+    return Response(
+        text_pdf(lines),
+        media_type="application/pdf",
+        headers={"Content-Disposition": f'inline; filename="{filename}"'},
+    )
+
+
+def text_pdf(lines: list[str]) -> bytes:
+    """A one-page PDF showing `lines` in Helvetica (characters outside Latin-1 become '?')."""
+
+    def literal(text: str) -> str:
+        safe = text.encode("latin-1", errors="replace").decode("latin-1")
+        return "(" + safe.replace("\\", "\\\\").replace("(", "\\(").replace(")", "\\)") + ")"
+
+    commands = ["BT", "/F1 11 Tf", "14 TL", "56 780 Td"]
+    for index, text in enumerate(lines):
+        commands.append(f"{literal(text)} Tj" if index == 0 else f"{literal(text)} '")
+    commands.append("ET")
+    stream = "\n".join(commands).encode("latin-1")
+    objects = [
+        b"<< /Type /Catalog /Pages 2 0 R >>",
+        b"<< /Type /Pages /Kids [3 0 R] /Count 1 >>",
+        b"<< /Type /Page /Parent 2 0 R /MediaBox [0 0 595 842] "
+        b"/Resources << /Font << /F1 4 0 R >> >> /Contents 5 0 R >>",
+        b"<< /Type /Font /Subtype /Type1 /BaseFont /Helvetica /Encoding /WinAnsiEncoding >>",
+        b"<< /Length " + str(len(stream)).encode() + b" >>\nstream\n" + stream + b"\nendstream",
+    ]
+    out = bytearray(b"%PDF-1.4\n")
+    offsets = []
+    for number, body in enumerate(objects, start=1):
+        offsets.append(len(out))
+        out += f"{number} 0 obj\n".encode() + body + b"\nendobj\n"
+    xref = len(out)
+    out += f"xref\n0 {len(objects) + 1}\n0000000000 65535 f \n".encode()
+    for offset in offsets:
+        out += f"{offset:010d} 00000 n \n".encode()
+    out += f"trailer\n<< /Size {len(objects) + 1} /Root 1 0 R >>\nstartxref\n{xref}\n%%EOF\n".encode()
+    return bytes(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 import subprocess
@@ -9,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -170,3 +172,94 @@ def test_an_invalid_plans_file_is_one_clear_line(tmp_path: Path, sqlite_env: dic
     plans.write_text('[tiers.gold]\nname = "Gold"\n')
     result = run("catalog", "sync", env={**sqlite_env, "BILLING_PLANS_FILE": str(plans)}, cwd=tmp_path)
     assert_one_clear_line(result, str(plans), "tiers")
+
+
+async def _subscribed_user(base: str, db_url: str, user_id: str) -> None:
+    """Check out and pay through the running service's sandbox; wait for the webhook to land."""
+    from billing.stripe_gateway import GatewayConfig, StripeGateway
+    from db.engine import Database
+    from tests.billing_flows import checkout, wait_for_account
+
+    gateway = StripeGateway(GatewayConfig(api_key="sk_test_cli", api_base=f"{base}/sandbox"))
+    database = Database.from_url(db_url)
+    try:
+        prices: dict[str, str] = {}
+        for _ in range(200):  # the service syncs its catalog into the sandbox at start-up
+            listed = await gateway.v1.prices.list_async({"lookup_keys": ["starter_monthly"]})
+            if listed.data:
+                prices = {"starter_monthly": listed.data[0].id}
+                break
+            await asyncio.sleep(0.1)
+        _, session_id = await checkout(gateway, prices, user_id)
+        async with httpx.AsyncClient() as client:
+            done = await client.post(
+                f"{base}/sandbox/_control/checkout/{session_id}/complete", json={"outcome": "paid"}
+            )
+        assert done.status_code == 200, done.text
+        await wait_for_account(database, user_id, status="trialing")
+    finally:
+        await gateway.close()
+        await database.dispose()
+
+
+async def _execute(db_url: str, sql: str) -> list[Any]:
+    from sqlalchemy import text
+
+    from db.engine import Database
+
+    database = Database.from_url(db_url)
+    try:
+        async with database.write() as conn:
+            result = await conn.execute(text(sql))
+            return list(result.all()) if result.returns_rows else []
+    finally:
+        await database.dispose()
+
+
+async def test_billing_sync_reports_then_repairs_drift(
+    served: str, tmp_path: Path, sqlite_env: dict[str, str]
+) -> None:
+    env = {**sqlite_env, "PUBLIC_BASE_URL": served}
+    db_url = sqlite_env["DATABASE_URL"]
+    await _subscribed_user(served, db_url, "u-cli")
+    await _execute(db_url, "UPDATE billing_account SET status = 'canceled' WHERE user_id = 'u-cli'")
+
+    dry = await asyncio.to_thread(run, "sync", "--dry-run", env=env, cwd=tmp_path)
+    assert dry.returncode == 0, dry.stderr
+    assert "drift: user u-cli" in dry.stdout and "status: 'canceled' -> 'trialing'" in dry.stdout
+    assert "would fix" in dry.stdout
+    assert await _execute(db_url, "SELECT status FROM billing_account") == [("canceled",)]
+
+    fixed = await asyncio.to_thread(run, "sync", env=env, cwd=tmp_path)
+    assert fixed.returncode == 0, fixed.stderr
+    assert "syncing customers" in fixed.stderr  # the progress bar
+    assert "1 drifted (fixed)" in fixed.stdout
+    assert await _execute(db_url, "SELECT status FROM billing_account") == [("trialing",)]
+    again = await asyncio.to_thread(run, "sync", env=env, cwd=tmp_path)
+    assert "0 drifted" in again.stdout
+
+
+async def test_billing_events_replay(served: str, tmp_path: Path, sqlite_env: dict[str, str]) -> None:
+    env = {**sqlite_env, "PUBLIC_BASE_URL": served}
+    db_url = sqlite_env["DATABASE_URL"]
+    await _subscribed_user(served, db_url, "u-replay")
+    ((event_id,),) = await _execute(
+        db_url, "SELECT id FROM stripe_event WHERE type = 'customer.subscription.created'"
+    )
+    await _execute(
+        db_url, f"UPDATE stripe_event SET status = 'failed', last_error = 'boom' WHERE id = '{event_id}'"
+    )
+
+    replayed = await asyncio.to_thread(run, "events", "replay", "--failed", env=env, cwd=tmp_path)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "1 event(s) replayed: 1 processed" in replayed.stdout
+    assert await _execute(db_url, f"SELECT status, last_error FROM stripe_event WHERE id = '{event_id}'") == [
+        ("processed", None)
+    ]
+
+    one = await asyncio.to_thread(run, "events", "replay", event_id, env=env, cwd=tmp_path)
+    assert one.returncode == 0 and "1 event(s) replayed" in one.stdout
+    missing = await asyncio.to_thread(run, "events", "replay", "evt_missing", env=env, cwd=tmp_path)
+    assert missing.returncode == 1 and "no stored event evt_missing" in missing.stderr
+    neither = await asyncio.to_thread(run, "events", "replay", env=env, cwd=tmp_path)
+    assert neither.returncode == 2

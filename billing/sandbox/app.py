@@ -118,6 +118,7 @@ class Sandbox:
                     code=body.get("code"),
                     after_apply=bool(body.get("after_apply", False)),
                     remaining=int(body.get("count", 1)),
+                    seconds=float(body.get("seconds", DEFAULT_TIMEOUT_FAULT_SECONDS)),
                 )
             )
         return JSONResponse({"ok": True})
@@ -185,7 +186,7 @@ class Sandbox:
                     await tx.conn.execute(
                         update(faults).where(faults.c.seq == row.seq).values(remaining=row.remaining - 1)
                     )
-                    return _Fault(row.status, row.code, row.after_apply)
+                    return _Fault(row.status, row.code, row.after_apply, row.seconds)
         return None
 
 
@@ -219,7 +220,8 @@ class _EndpointApp:
 class _Fault:
     """An injected failure: an error status, a slow answer, or a dropped connection."""
 
-    def __init__(self, status: str, code: str | None, after_apply: bool) -> None:
+    def __init__(self, status: str, code: str | None, after_apply: bool, seconds: float | None) -> None:
+        self.seconds = DEFAULT_TIMEOUT_FAULT_SECONDS if seconds is None else seconds
         self.status = status
         self.code = code
         self.after_apply = after_apply
@@ -237,7 +239,7 @@ class _Fault:
             await send({"type": "http.response.body", "body": b"{", "more_body": False})
             return
         if self.status == "timeout":
-            await asyncio.sleep(DEFAULT_TIMEOUT_FAULT_SECONDS)
+            await asyncio.sleep(self.seconds)
             error = StripeError(500, "The sandbox timed out (injected fault).", type="api_error")
         elif self.status == "429":
             error = StripeError(

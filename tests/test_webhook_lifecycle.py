@@ -1,0 +1,129 @@
+"""The sandbox's lifecycle ends in the right database state through the real webhook route."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+from sqlalchemy import select
+
+from billing.notifier import Notification, NotificationKind
+from billing.plans import plan_of_price
+from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_objects import stripe_time
+from db.engine import Database
+from db.models import invoice_table
+from tests.billing_flows import advance, card_fails, setup_catalog, subscribe, wait_for_account
+from tests.conftest import DbTarget, Service, running_service
+
+DAY = 86_400
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.sent: list[Notification] = []
+
+    async def notify(self, notification: Notification) -> None:
+        self.sent.append(notification)
+
+    def kinds(self) -> list[NotificationKind]:
+        return [n.kind for n in self.sent]
+
+    async def wait_for(self, kind: NotificationKind) -> Notification:
+        """Notifications follow events, which arrive in any order: wait a little."""
+        for _ in range(400):
+            for notification in self.sent:
+                if notification.kind is kind:
+                    return notification
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"no {kind} notification; got {self.kinds()}")
+
+
+@pytest.fixture(params=["ordered", "shuffled_duplicated"])
+def delivery_mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+async def live(
+    database: Database, sandbox_db: DbTarget, recorder: Recorder, delivery_mode: str
+) -> AsyncIterator[tuple[Service, StripeGateway, dict[str, str]]]:
+    async with running_service(database, sandbox_db, notifier=recorder) as service:
+        from tests.billing_flows import control
+
+        await control(service, "delivery", {"mode": delivery_mode})
+        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
+        try:
+            yield service, gateway, await setup_catalog(gateway)
+        finally:
+            await gateway.close()
+
+
+async def test_checkout_with_a_trial_ends_trialing_then_active(
+    live: tuple[Service, StripeGateway, dict[str, str]], recorder: Recorder
+) -> None:
+    service, gateway, prices = live
+    customer_id, subscription_id = await subscribe(service, gateway, prices, "u1", "pro_monthly")
+    stripe_sub = await gateway.v1.subscriptions.retrieve_async(subscription_id)
+    item = stripe_sub["items"].data[0]
+
+    row = await wait_for_account(service.database, "u1", status="trialing")
+    assert (row.tier, row.interval, row.stripe_customer_id) == ("pro", "monthly", customer_id)
+    assert row.stripe_subscription_id == subscription_id
+    assert row.stripe_price_id == prices["pro_monthly"]
+    assert row.trial_end == stripe_time(stripe_sub.trial_end)
+    assert row.current_period_end == stripe_time(item["current_period_end"])
+    assert row.trial_end.tzinfo is not None
+    assert row.trial_used is True
+
+    await advance(service, 15 * DAY)  # trial -> paid
+    row = await wait_for_account(service.database, "u1", status="active")
+    assert row.tier == "pro"
+    ending = await recorder.wait_for(NotificationKind.TRIAL_ENDING)
+    assert (ending.user_id, ending.stripe_customer_id) == ("u1", customer_id)
+    async with service.database.read() as conn:
+        invoices = (
+            await conn.execute(select(invoice_table).where(invoice_table.c.stripe_customer_id == customer_id))
+        ).all()
+    assert any(invoice.status == "paid" and invoice.amount_paid == 9900 for invoice in invoices)
+    assert all(invoice.stripe_subscription_id == subscription_id for invoice in invoices)
+
+
+async def test_a_failing_card_goes_past_due_then_canceled(
+    live: tuple[Service, StripeGateway, dict[str, str]], recorder: Recorder
+) -> None:
+    service, gateway, prices = live
+    customer_id, _ = await subscribe(service, gateway, prices, "u2", "starter_monthly", trial_days=None)
+    await wait_for_account(service.database, "u2", status="active")
+    await card_fails(service, customer_id)
+
+    await advance(service, 31 * DAY)
+    await wait_for_account(service.database, "u2", status="past_due", tier="starter")
+    await recorder.wait_for(NotificationKind.PAYMENT_FAILED)
+
+    await advance(service, 30 * DAY)  # every retry fails
+    await wait_for_account(service.database, "u2", status="canceled")
+    await recorder.wait_for(NotificationKind.SUBSCRIPTION_CANCELED)
+
+
+async def test_cancel_at_period_end_then_canceled(
+    live: tuple[Service, StripeGateway, dict[str, str]],
+) -> None:
+    service, gateway, prices = live
+    _, subscription_id = await subscribe(service, gateway, prices, "u3", "starter_annual", trial_days=None)
+    await wait_for_account(service.database, "u3", status="active", interval="annual")
+
+    await gateway.v1.subscriptions.update_async(subscription_id, {"cancel_at_period_end": True})
+    await wait_for_account(service.database, "u3", status="active", cancel_at_period_end=True)
+
+    await advance(service, 366 * DAY)
+    row = await wait_for_account(service.database, "u3", status="canceled")
+    final = await gateway.v1.subscriptions.retrieve_async(subscription_id)
+    assert row.canceled_at == stripe_time(final.canceled_at)
+    assert plan_of_price(final["items"].data[0].price) == ("starter", "annual")

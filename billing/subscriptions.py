@@ -61,8 +61,8 @@ STATE_FIELDS = (
 
 
 @dataclass(frozen=True)
-class SubscriptionState:
-    """What the account row says about the subscription."""
+class StripeState:
+    """The subscription state Stripe reports for a customer, as the account row stores it."""
 
     stripe_subscription_id: str | None = None
     stripe_price_id: str | None = None
@@ -97,14 +97,14 @@ def licensed_item(subscription: Any) -> Any:
     return licensed[0] if licensed else None
 
 
-def subscription_state(subscription: Any) -> SubscriptionState:
+def subscription_state(subscription: Any) -> StripeState:
     item = licensed_item(subscription)
     price = get(item, "price")
     plan = plan_of_price(price) if price is not None else None
     # Current period lives on the item in this API version; older payloads had it on the subscription.
     period_start = get(item, "current_period_start") or get(subscription, "current_period_start")
     period_end = get(item, "current_period_end") or get(subscription, "current_period_end")
-    return SubscriptionState(
+    return StripeState(
         stripe_subscription_id=get(subscription, "id"),
         stripe_price_id=object_id(price),
         tier=plan[0] if plan else Tier.NONE,
@@ -119,7 +119,7 @@ def subscription_state(subscription: Any) -> SubscriptionState:
     )
 
 
-def customer_state(subscriptions: Sequence[Any]) -> SubscriptionState:
+def customer_state(subscriptions: Sequence[Any]) -> StripeState:
     """The account's state from all of a customer's subscriptions.
 
     With several live subscriptions (two checkouts paid in two tabs, one made in the
@@ -134,9 +134,9 @@ def customer_state(subscriptions: Sequence[Any]) -> SubscriptionState:
     elif states:
         chosen = max(states, key=lambda s: created.get(s.stripe_subscription_id, 0))
     else:
-        return SubscriptionState(trial_used=trial_used)
+        return StripeState(trial_used=trial_used)
     live_ids = tuple(sorted(s.stripe_subscription_id for s in live if s.stripe_subscription_id))
-    return SubscriptionState(
+    return StripeState(
         **{**chosen.__dict__, "trial_used": trial_used, "live_subscription_ids": live_ids}
     )
 
@@ -180,7 +180,7 @@ class CustomerLocks:
 class SyncResult:
     customer_id: str
     user_id: str | None
-    state: SubscriptionState | None
+    state: StripeState | None
     changes: dict[str, tuple[Any, Any]] = field(default_factory=dict)  # field -> (before, after)
     created_account: bool = False
     unknown_customer: bool = False
@@ -248,7 +248,7 @@ async def _write_account(
     database: Database,
     customer_id: str,
     user_id_hint: str | None,
-    state: SubscriptionState,
+    state: StripeState,
     now: datetime,
     dry_run: bool,
 ) -> SyncResult:

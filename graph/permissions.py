@@ -6,7 +6,7 @@ tier): a canceled or unpaid Pro subscriber passes none of the subscription check
 
 | class | passes when | fails with `extensions.code` |
 |---|---|---|
-| `IsAuthenticated()` | a valid user token | UNAUTHENTICATED |
+| `IsAuthenticated()` | a valid user token | UNAUTHENTICATED (FORBIDDEN for the service key) |
 | `IsService()` | the service key | UNAUTHENTICATED (nothing sent), FORBIDDEN (a user) |
 | `HasActiveSubscription()` | any paid effective tier | FORBIDDEN_TIER |
 | `RequiresTier(Tier.PRO)` | effective tier ranks at least PRO | FORBIDDEN_TIER |

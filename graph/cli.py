@@ -296,5 +296,31 @@ def token(user_id: str, email: str | None, name: str | None, ttl: int) -> None:
     click.echo(issue_dev_token(settings, user_id, email=email, name=name, ttl=timedelta(seconds=ttl)))
 
 
+@main.command("trigger")
+@click.argument("event_type", metavar="EVENT_TYPE")
+@click.option(
+    "--user", "user_id", default=None, help="The user (metadata.userId); default: a new trigger_<random>."
+)
+@click.pass_context
+def trigger_command(ctx: click.Context, event_type: str, user_id: str | None) -> None:
+    """Make a Stripe event happen in the running service's sandbox (the offline `stripe trigger`)."""
+    from graph.trigger import SUPPORTED, TriggerError, ensure_sandbox, new_user_id, trigger
+
+    if event_type not in SUPPORTED:
+        raise click.BadParameter(
+            f"{event_type!r} is not supported; supported event types: {', '.join(SUPPORTED)}",
+            param_hint="EVENT_TYPE",
+        )
+    settings = _settings()
+    for noisy in ("httpx", "stripe"):  # one line per request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    ensure_sandbox(settings)
+    try:
+        asyncio.run(trigger(settings, event_type, user_id or new_user_id(), click.echo))
+    except TriggerError as exc:
+        click.echo(f"error: {exc}", err=True)
+        ctx.exit(1)
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

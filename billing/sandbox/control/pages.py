@@ -281,9 +281,9 @@ def render_checkout(
         f'<p>Total due today: <span class="big">{esc(today)}</span></p>{who}</div>'
         f'<div class="card"><h2>Payment</h2>{banner(error=error)}'
         '<p class="muted">Card: 4242 4242 4242 4242 &middot; 12/34 &middot; 123 (sandbox test card)</p>'
-        f'<form method="post" action="{esc(base)}/pay">{email_field}'
+        f'<form class="inline" method="post" action="{esc(base)}/pay">{email_field}'
         '<button type="submit">Pay</button></form>'
-        f'<form method="post" action="{esc(base)}/decline">'
+        f'<form class="inline" method="post" action="{esc(base)}/decline">'
         '<button type="submit" class="secondary">Decline (the card is refused)</button></form>'
         "</div>"
     )

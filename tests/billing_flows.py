@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import httpx
 from sqlalchemy import select
@@ -15,6 +16,8 @@ from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from db.models import account_table
 from tests.conftest import Service
+
+T = TypeVar("T")
 
 
 async def setup_catalog(gateway: StripeGateway) -> dict[str, str]:
@@ -113,3 +116,35 @@ async def raw_events(service: Service, **params: Any) -> list[dict[str, Any]]:
         )
     assert response.status_code == 200, response.text
     return list(reversed(response.json()["data"]))
+
+
+async def eventually(check: Callable[[], Awaitable[T]], *, what: str, seconds: float = 20) -> T:
+    """Poll `check` until it returns something truthy (webhooks land asynchronously)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = await check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"never happened: {what}; last result {result!r}")
+        await asyncio.sleep(0.05)
+
+
+async def settle(service_url: str, database: Database) -> None:
+    """Wait until the sandbox has delivered every event and the service has applied them all."""
+    from db.models import event_table
+
+    async def quiet() -> bool:
+        async with httpx.AsyncClient() as client:
+            delivery = (await client.get(f"{service_url}/sandbox/_control/delivery")).json()
+        async with database.read() as conn:
+            busy = (
+                await conn.execute(
+                    select(event_table.c.id)
+                    .where(event_table.c.status.in_(["pending", "processing"]))
+                    .limit(1)
+                )
+            ).first()
+        return delivery["pending"] == 0 and busy is None
+
+    await eventually(quiet, what="sandbox outbox and service inbox drained")

@@ -202,6 +202,17 @@ async def _subscribed_user(base: str, db_url: str, user_id: str) -> None:
         await database.dispose()
 
 
+async def _settled(base: str, db_url: str) -> None:
+    from db.engine import Database
+    from tests.billing_flows import settle
+
+    database = Database.from_url(db_url)
+    try:
+        await settle(base, database)
+    finally:
+        await database.dispose()
+
+
 async def _execute(db_url: str, sql: str) -> list[Any]:
     from sqlalchemy import text
 
@@ -222,6 +233,7 @@ async def test_billing_sync_reports_then_repairs_drift(
     env = {**sqlite_env, "PUBLIC_BASE_URL": served}
     db_url = sqlite_env["DATABASE_URL"]
     await _subscribed_user(served, db_url, "u-cli")
+    await _settled(served, db_url)  # late webhooks would repair the drift before `billing sync` sees it
     await _execute(db_url, "UPDATE billing_account SET status = 'canceled' WHERE user_id = 'u-cli'")
 
     dry = await asyncio.to_thread(run, "sync", "--dry-run", env=env, cwd=tmp_path)

@@ -169,3 +169,37 @@ async def test_copies_sent_to_two_processes_cause_one_effect(
     finally:
         await gateway.close()
         await database.dispose()
+
+
+async def test_a_database_outage_answers_503_so_stripe_retries_and_nothing_is_lost(
+    service: Service, sandbox_db: DbTarget
+) -> None:
+    from dataclasses import replace
+
+    from graph.app import create_app, sandbox_config
+    from tests.conftest import serve, service_settings
+
+    evt = event("customer.updated", {"id": "cus_outage", "object": "customer", "metadata": {}})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    settings = service_settings(url)
+    down = Database.from_url("postgresql+asyncpg://postgres@127.0.0.1:1/unreachable")
+    config = replace(
+        sandbox_config(settings),
+        database_url=sandbox_db.url,
+        schema=sandbox_db.schema,
+        deliver_webhooks=False,
+    )
+    outage = create_app(settings, database=down, sandbox=config)
+    try:
+        async with serve(outage, port), httpx.AsyncClient() as client:
+            refused = await post_event(client, url, evt)
+    finally:
+        await down.dispose()
+    assert refused.status_code == 503
+
+    async with httpx.AsyncClient() as client:  # Stripe's retry reaches a healthy process
+        accepted = await post_event(client, service.url, evt)
+    assert accepted.status_code == 200 and accepted.json()["duplicate"] is False
+    async with service.database.read() as conn:
+        assert (await conn.execute(select(event_table.c.id))).scalars().all() == [evt["id"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 from sqlalchemy import select
@@ -14,7 +15,7 @@ from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.stripe_objects import stripe_time
 from db.engine import Database
 from db.models import invoice_table
-from tests.billing_flows import advance, card_fails, setup_catalog, subscribe, wait_for_account
+from tests.billing_flows import advance, card_fails, eventually, setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
 
 DAY = 86_400
@@ -87,11 +88,17 @@ async def test_checkout_with_a_trial_ends_trialing_then_active(
     assert row.tier == "pro"
     ending = await recorder.wait_for(NotificationKind.TRIAL_ENDING)
     assert (ending.user_id, ending.stripe_customer_id) == ("u1", customer_id)
-    async with service.database.read() as conn:
-        invoices = (
-            await conn.execute(select(invoice_table).where(invoice_table.c.stripe_customer_id == customer_id))
-        ).all()
-    assert any(invoice.status == "paid" and invoice.amount_paid == 9900 for invoice in invoices)
+
+    async def paid_invoices() -> list[Any]:
+        async with service.database.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(invoice_table).where(invoice_table.c.stripe_customer_id == customer_id)
+                )
+            ).all()
+        return [row for row in rows if row.status == "paid" and row.amount_paid == 9900]
+
+    invoices = await eventually(paid_invoices, what="the first paid Pro invoice is stored")
     assert all(invoice.stripe_subscription_id == subscription_id for invoice in invoices)
 
 

@@ -20,6 +20,7 @@ from strawberry.types.graphql import OperationType
 
 from graph.context import OperationScope, context_of
 from graph.errors import ErrorCodes, format_errors
+from graph.mutations import Mutation
 from graph.permissions import IsAuthenticated, IsService, PermissionExtension
 from graph.types import AccessDecision, BillingSubscription, Plan, Viewer
 
@@ -180,4 +181,4 @@ def print_sdl(schema: strawberry.Schema) -> str:
     return schema.as_str().rstrip("\n") + "\n"
 
 
-schema = build_schema(Query)
+schema = build_schema(Query, mutation=Mutation)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 import strawberry
 
 from billing.access import AccessDecision as AccessDecisionModel
 from billing.access import AccessPolicy, AccessReason, SubscriptionState
+from billing.customers import list_invoices
 from billing.plans import Catalog, Price
 from billing.plans import Plan as PlanModel
 from db.enums import BillingInterval, SubscriptionStatus, Tier
 from graph.auth import User
+from graph.billing_types import Invoice
+from graph.context import context_of
 
 # The domain's enums, registered under their GraphQL names (members by name: NONE, STARTER, PRO).
 strawberry.enum(Tier, name="Tier", description="A plan level; NONE means no paid plan.")
@@ -120,6 +124,17 @@ class Viewer:
             name=user.name or state.name,
             subscription=BillingSubscription.from_model(state, policy, now),
         )
+
+    @strawberry.field(
+        description=(
+            "The viewer's invoices, newest first: at most `first` (capped at 100; BAD_USER_INPUT "
+            "below 1). Drafts are left out."
+        )
+    )
+    async def invoices(self, info: strawberry.Info[Any, Any], first: int | None = 10) -> list[Invoice]:
+        count = 10 if first is None else first
+        records = await list_invoices(context_of(info).database, user_id=str(self.id), first=count)
+        return [Invoice.from_model(record) for record in records]
 
 
 @strawberry.type(description="May the viewer use a feature? For frontends gating pages.")

@@ -5,9 +5,15 @@ from __future__ import annotations
 import dataclasses
 
 from billing.catalog import sync_catalog
+from billing.notifier import LogNotifier
 from billing.plans import Catalog, load_catalog, plan_of_price
+from billing.reconcile import customer_ids, reconcile
 from billing.stripe_gateway import StripeGateway
+from billing.webhooks import utcnow
 from db.enums import BillingInterval, Tier
+from tests.billing_flows import account, setup_catalog, subscribe, wait_for_account
+from tests.conftest import Service
+from tests.stripe_shapes import missing_keys
 
 RETURN_URL = "http://app.test/billing"
 
@@ -93,3 +99,30 @@ async def test_a_changed_amount_makes_a_new_price_and_archives_the_old(stripe_ga
         await sync(stripe_gateway, with_price(load_catalog(), Tier.STARTER, BillingInterval.MONTHLY, 3500))
         == []
     )
+
+
+async def test_a_subscriber_on_an_archived_price_keeps_the_tier(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    prices = await setup_catalog(stripe_gateway)
+    _, subscription_id = await subscribe(
+        service, stripe_gateway, prices, "u-old", "starter_monthly", trial_days=None
+    )
+    await wait_for_account(service.database, "u-old", status="active")
+
+    await sync(stripe_gateway, with_price(load_catalog(), Tier.STARTER, BillingInterval.MONTHLY, 3500))
+    old = await stripe_gateway.v1.prices.retrieve_async(prices["starter_monthly"])
+    assert old.active is False
+
+    ids = await customer_ids(database=service.database, gateway=stripe_gateway)
+    await reconcile(
+        database=service.database, gateway=stripe_gateway, notifier=LogNotifier(), customers=ids, now=utcnow()
+    )
+    row = await account(service.database, "u-old")
+    assert (row.tier, row.interval, row.stripe_price_id) == ("starter", "monthly", old.id)
+    assert row.stripe_subscription_id == subscription_id
+
+
+async def test_a_customer_has_stripes_shape(stripe_gateway: StripeGateway) -> None:
+    customer = await stripe_gateway.v1.customers.create_async({"email": "shape@example.com"})
+    assert missing_keys(customer, "customer") == []

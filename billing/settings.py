@@ -49,6 +49,16 @@ class Settings(BaseSettings):
     sandbox_dunning_final_action: Literal["cancel", "unpaid"] = "cancel"
     sandbox_sync_catalog: bool = True
     webhook_worker: bool = True
+    # GraphQL abuse limits (graph/limits.py), checked before any resolver runs.
+    graphql_max_depth: int = Field(default=15, ge=1, le=200)
+    graphql_max_aliases: int = Field(default=30, ge=0, le=100_000)
+    graphql_max_tokens: int = Field(default=1000, ge=10, le=1_000_000)
+    graphql_max_cost: int = Field(default=5000, ge=1, le=2**31 - 1)
+    # The largest /graphql request body in bytes (413 beyond).
+    max_request_bytes: int = Field(default=1_048_576, ge=1024, le=104_857_600)
+    # Browser origins allowed to call /graphql, comma-separated (unset: APP_URL's origin in
+    # development, none in production).
+    cors_allow_origins: str | None = None
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")
@@ -63,6 +73,19 @@ class Settings(BaseSettings):
     @classmethod
     def _sandbox_url_parses(cls, value: str | None) -> str | None:
         return None if value is None else cls._database_url_parses(value)
+
+    @field_validator("cors_allow_origins")
+    @classmethod
+    def _origins(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        for origin in _split(value):
+            parts = urlsplit(origin)
+            if origin != "*" and (
+                parts.scheme not in {"http", "https"} or not parts.netloc or parts.path not in {"", "/"}
+            ):
+                raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+        return value
 
     @field_validator("stripe_api_base", "public_base_url", "app_url", "auth_jwks_url")
     @classmethod
@@ -115,6 +138,16 @@ class Settings(BaseSettings):
         sandbox_path = f"{stem}-sandbox.{suffix}" if dot else f"{path}-sandbox"
         return url.set(database=sandbox_path).render_as_string(hide_password=False), None
 
+    @property
+    def cors_origins(self) -> list[str]:
+        """Origins whose browsers may call /graphql (CORS, and websocket handshakes)."""
+        if self.cors_allow_origins is not None:
+            return [origin.rstrip("/") for origin in _split(self.cors_allow_origins)]
+        if self.is_production:
+            return []
+        parts = urlsplit(self.app_url)
+        return [f"{parts.scheme}://{parts.netloc}"]
+
     @cached_property
     def webhook_secrets(self) -> list[str]:
         """Every accepted signing secret; the first one signs the sandbox's events."""
@@ -137,6 +170,10 @@ class Settings(BaseSettings):
             if secret is not None:
                 values.append(secret.get_secret_value())
         return [value for value in values if value]
+
+
+def _split(raw: str) -> list[str]:
+    return [part.strip() for part in raw.split(",") if part.strip()]
 
 
 def _split_secrets(raw: SecretStr) -> list[str]:
@@ -177,6 +214,8 @@ def _problems(settings: Settings) -> list[str]:
                 "AUTH_JWT_SECRET is a development or placeholder value "
                 f"(use {MIN_SECRET_LENGTH}+ random characters)"
             )
+    if "*" in settings.cors_origins:
+        problems.append("CORS_ALLOW_ORIGINS is * in production: list the frontend's origins")
     if settings.service_api_key is not None and _is_weak(settings.service_api_key.get_secret_value()):
         problems.append(f"SERVICE_API_KEY is a placeholder (use {MIN_SECRET_LENGTH}+ random characters)")
     return problems

@@ -26,6 +26,7 @@ from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
 from graph.context import GraphQLServices
 from graph.schema import schema as billing_schema
+from graph.security import protect_graphql
 from graph.view import BillingGraphQL
 from graph.webhooks import stripe_webhook
 
@@ -126,7 +127,9 @@ def create_app(
     graphql_app = BillingGraphQL(schema or billing_schema, graphql_services)
     # Strawberry's own ASGI app, routed directly: FastAPI's GraphQLRouter adds dependency
     # injection per request, which costs about half the throughput (shared performance notes).
-    app.router.routes.append(Route("/graphql", graphql_app, methods=["GET", "POST"]))
+    # Body size, content type, no batches, CORS (graph.security); OPTIONS for CORS preflights.
+    guarded = protect_graphql(graphql_app, settings)
+    app.router.routes.append(Route("/graphql", guarded, methods=["GET", "POST", "OPTIONS"]))
     app.router.routes.append(WebSocketRoute("/graphql", graphql_app))
     app.router.routes.append(Route("/webhooks/stripe", stripe_webhook, methods=["POST"]))
     if sandbox_app is not None:

@@ -20,6 +20,7 @@ from strawberry.types.graphql import OperationType
 
 from graph.context import OperationScope, context_of
 from graph.errors import ErrorCodes, format_errors
+from graph.limits import QueryGuard
 from graph.mutations import Mutation
 from graph.permissions import IsAuthenticated, IsService, PermissionExtension
 from graph.types import AccessDecision, BillingSubscription, Plan, Viewer
@@ -156,6 +157,7 @@ def schema_extensions() -> list[type[SchemaExtension] | Any]:
         lambda: ValidationCache(maxsize=VALIDATION_CACHE_SIZE),
         ErrorCodes,
         OperationScope,
+        QueryGuard,  # abuse limits, production lockdown (graph.limits)
     ]
 
 

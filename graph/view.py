@@ -23,6 +23,7 @@ class BillingGraphQL(GraphQL[Context, None]):
             graphql_ide=None if services.settings.is_production else "graphiql",
             allow_queries_via_get=True,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
+            allowed_origins=services.settings.cors_origins,  # websocket handshakes (graph.security)
         )
         self.services = services
 

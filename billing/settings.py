@@ -59,6 +59,9 @@ class Settings(BaseSettings):
     # Browser origins allowed to call /graphql, comma-separated (unset: APP_URL's origin in
     # development, none in production).
     cors_allow_origins: str | None = None
+    # graphql-transport-ws limits: operations in flight on one connection, connections per process.
+    ws_max_operations: int = Field(default=10, ge=1, le=1000)
+    ws_max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")

@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from billing.errors import BillingError
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.plans import plan_of_price, tier_rank
+from billing.realtime import publish_account_change
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
 from billing.stripe_objects import invoice_subscription_id, metadata, object_id, stripe_time
@@ -265,11 +266,12 @@ async def _write_account(
         result = SyncResult(customer_id, user_id_hint, state, created_account=True)
         result.changes = {name: (None, value) for name, value in state.values().items()}
         if not dry_run:
-            await conn.execute(
-                _insert(database).values(
-                    user_id=user_id_hint, stripe_customer_id=customer_id, created_at=now, **values
-                )
+            inserted = await conn.execute(
+                _insert(database)
+                .values(user_id=user_id_hint, stripe_customer_id=customer_id, created_at=now, **values)
+                .returning(account_table.c.id)
             )
+            await publish_account_change(conn, database, inserted.scalar_one())
         return result
 
     result = SyncResult(customer_id, row.user_id, state)
@@ -296,6 +298,7 @@ async def _write_account(
             .where(account_table.c.id == row.id)
             .values(stripe_customer_id=customer_id, **values)
         )
+        await publish_account_change(conn, database, row.id)
     return result
 
 
@@ -319,6 +322,7 @@ async def _customer_deleted(database: Database, customer_id: str, now: datetime,
         }
         if not dry_run:
             await conn.execute(update(account_table).where(account_table.c.id == row.id).values(**values))
+            await publish_account_change(conn, database, row.id)
         return result
 
 

@@ -17,6 +17,7 @@ from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
 from billing.notifier import LogNotifier, Notifier
 from billing.plans import Catalog, load_catalog
+from billing.realtime import Realtime
 from billing.sandbox.api import SandboxConfig
 from billing.sandbox.app import Sandbox
 from billing.settings import Settings, load_settings
@@ -75,6 +76,9 @@ def create_app(
         owned = database is None
         app.state.database = database or Database.from_url(settings.database_url)
         graphql_services.database = app.state.database
+        app.state.realtime = Realtime.for_database(app.state.database, graphql_services.policy)
+        await app.state.realtime.start()
+        graphql_services.realtime = app.state.realtime.hub
         app.state.stripe = StripeGateway(GatewayConfig.from_settings(settings))
         app.state.events = EventProcessor(
             database=app.state.database, gateway=app.state.stripe, notifier=notifier or LogNotifier()
@@ -93,6 +97,7 @@ def create_app(
             for task in list(background):
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
+            await app.state.realtime.stop()
             if sandbox_app is not None:
                 await sandbox_app.stop()
             await app.state.stripe.close()

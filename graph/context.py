@@ -25,6 +25,7 @@ from strawberry.extensions import SchemaExtension
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
+from billing.realtime import BillingStateHub
 from billing.settings import Settings
 from db.engine import Database
 from graph.auth import Authenticator, Principal, ServicePrincipal, User
@@ -41,6 +42,7 @@ class GraphQLServices:
     policy: AccessPolicy
     authenticator: Authenticator
     database: Database | None = None
+    realtime: BillingStateHub | None = None  # real-time updates (billing.realtime), bound at start-up
 
     @classmethod
     def create(

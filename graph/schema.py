@@ -23,6 +23,7 @@ from graph.errors import ErrorCodes, format_errors
 from graph.limits import QueryGuard
 from graph.mutations import Mutation
 from graph.permissions import IsAuthenticated, IsService, PermissionExtension
+from graph.subscriptions import Subscription
 from graph.types import AccessDecision, BillingSubscription, Plan, Viewer
 
 PARSER_CACHE_SIZE = 256
@@ -183,4 +184,4 @@ def print_sdl(schema: strawberry.Schema) -> str:
     return schema.as_str().rstrip("\n") + "\n"
 
 
-schema = build_schema(Query, mutation=Mutation)
+schema = build_schema(Query, mutation=Mutation, subscription=Subscription)

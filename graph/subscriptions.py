@@ -1,0 +1,40 @@
+"""GraphQL subscriptions: the viewer's billing state, live (`billing.realtime` does the work).
+
+The root type is `BillingUpdates` in the schema, not `Subscription`: in this API a subscription
+is what a user pays for (`BillingSubscription`), and no GraphQL type is called `Subscription`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
+from datetime import UTC, datetime
+from typing import Any
+
+import strawberry
+
+from billing.errors import BillingError, ErrorCode
+from graph.context import context_of
+from graph.types import BillingSubscription
+
+
+@strawberry.type(name="BillingUpdates", description="Real-time updates, over graphql-transport-ws.")
+class Subscription:
+    @strawberry.subscription(
+        description=(
+            "The viewer's subscription now, then again each time it changes (webhooks, mutations, "
+            "`billing sync`, event replays); an unchanged state is not sent twice. Over "
+            "graphql-transport-ws with a user token in `connection_init`."
+        )
+    )
+    async def billing_state_changed(
+        self, info: strawberry.Info[Any, Any]
+    ) -> AsyncGenerator[BillingSubscription, None]:
+        context = context_of(info)
+        user = await context.user()
+        hub = context.services.realtime
+        if hub is None:
+            raise BillingError("real-time updates are not running", code=ErrorCode.INTERNAL_ERROR)
+        async with aclosing(hub.watch(user.id)) as states:
+            async for state in states:
+                yield BillingSubscription.from_model(state, context.policy, datetime.now(UTC))

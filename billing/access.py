@@ -62,6 +62,10 @@ class SubscriptionState:
     cancel_at_period_end: bool = False
     canceled_at: datetime | None = None
     trial_used: bool = False
+    # A plan change scheduled for the period end (a downgrade), or None.
+    pending_tier: Tier | None = None
+    pending_interval: BillingInterval | None = None
+    pending_change_at: datetime | None = None
 
     @classmethod
     def from_row(cls, row: Any) -> SubscriptionState:
@@ -79,6 +83,11 @@ class SubscriptionState:
             cancel_at_period_end=bool(row.cancel_at_period_end),
             canceled_at=row.canceled_at,
             trial_used=bool(row.trial_used),
+            pending_tier=Tier(row.pending_tier) if getattr(row, "pending_tier", None) else None,
+            pending_interval=(
+                BillingInterval(row.pending_interval) if getattr(row, "pending_interval", None) else None
+            ),
+            pending_change_at=getattr(row, "pending_change_at", None),
         )
 
 
@@ -97,6 +106,9 @@ _BY_USER = select(
     _c.cancel_at_period_end,
     _c.canceled_at,
     _c.trial_used,
+    _c.pending_tier,
+    _c.pending_interval,
+    _c.pending_change_at,
 ).where(_c.user_id == bindparam("user_id"))
 
 

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import stripe
@@ -58,6 +59,10 @@ STATE_FIELDS = (
     "cancel_at_period_end",
     "canceled_at",
     "trial_used",
+    "stripe_schedule_id",
+    "pending_tier",
+    "pending_interval",
+    "pending_change_at",
 )
 
 
@@ -76,6 +81,11 @@ class StripeState:
     cancel_at_period_end: bool = False
     canceled_at: datetime | None = None
     trial_used: bool = False
+    # A plan change at the period end: the next phase of the subscription's schedule.
+    stripe_schedule_id: str | None = None
+    pending_tier: Tier | None = None
+    pending_interval: BillingInterval | None = None
+    pending_change_at: datetime | None = None
     live_subscription_ids: tuple[str, ...] = ()
 
     def values(self) -> dict[str, Any]:
@@ -83,6 +93,8 @@ class StripeState:
         values["tier"] = self.tier.value
         values["status"] = self.status.value
         values["interval"] = self.interval.value if self.interval else None
+        values["pending_tier"] = self.pending_tier.value if self.pending_tier else None
+        values["pending_interval"] = self.pending_interval.value if self.pending_interval else None
         return values
 
 
@@ -98,10 +110,33 @@ def licensed_item(subscription: Any) -> Any:
     return licensed[0] if licensed else None
 
 
-def subscription_state(subscription: Any) -> StripeState:
+def pending_change(
+    schedule: Any, current: tuple[Tier, BillingInterval] | None
+) -> tuple[Tier, BillingInterval, datetime | None] | None:
+    """The plan of the schedule's next phase and when it starts, when it changes the plan.
+
+    Retrieve the schedule with `expand=["phases.items.price"]`: the plan is in price metadata.
+    """
+    if get(schedule, "status") not in ("not_started", "active"):
+        return None
+    current_start = int(get(get(schedule, "current_phase"), "start_date") or 0)
+    upcoming = [p for p in get(schedule, "phases") or [] if int(get(p, "start_date") or 0) > current_start]
+    if not upcoming:
+        return None
+    phase = min(upcoming, key=lambda p: int(get(p, "start_date")))
+    prices = [get(item, "price") for item in get(phase, "items") or []]
+    licensed = [p for p in prices if get(get(p, "recurring"), "usage_type") != "metered"]
+    plan = next((found for found in map(plan_of_price, licensed) if found is not None), None)
+    if plan is None or plan == current:
+        return None
+    return plan[0], plan[1], stripe_time(get(phase, "start_date"))
+
+
+def subscription_state(subscription: Any, schedule: Any = None) -> StripeState:
     item = licensed_item(subscription)
     price = get(item, "price")
     plan = plan_of_price(price) if price is not None else None
+    pending = pending_change(schedule, plan) if schedule is not None else None
     # Current period lives on the item in this API version; older payloads had it on the subscription.
     period_start = get(item, "current_period_start") or get(subscription, "current_period_start")
     period_end = get(item, "current_period_end") or get(subscription, "current_period_end")
@@ -117,16 +152,23 @@ def subscription_state(subscription: Any) -> StripeState:
         cancel_at_period_end=bool(get(subscription, "cancel_at_period_end")),
         canceled_at=stripe_time(get(subscription, "canceled_at")),
         trial_used=get(subscription, "trial_start") is not None or get(subscription, "trial_end") is not None,
+        stripe_schedule_id=object_id(schedule),
+        pending_tier=pending[0] if pending else None,
+        pending_interval=pending[1] if pending else None,
+        pending_change_at=pending[2] if pending else None,
     )
 
 
-def customer_state(subscriptions: Sequence[Any]) -> StripeState:
-    """The account's state from all of a customer's subscriptions.
+def customer_state(subscriptions: Sequence[Any], schedules: Mapping[str, Any] | None = None) -> StripeState:
+    """The account's state from all of a customer's subscriptions (and their schedules, by id).
 
     With several live subscriptions (two checkouts paid in two tabs, one made in the
     dashboard) the account follows the highest tier; the caller flags it.
     """
-    states = [subscription_state(subscription) for subscription in subscriptions]
+    schedules = schedules or {}
+    states = [
+        subscription_state(s, schedules.get(object_id(get(s, "schedule")) or "")) for s in subscriptions
+    ]
     trial_used = any(state.trial_used for state in states)
     live = [state for state in states if state.status in LIVE_STATUSES]
     created = {get(s, "id"): int(get(s, "created") or 0) for s in subscriptions}
@@ -137,9 +179,7 @@ def customer_state(subscriptions: Sequence[Any]) -> StripeState:
     else:
         return StripeState(trial_used=trial_used)
     live_ids = tuple(sorted(s.stripe_subscription_id for s in live if s.stripe_subscription_id))
-    return StripeState(
-        **{**chosen.__dict__, "trial_used": trial_used, "live_subscription_ids": live_ids}
-    )
+    return StripeState(**{**chosen.__dict__, "trial_used": trial_used, "live_subscription_ids": live_ids})
 
 
 # Locks: one sync per customer at a time ------------------------------------------------------
@@ -217,8 +257,9 @@ async def sync_customer(
         if get(customer, "deleted"):
             return await _customer_deleted(database, customer_id, now, dry_run)
         subscriptions = await _subscriptions(gateway, customer_id)
+        schedules = await _schedules(gateway, subscriptions)
         invoices = [await _invoice(gateway, invoice_id) for invoice_id in invoice_ids]
-        state = customer_state(subscriptions)
+        state = customer_state(subscriptions, schedules)
         hint = metadata(customer).get("userId") or user_id_hint
         async with database.write() as conn:
             result = await _write_account(conn, database, customer_id, hint, state, now, dry_run)
@@ -236,6 +277,25 @@ async def _subscriptions(gateway: StripeGateway, customer_id: str) -> list[strip
         what="list subscriptions",
     )
     return [subscription async for subscription in page.auto_paging_iter()]
+
+
+async def _schedules(gateway: StripeGateway, subscriptions: Sequence[Any]) -> dict[str, Any]:
+    """The schedules of the live subscriptions that have one, by id, with their phases' prices."""
+    ids = sorted(
+        {
+            schedule_id
+            for s in subscriptions
+            if get(s, "status") in LIVE_STATUSES and (schedule_id := object_id(get(s, "schedule")))
+        }
+    )
+    schedules: dict[str, Any] = {}
+    for schedule_id in ids:
+        params: Any = {"expand": ["phases.items.price"]}
+        schedules[schedule_id] = await gateway.call(
+            partial(gateway.v1.subscription_schedules.retrieve_async, schedule_id, params),
+            what="retrieve subscription schedule",
+        )
+    return schedules
 
 
 async def _invoice(gateway: StripeGateway, invoice_id: str) -> stripe.Invoice:
@@ -313,6 +373,10 @@ async def _customer_deleted(database: Database, customer_id: str, now: datetime,
             "stripe_customer_id": None,
             "status": ended.value,
             "cancel_at_period_end": False,
+            "stripe_schedule_id": None,
+            "pending_tier": None,
+            "pending_interval": None,
+            "pending_change_at": None,
             "synced_at": now,
             "updated_at": now,
         }

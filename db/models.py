@@ -54,6 +54,11 @@ class BillingAccount(SQLModel, table=True):
         CheckConstraint(f"tier IN ({sql_in(Tier)})", name="tier"),
         CheckConstraint(f"interval IS NULL OR interval IN ({sql_in(BillingInterval)})", name="interval"),
         CheckConstraint(f"status IN ({sql_in(SubscriptionStatus)})", name="status"),
+        CheckConstraint(f"pending_tier IS NULL OR pending_tier IN ({sql_in(Tier)})", name="pending_tier"),
+        CheckConstraint(
+            f"pending_interval IS NULL OR pending_interval IN ({sql_in(BillingInterval)})",
+            name="pending_interval",
+        ),
     )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
@@ -72,9 +77,39 @@ class BillingAccount(SQLModel, table=True):
     cancel_at_period_end: bool = Field(default=False)
     canceled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     trial_used: bool = Field(default=False)
+    # A plan change scheduled for the period end (a subscription schedule's next phase).
+    stripe_schedule_id: str | None = Field(default=None, sa_type=String(255))
+    pending_tier: str | None = Field(default=None, sa_type=String(16))
+    pending_interval: str | None = Field(default=None, sa_type=String(16))
+    pending_change_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     synced_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
     updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
+class PlanChangeQuote(SQLModel, table=True):
+    """The proration date of a user's latest preview of a plan change, kept for a few minutes.
+
+    `changePlan` sends it to Stripe so the change charges exactly what the preview showed,
+    whichever service process answers. One row per account and target plan.
+    """
+
+    __tablename__ = "plan_change_quote"
+    __table_args__ = (
+        CheckConstraint(f"tier IN ({sql_in(Tier)})", name="tier"),
+        CheckConstraint(f"interval IN ({sql_in(BillingInterval)})", name="interval"),
+    )
+
+    account_id: int = Field(
+        primary_key=True, foreign_key="billing_account.id", ondelete="CASCADE", sa_type=BigId
+    )
+    tier: str = Field(primary_key=True, sa_type=String(16))
+    interval: str = Field(primary_key=True, sa_type=String(16))
+    stripe_subscription_id: str = Field(sa_type=String(255))
+    stripe_price_id: str = Field(sa_type=String(255))  # the price paid when the preview was made
+    proration_date: datetime = Field(sa_type=UTCDateTime)  # Stripe's time
+    expires_at: datetime = Field(sa_type=UTCDateTime)
+    created_at: datetime = Field(sa_type=UTCDateTime)
 
 
 class UsageRecord(SQLModel, table=True):
@@ -149,3 +184,4 @@ account_table = BillingAccount.__table__  # type: ignore[attr-defined]
 usage_table = UsageRecord.__table__  # type: ignore[attr-defined]
 event_table = StripeEvent.__table__  # type: ignore[attr-defined]
 invoice_table = Invoice.__table__  # type: ignore[attr-defined]
+quote_table = PlanChangeQuote.__table__  # type: ignore[attr-defined]

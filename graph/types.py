@@ -71,6 +71,21 @@ class Plan:
         ]
 
 
+@strawberry.type(description="A plan change scheduled for the end of the current period (a downgrade).")
+class PendingPlanChange:
+    tier: Tier
+    interval: BillingInterval
+    effective_at: datetime | None = strawberry.field(description="When the new plan starts.")
+
+    @classmethod
+    def from_model(cls, state: SubscriptionState) -> PendingPlanChange | None:
+        if state.pending_tier is None or state.pending_interval is None:
+            return None
+        return cls(
+            tier=state.pending_tier, interval=state.pending_interval, effective_at=state.pending_change_at
+        )
+
+
 @strawberry.type(description="A user's subscription as the database knows it (kept in step by webhooks).")
 class BillingSubscription:
     status: SubscriptionStatus
@@ -89,6 +104,9 @@ class BillingSubscription:
     cancel_at_period_end: bool
     canceled_at: datetime | None
     trial_used: bool = strawberry.field(description="True once the user has had a free trial.")
+    pending_change: PendingPlanChange | None = strawberry.field(
+        default=None, description="A downgrade that starts at the period end (`changePlan`); null if none."
+    )
 
     @classmethod
     def from_model(cls, state: SubscriptionState, policy: AccessPolicy, now: datetime) -> BillingSubscription:
@@ -106,6 +124,7 @@ class BillingSubscription:
             cancel_at_period_end=state.cancel_at_period_end,
             canceled_at=state.canceled_at,
             trial_used=state.trial_used,
+            pending_change=PendingPlanChange.from_model(state),
         )
 
 

@@ -1,0 +1,188 @@
+"""Plan changes, cancellation and resumption: thin resolvers over `billing.plan_changes`.
+
+`graph.mutations.Mutation` inherits `PlanMutation`, so these fields are served with the checkout
+and portal mutations. Every field needs a user token and acts on that user's subscription.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import strawberry
+
+from billing import plan_changes
+from billing.stripe_gateway import StripeGateway
+from billing.subscriptions import CustomerLocks
+from db.enums import BillingInterval, Tier
+from graph.context import Context, context_of
+from graph.permissions import IsAuthenticated, PermissionExtension
+from graph.types import BillingSubscription
+
+
+@strawberry.type(description="One line of a previewed invoice.")
+class PreviewLine:
+    description: str
+    amount: int = strawberry.field(description="In cents; negative for a credit.")
+    proration: bool = strawberry.field(description="A prorated charge or credit for part of a period.")
+    period_start: datetime | None
+    period_end: datetime | None
+
+    @classmethod
+    def from_model(cls, line: plan_changes.PreviewLine) -> PreviewLine:
+        return cls(
+            description=line.description,
+            amount=line.amount,
+            proration=line.proration,
+            period_start=line.period_start,
+            period_end=line.period_end,
+        )
+
+
+@strawberry.type(description="What `changePlan` with the same arguments charges, now and next.")
+class PlanChangePreview:
+    tier: Tier
+    interval: BillingInterval
+    immediate: bool = strawberry.field(
+        description="True when the change applies now (an upgrade); false for one at the period end."
+    )
+    effective_at: datetime | None = strawberry.field(description="When the new plan starts.")
+    currency: str = strawberry.field(description="ISO 4217, lower case.")
+    amount_due: int = strawberry.field(
+        description=(
+            "Charged now, in cents (0 for a downgrade). `changePlan` within minutes charges exactly this."
+        )
+    )
+    next_invoice_amount: int = strawberry.field(
+        description="The next invoice after the change, in cents (metered usage is billed on top)."
+    )
+    next_invoice_at: datetime | None
+    lines: list[PreviewLine] = strawberry.field(
+        description="Lines of the invoice due now, or of the next invoice when nothing is due now."
+    )
+
+    @classmethod
+    def from_model(cls, preview: plan_changes.PlanChangePreview) -> PlanChangePreview:
+        return cls(
+            tier=preview.tier,
+            interval=preview.interval,
+            immediate=preview.immediate,
+            effective_at=preview.effective_at,
+            currency=preview.currency,
+            amount_due=preview.amount_due,
+            next_invoice_amount=preview.next_invoice_amount,
+            next_invoice_at=preview.next_invoice_at,
+            lines=[PreviewLine.from_model(line) for line in preview.lines],
+        )
+
+
+def _stripe(context: Context) -> tuple[StripeGateway, CustomerLocks]:
+    """The app's Stripe gateway and the per-customer locks its webhook worker uses too."""
+    state = context.request.app.state
+    gateway, events = getattr(state, "stripe", None), getattr(state, "events", None)
+    locks = getattr(events, "locks", None)
+    if not isinstance(gateway, StripeGateway) or not isinstance(locks, CustomerLocks):
+        raise RuntimeError("the plan mutations need the app built by graph.app.create_app (not started?)")
+    return gateway, locks
+
+
+def _clock() -> datetime:
+    return datetime.now(UTC)
+
+
+def _signed_in() -> list[Any]:
+    return [PermissionExtension(permissions=[IsAuthenticated()])]
+
+
+@strawberry.type
+class PlanMutation:
+    @strawberry.mutation(
+        description=(
+            "What changing to `tier` at `interval` charges now and next, in cents. The proration "
+            "date is kept for a few minutes, so `changePlan` then charges exactly `amountDue`. "
+            "NO_SUBSCRIPTION without a live subscription; INVALID_PLAN for NONE or the current plan."
+        ),
+        extensions=_signed_in(),
+    )
+    async def preview_plan_change(
+        self, info: strawberry.Info[Any, Any], tier: Tier, interval: BillingInterval
+    ) -> PlanChangePreview:
+        context = context_of(info)
+        user = await context.user()
+        gateway, _locks = _stripe(context)
+        preview = await plan_changes.preview_plan_change(
+            database=context.database,
+            gateway=gateway,
+            catalog=context.catalog,
+            clock=_clock,
+            user_id=user.id,
+            tier=tier,
+            interval=interval,
+        )
+        return PlanChangePreview.from_model(preview)
+
+    @strawberry.mutation(
+        description=(
+            "Upgrades (a higher tier, or monthly to annual) apply now and charge the prorated "
+            "difference at once (CARD_DECLINED changes nothing); downgrades apply at the period "
+            "end (`pendingChange`). The current plan drops a pending change. NO_SUBSCRIPTION, "
+            "INVALID_PLAN as for the preview."
+        ),
+        extensions=_signed_in(),
+    )
+    async def change_plan(
+        self, info: strawberry.Info[Any, Any], tier: Tier, interval: BillingInterval
+    ) -> BillingSubscription:
+        context = context_of(info)
+        user = await context.user()
+        gateway, locks = _stripe(context)
+        state = await plan_changes.change_plan(
+            database=context.database,
+            gateway=gateway,
+            locks=locks,
+            catalog=context.catalog,
+            clock=_clock,
+            user_id=user.id,
+            tier=tier,
+            interval=interval,
+        )
+        return BillingSubscription.from_model(state, context.policy, context.now)
+
+    @strawberry.mutation(
+        description=(
+            "Cancel at the period end (the default: access until then) or now. A pending plan "
+            "change is dropped. NO_SUBSCRIPTION without a live subscription."
+        ),
+        extensions=_signed_in(),
+    )
+    async def cancel_subscription(
+        self, info: strawberry.Info[Any, Any], at_period_end: bool = True
+    ) -> BillingSubscription:
+        context = context_of(info)
+        user = await context.user()
+        gateway, locks = _stripe(context)
+        state = await plan_changes.cancel_subscription(
+            database=context.database,
+            gateway=gateway,
+            locks=locks,
+            clock=_clock,
+            user_id=user.id,
+            at_period_end=at_period_end,
+        )
+        return BillingSubscription.from_model(state, context.policy, context.now)
+
+    @strawberry.mutation(
+        description=(
+            "Undo a cancellation at the period end, or resume a paused subscription; anything "
+            "else is left as it is. NO_SUBSCRIPTION without a live subscription."
+        ),
+        extensions=_signed_in(),
+    )
+    async def resume_subscription(self, info: strawberry.Info[Any, Any]) -> BillingSubscription:
+        context = context_of(info)
+        user = await context.user()
+        gateway, locks = _stripe(context)
+        state = await plan_changes.resume_subscription(
+            database=context.database, gateway=gateway, locks=locks, clock=_clock, user_id=user.id
+        )
+        return BillingSubscription.from_model(state, context.policy, context.now)

@@ -1,7 +1,8 @@
 """The billing mutations. Resolvers stay thin: they read the context and call `billing.checkout`.
 
-`Mutation` is what the schema serves: the checkout and portal mutations here (the plan-change
-mutations of `graph.plan_mutations` join it when that module lands).
+`Mutation` is what the schema serves: the checkout and portal mutations here and the plan-change
+mutations of `graph.plan_mutations` (previewPlanChange, changePlan, cancelSubscription,
+resumeSubscription).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from db.enums import BillingInterval, Tier
 from graph.billing_types import CheckoutSession, PortalSession
 from graph.context import Context, context_of
 from graph.permissions import IsAuthenticated, PermissionExtension
+from graph.plan_mutations import PlanMutation
 from graph.types import BillingSubscription
 
 
@@ -106,5 +108,5 @@ class CheckoutMutation:
 
 
 @strawberry.type
-class Mutation(CheckoutMutation):
-    """Every billing mutation (the plan changes of graph.plan_mutations join when it lands)."""
+class Mutation(PlanMutation, CheckoutMutation):
+    """Every billing mutation: plan changes (graph.plan_mutations), checkout and portal (here)."""

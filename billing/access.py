@@ -43,6 +43,7 @@ class AccessReason(StrEnum):
     TIER_TOO_LOW = "TIER_TOO_LOW"  # access, but to a lower tier than required
     FEATURE_NOT_IN_PLAN = "FEATURE_NOT_IN_PLAN"  # access, but the plan lacks the feature
     UNKNOWN_FEATURE = "UNKNOWN_FEATURE"  # no plan has this feature
+    QUOTA_EXCEEDED = "QUOTA_EXCEEDED"  # the plan has the feature, and this window's usage reached its limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +63,7 @@ class SubscriptionState:
     cancel_at_period_end: bool = False
     canceled_at: datetime | None = None
     trial_used: bool = False
+    account_id: int | None = None  # the `billing_account` row; None when the user has none
     # A plan change scheduled for the period end (a downgrade), or None.
     pending_tier: Tier | None = None
     pending_interval: BillingInterval | None = None
@@ -83,6 +85,7 @@ class SubscriptionState:
             cancel_at_period_end=bool(row.cancel_at_period_end),
             canceled_at=row.canceled_at,
             trial_used=bool(row.trial_used),
+            account_id=getattr(row, "id", None),
             pending_tier=Tier(row.pending_tier) if getattr(row, "pending_tier", None) else None,
             pending_interval=(
                 BillingInterval(row.pending_interval) if getattr(row, "pending_interval", None) else None
@@ -93,6 +96,7 @@ class SubscriptionState:
 
 _c = account_table.c
 _BY_USER = select(
+    _c.id,
     _c.user_id,
     _c.email,
     _c.name,
@@ -191,6 +195,22 @@ class AccessPolicy:
         if not self.catalog.has_feature(tier, feature):
             return AccessDecision(False, AccessReason.FEATURE_NOT_IN_PLAN, tier, required)
         return AccessDecision(True, None, tier, required)
+
+    def quota_access(self, decision: AccessDecision, feature: str, used: int) -> AccessDecision:
+        """The quota check: an allowed decision becomes QUOTA_EXCEEDED once `used` reached the limit.
+
+        `used` is the current quota window's usage (`billing.usage` reads it). The limit is the
+        effective tier's monthly limit; a feature without one is never over quota. Exactly at
+        the limit access is refused: the limit is the number of uses the window allows.
+        """
+        if not decision.allowed:
+            return decision
+        limit = self.catalog.limit(decision.effective_tier, feature)
+        if limit is not None and used >= limit:
+            return AccessDecision(
+                False, AccessReason.QUOTA_EXCEEDED, decision.effective_tier, decision.required_tier
+            )
+        return decision
 
     def anonymous_feature_access(self, feature: str) -> AccessDecision:
         """The decision for a visitor who is not signed in."""

@@ -49,6 +49,10 @@ class Settings(BaseSettings):
     sandbox_dunning_final_action: Literal["cancel", "unpaid"] = "cancel"
     sandbox_sync_catalog: bool = True
     webhook_worker: bool = True
+    # Run the usage reporter (usage records -> Stripe meter events) in this process.
+    usage_reporter: bool = True
+    # The largest quantity one usage record may carry (recordUsage refuses more: BAD_USER_INPUT).
+    usage_max_quantity: int = Field(default=1_000_000, ge=1, le=2**31 - 1)
     # GraphQL abuse limits (graph/limits.py), checked before any resolver runs.
     graphql_max_depth: int = Field(default=15, ge=1, le=200)
     graphql_max_aliases: int = Field(default=30, ge=0, le=100_000)

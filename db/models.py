@@ -7,6 +7,7 @@ by name on PostgreSQL and SQLite alike.
 from __future__ import annotations
 
 from datetime import datetime
+from enum import StrEnum
 from typing import Any
 
 from sqlalchemy import (
@@ -122,6 +123,8 @@ class UsageRecord(SQLModel, table=True):
         # Serves "sum of feature F for account A between t1 and t2".
         Index(None, "account_id", "feature", "recorded_at"),
         Index(None, "reported_at", "recorded_at"),
+        # Serves the reporter's "records of metered features not yet aggregated".
+        Index(None, "report_id", "feature"),
     )
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
@@ -132,6 +135,69 @@ class UsageRecord(SQLModel, table=True):
     idempotency_key: str = Field(sa_type=String(255))
     reported_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created_at: datetime = Field(sa_type=UTCDateTime)
+    # The aggregate (`usage_report`) that carries this record to Stripe; NULL until aggregated.
+    # Records of features that are not metered stay NULL: nothing reports them.
+    report_id: str | None = Field(default=None, foreign_key="usage_report.id", sa_type=String(40))
+
+
+class UsageReportStatus(StrEnum):
+    """Life of a `usage_report` (one meter event for Stripe)."""
+
+    PENDING = "pending"  # waiting to be sent (first time, or after a backoff)
+    SENDING = "sending"  # claimed by a reporter until `lease_expires_at`
+    REPORTED = "reported"  # Stripe accepted it (or already had its identifier)
+    EXPIRED = "expired"  # older than Stripe's 35-day window before it was accepted: flagged
+    FAILED = "failed"  # refused by Stripe again and again: flagged for a person
+
+
+class UsageRollup(SQLModel, table=True):
+    """Hourly sums of `usage_record`, upserted in the same transaction as each insert.
+
+    A window's usage is the rollups of the whole hours inside it plus the raw records of the
+    partial hours at its edges, so reads never scan every record.
+    """
+
+    __tablename__ = "usage_rollup"
+    __table_args__ = (CheckConstraint("quantity >= 0", name="quantity_non_negative"),)
+
+    account_id: int = Field(
+        foreign_key="billing_account.id", ondelete="CASCADE", primary_key=True, sa_type=BigId
+    )
+    feature: str = Field(primary_key=True, sa_type=String(64))
+    hour: datetime = Field(primary_key=True, sa_type=UTCDateTime)  # the hour's start, UTC
+    quantity: int = Field(sa_type=BigInteger)
+
+
+class UsageReport(SQLModel, table=True):
+    """One meter event for Stripe: the sum of a customer's records of one feature in one minute.
+
+    Its id is the meter event's `identifier`, stable across retries, so Stripe deduplicates a
+    resend after a lost response; the status makes exactly-once our job beyond Stripe's 24 hours.
+    """
+
+    __tablename__ = "usage_report"
+    __table_args__ = (
+        CheckConstraint(f"status IN ({sql_in(UsageReportStatus)})", name="status"),
+        CheckConstraint("quantity > 0", name="quantity_positive"),
+        Index(None, "status", "next_attempt_at"),
+        Index(None, "account_id", "feature", "minute"),
+    )
+
+    id: str = Field(primary_key=True, sa_type=String(40))  # "ur_<32 hex>", the meter event identifier
+    account_id: int = Field(foreign_key="billing_account.id", ondelete="CASCADE", sa_type=BigId)
+    feature: str = Field(sa_type=String(64))
+    event_name: str = Field(sa_type=String(100))
+    stripe_customer_id: str | None = Field(default=None, sa_type=String(255))
+    minute: datetime = Field(sa_type=UTCDateTime)  # the minute its records fall in
+    event_time: datetime = Field(sa_type=UTCDateTime)  # the meter event's timestamp
+    quantity: int = Field(sa_type=BigInteger)
+    status: str = Field(default=UsageReportStatus.PENDING.value, sa_type=String(16))
+    attempts: int = Field(default=0)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = Field(default=None, sa_type=Text)
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    reported_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
 
 
 class StripeEvent(SQLModel, table=True):
@@ -182,6 +248,8 @@ class Invoice(SQLModel, table=True):
 
 account_table = BillingAccount.__table__  # type: ignore[attr-defined]
 usage_table = UsageRecord.__table__  # type: ignore[attr-defined]
+rollup_table = UsageRollup.__table__  # type: ignore[attr-defined]
+report_table = UsageReport.__table__  # type: ignore[attr-defined]
 event_table = StripeEvent.__table__  # type: ignore[attr-defined]
 invoice_table = Invoice.__table__  # type: ignore[attr-defined]
 quote_table = PlanChangeQuote.__table__  # type: ignore[attr-defined]

@@ -22,6 +22,7 @@ from billing.sandbox.api import SandboxConfig
 from billing.sandbox.app import Sandbox
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.usage_reporting import UsageReporter
 from billing.webhooks import EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
@@ -85,6 +86,11 @@ def create_app(
         )
         if settings.webhook_worker:
             start_background(app.state.events.run())
+        app.state.usage_reporter = UsageReporter(
+            database=app.state.database, gateway=app.state.stripe, catalog=catalog
+        )
+        if settings.usage_reporter:
+            start_background(app.state.usage_reporter.run())
         app.state.catalog_synced = asyncio.Event()
         if sandbox_app is not None:
             await sandbox_app.start()

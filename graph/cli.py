@@ -245,6 +245,72 @@ def events_replay(event_id: str | None, failed: bool) -> None:
         sys.exit(1)
 
 
+@main.group()
+def usage() -> None:
+    """Usage metering: reporting usage to Stripe's meters."""
+
+
+@usage.command("report")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 10_000))
+@click.option("--retry-failed", is_flag=True, help="Queue aggregates that failed for good again first.")
+def usage_report(batch_size: int, retry_failed: bool) -> None:
+    """Report unreported usage to Stripe (safe next to the service and other runs; for cron)."""
+    from billing.usage_reporting import ReportPass, UsageReporter, flagged_reports, unreported_count
+    from billing.usage_reporting import retry_failed as requeue_failed
+
+    settings = _settings()
+    for noisy in ("httpx", "stripe"):  # one line per request at INFO
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    plans = load_catalog(settings.billing_plans_file)
+
+    def show(batch: ReportPass) -> None:
+        click.echo(
+            f"  {batch.records} record(s) aggregated into {batch.aggregates} meter event(s); "
+            f"{batch.sent} sent, {batch.already_recorded} already recorded, {batch.retrying} to retry, "
+            f"{batch.failed} failed, {batch.expired} expired",
+            err=True,
+        )
+
+    async def run() -> tuple[int, ReportPass, int, list[Any]]:
+        database = Database.from_url(settings.database_url)
+        gateway = StripeGateway(GatewayConfig.from_settings(settings))
+        try:
+            await ensure_ready(database.engine)
+            requeued = await requeue_failed(database, now=utcnow()) if retry_failed else 0
+            reporter = UsageReporter(database=database, gateway=gateway, catalog=plans, batch_size=batch_size)
+            report = await reporter.drain(progress=show)
+            return (
+                requeued,
+                report,
+                await unreported_count(database),
+                await flagged_reports(database, now=utcnow()),
+            )
+        finally:
+            await gateway.close()
+            await database.dispose()
+
+    click.echo("reporting usage to Stripe", err=True)
+    requeued, report, left, flagged = asyncio.run(run())
+    if retry_failed:
+        click.echo(f"{requeued} failed aggregate(s) queued again")
+    click.echo(
+        f"{report.records} record(s) aggregated into {report.aggregates} meter event(s); "
+        f"{report.sent} sent, {report.already_recorded} already recorded by Stripe, "
+        f"{report.failed} failed, {report.expired} expired; {left} still to report"
+    )
+    if report.unavailable:
+        click.echo("warning: Stripe was unavailable; the rest is retried with backoff (run again later)")
+    for item in flagged:
+        state = "at risk (close to Stripe's 35-day limit)" if item.at_risk else item.status
+        click.echo(
+            f"attention: {item.id} user {item.user_id} {item.feature} {item.minute.isoformat()} "
+            f"quantity {item.quantity}: {state} after {item.attempts} attempt(s)"
+            + (f" ({item.last_error})" if item.last_error else "")
+        )
+    if report.unavailable or report.failed or report.expired:
+        sys.exit(1)
+
+
 @main.command("schema")
 @click.option("--check", is_flag=True, help="Exit 1 when the SDL file differs from the code.")
 @click.option(

@@ -11,6 +11,7 @@ tier): a canceled or unpaid Pro subscriber passes none of the subscription check
 | `HasActiveSubscription()` | any paid effective tier | FORBIDDEN_TIER |
 | `RequiresTier(Tier.PRO)` | effective tier ranks at least PRO | FORBIDDEN_TIER |
 | `RequiresFeature("name")` | the effective tier's plan has the feature | FEATURE_NOT_IN_PLAN |
+| `WithinQuota("name")` | the plan has the feature and usage this window is below its limit | QUOTA_EXCEEDED |
 
 The subscription checks fail with UNAUTHENTICATED without a user token and FORBIDDEN for the
 service key. Their errors carry `reason`, `effectiveTier` and `requiredTier` extensions.
@@ -28,7 +29,7 @@ error themselves, so `fail_silently=True` does not apply to them.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import strawberry
 from strawberry.permission import BasePermission, PermissionExtension
@@ -37,6 +38,9 @@ from billing.errors import BillingError, ErrorCode
 from billing.plans import tier_rank
 from db.enums import Tier
 from graph.context import context_of
+
+if TYPE_CHECKING:
+    from graph.usage import WithinQuota
 
 log = logging.getLogger("billing.graphql")
 
@@ -48,6 +52,7 @@ __all__ = [
     "RequiresFeature",
     "RequiresTier",
     "Tier",
+    "WithinQuota",
 ]
 
 
@@ -134,3 +139,12 @@ class RequiresFeature(_BillingPermission):
             error.extensions["feature"] = self.feature
             raise error
         return True
+
+
+def __getattr__(name: str) -> Any:
+    # `WithinQuota` lives with the usage code (graph.usage), which builds on this module.
+    if name == "WithinQuota":
+        from graph.usage import WithinQuota
+
+        return WithinQuota
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -13,6 +13,7 @@ from typing import Any
 import strawberry
 from graphql import GraphQLError
 from strawberry.extensions import ParserCache, SchemaExtension, ValidationCache
+from strawberry.schema.config import StrawberryConfig
 from strawberry.schema.schema import StreamResult
 from strawberry.types import ExecutionResult
 from strawberry.types.execution import ExecutionContext
@@ -21,10 +22,11 @@ from strawberry.types.graphql import OperationType
 from graph.context import OperationScope, context_of
 from graph.errors import ErrorCodes, format_errors
 from graph.limits import QueryGuard
-from graph.mutations import Mutation
+from graph.mutations import Mutation as BillingMutation
 from graph.permissions import IsAuthenticated, IsService, PermissionExtension
 from graph.subscriptions import Subscription
 from graph.types import AccessDecision, BillingSubscription, Plan, Viewer
+from graph.usage import SCALARS, UsageMutation, quota_access
 
 PARSER_CACHE_SIZE = 256
 VALIDATION_CACHE_SIZE = 256
@@ -48,7 +50,8 @@ class Query:
     @strawberry.field(
         description=(
             "May the viewer use `feature`? For frontends gating pages. Without a token the answer "
-            "is not allowed, reason UNAUTHENTICATED."
+            "is not allowed, reason UNAUTHENTICATED; QUOTA_EXCEEDED once this window's usage of a "
+            "limited feature reached the plan's limit."
         )
     )
     async def access(self, info: strawberry.Info[Any, Any], feature: str) -> AccessDecision:
@@ -56,7 +59,7 @@ class Query:
         if await context.principal() is None:
             return AccessDecision.from_model(context.policy.anonymous_feature_access(feature))
         _user, state = await context.viewer()
-        return AccessDecision.from_model(context.policy.feature_access(state, feature, context.now))
+        return AccessDecision.from_model(await quota_access(context, state, feature))
 
     @strawberry.field(
         description="One user's subscription, for the host app's backend (service key only).",
@@ -177,11 +180,17 @@ def build_schema(
         subscription=subscription,
         types=list(types),
         extensions=[*schema_extensions(), *extensions],
+        config=StrawberryConfig(scalar_map=SCALARS),
     )
 
 
 def print_sdl(schema: strawberry.Schema) -> str:
     return schema.as_str().rstrip("\n") + "\n"
+
+
+@strawberry.type
+class Mutation(BillingMutation, UsageMutation):
+    """Every billing mutation: checkout and plan changes (graph.mutations), usage (graph.usage)."""
 
 
 schema = build_schema(Query, mutation=Mutation, subscription=Subscription)

@@ -16,6 +16,7 @@ from db.enums import BillingInterval, SubscriptionStatus, Tier
 from graph.auth import User
 from graph.billing_types import Invoice
 from graph.context import context_of
+from graph.usage import Entitlement, UsageSummary, viewer_entitlements, viewer_usage
 
 # The domain's enums, registered under their GraphQL names (members by name: NONE, STARTER, PRO).
 strawberry.enum(Tier, name="Tier", description="A plan level; NONE means no paid plan.")
@@ -154,6 +155,21 @@ class Viewer:
         count = 10 if first is None else first
         records = await list_invoices(context_of(info).database, user_id=str(self.id), first=count)
         return [Invoice.from_model(record) for record in records]
+
+    @strawberry.field(
+        description=(
+            "The viewer's usage of `feature` in the current quota window, with the plan's limit and "
+            "a daily series. BAD_USER_INPUT for a feature no plan has."
+        )
+    )
+    async def usage(self, info: strawberry.Info[Any, Any], feature: str) -> UsageSummary:
+        return await viewer_usage(info, str(self.id), feature)
+
+    @strawberry.field(
+        description="Every feature of the viewer's effective plan with its limit and usage this window."
+    )
+    async def entitlements(self, info: strawberry.Info[Any, Any]) -> list[Entitlement]:
+        return await viewer_entitlements(info, str(self.id))
 
 
 @strawberry.type(description="May the viewer use a feature? For frontends gating pages.")

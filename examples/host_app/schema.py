@@ -8,9 +8,13 @@ coded error per refused field.
 
 from __future__ import annotations
 
+from typing import Any
+
 import strawberry
 from strawberry.tools import merge_types
 
+from billing.usage import UsageInput, record_usage
+from graph.context import context_of
 from graph.permissions import (
     HasActiveSubscription,
     IsAuthenticated,
@@ -18,6 +22,7 @@ from graph.permissions import (
     RequiresFeature,
     RequiresTier,
     Tier,
+    WithinQuota,
 )
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
@@ -44,6 +49,12 @@ class Forecast:
 class Cohort:
     name: str
     retention: float
+
+
+@strawberry.type
+class Lookup:
+    query: str
+    answer: str
 
 
 @strawberry.type
@@ -82,6 +93,28 @@ class HostQuery:
     )
     async def cohorts(self) -> list[Cohort] | None:
         return [Cohort(name="2026-01", retention=0.82)]
+
+    @strawberry.field(
+        description=(
+            "One API call, metered against the plan's monthly `api_calls` quota: QUOTA_EXCEEDED once "
+            "the quota is used up. Each answer records one call, once per X-Request-ID."
+        ),
+        extensions=[PermissionExtension(permissions=[WithinQuota("api_calls")])],
+    )
+    async def lookup(self, info: strawberry.Info[Any, Any], query: str) -> Lookup | None:
+        context = context_of(info)
+        user = await context.user()
+        # An embedding host app records usage in-process; a separate backend would call the
+        # `recordUsage` mutation with the service key instead.
+        await record_usage(
+            database=context.database,
+            catalog=context.catalog,
+            records=[UsageInput(user.id, "api_calls", 1, f"lookup:{context.request_id}")],
+            now=context.now,
+            max_quantity=context.services.settings.usage_max_quantity,
+            past_due_grace=context.policy.past_due_grace,
+        )
+        return Lookup(query=query, answer=query[::-1])
 
 
 Query = merge_types("Query", (BillingQuery, HostQuery))

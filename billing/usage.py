@@ -1,0 +1,589 @@
+"""Usage metering: recording usage, quota windows, window sums, entitlements and the quota check.
+
+Recording (`record_usage`) is idempotent per account and idempotency key, and all or nothing:
+every item is validated before anything is written, and one write transaction holds the insert
+(one `INSERT ... ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING` for the whole
+batch, then one read-back of the keys that were already there, to tell a retry from a conflict)
+and the upsert of the hourly rollups.
+
+Reading never scans every record: a window's usage is the `usage_rollup` rows of the whole
+hours inside the window plus exact sums of the raw records in the partial hours at its edges
+(windows start at the subscription period's start time, rarely on the hour).
+
+Quota windows (limits in the plans file are per month):
+
+- monthly plan: the subscription's current period, [current_period_start, current_period_end);
+- annual plan: monthly windows anchored on the period start (a subscriber who started on the
+  31st gets windows starting on the 31st, the 28th/29th/30th in shorter months, each computed
+  from the anchor so the day never drifts): a year does not get one month's quota;
+- no subscription (no period known): the calendar month, UTC.
+
+When the stored period has ended (a webhook not yet applied) the windows roll forward monthly
+from the period end, so a window always contains `now`.
+
+The quota check (`quota_check`, the `WithinQuota` permission, `access(feature)`) refuses once the
+window's usage has reached the limit: exactly at the limit, use is refused. Recording itself
+never refuses over quota (the use has happened; it must be billed), so with C requests admitted
+concurrently just under the limit, each recording at most q, usage ends at most `limit - 1 + C*q`
+(idempotency keys rule out double counting; that overshoot is the bound).
+"""
+
+from __future__ import annotations
+
+import calendar
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import BigInteger, and_, cast, func, or_, select, union_all
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from billing.access import (
+    AccessDecision,
+    AccessPolicy,
+    SubscriptionState,
+    check_feature_name,
+    effective_tier,
+)
+from billing.errors import BillingError, ErrorCode
+from billing.plans import Catalog
+from db.engine import Database
+from db.enums import BillingInterval, Tier
+from db.models import account_table, rollup_table, usage_table
+
+MAX_BATCH = 1000
+DEFAULT_MAX_QUANTITY = 1_000_000  # USAGE_MAX_QUANTITY
+MAX_FUTURE = timedelta(minutes=5)  # Stripe's meter events accept timestamps up to 5 minutes ahead
+MAX_AGE = timedelta(days=35)  # ... and up to 35 days back
+MAX_KEY_LENGTH = 255
+MAX_USER_ID_LENGTH = 255
+DEFAULT_PAST_DUE_GRACE = timedelta(days=7)
+HOUR = timedelta(hours=1)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# Recording -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class UsageInput:
+    """One use to record. `recorded_at` defaults to now."""
+
+    user_id: str
+    feature: str
+    quantity: int
+    idempotency_key: str
+    recorded_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordedUsage:
+    """A stored usage record. `duplicate`: the key was recorded before; this is the original."""
+
+    id: int
+    user_id: str
+    feature: str
+    quantity: int
+    recorded_at: datetime
+    idempotency_key: str
+    duplicate: bool
+
+
+def _bad_input(index: int, field: str, message: str) -> BillingError:
+    return BillingError(message, code=ErrorCode.BAD_USER_INPUT, index=index, field=field)
+
+
+def validate_usage(
+    record: UsageInput, index: int, *, catalog: Catalog, now: datetime, max_quantity: int
+) -> datetime:
+    """Check one item; returns its `recorded_at`. Raises BAD_USER_INPUT naming the item and field."""
+    if not record.user_id or len(record.user_id) > MAX_USER_ID_LENGTH:
+        raise _bad_input(index, "userId", f"userId must be 1 to {MAX_USER_ID_LENGTH} characters")
+    try:
+        check_feature_name(record.feature)
+    except BillingError as exc:
+        raise _bad_input(index, "feature", exc.message) from None
+    if record.feature not in catalog.all_features:
+        raise _bad_input(index, "feature", f"unknown feature {record.feature!r}: no plan has it")
+    if isinstance(record.quantity, bool) or not isinstance(record.quantity, int):
+        raise _bad_input(index, "quantity", "quantity must be a whole number")
+    if not 1 <= record.quantity <= max_quantity:
+        raise _bad_input(index, "quantity", f"quantity must be between 1 and {max_quantity}")
+    key = record.idempotency_key
+    if not key or not key.strip() or len(key) > MAX_KEY_LENGTH:
+        raise _bad_input(index, "idempotencyKey", f"idempotencyKey must be 1 to {MAX_KEY_LENGTH} characters")
+    at = record.recorded_at
+    if at is None:
+        return now
+    if at.tzinfo is None or at.utcoffset() is None:
+        raise _bad_input(index, "recordedAt", "recordedAt must include a time zone (e.g. ...Z)")
+    at = at.astimezone(UTC)
+    if at > now + MAX_FUTURE:
+        raise _bad_input(index, "recordedAt", "recordedAt is more than 5 minutes in the future")
+    if at < now - MAX_AGE:
+        raise _bad_input(
+            index, "recordedAt", "recordedAt is more than 35 days ago (Stripe's meter event window)"
+        )
+    return at
+
+
+_ACCOUNTS = select(
+    account_table.c.id,
+    account_table.c.user_id,
+    account_table.c.email,
+    account_table.c.name,
+    account_table.c.status,
+    account_table.c.tier,
+    account_table.c.interval,
+    account_table.c.stripe_price_id,
+    account_table.c.current_period_start,
+    account_table.c.current_period_end,
+    account_table.c.trial_end,
+    account_table.c.cancel_at_period_end,
+    account_table.c.canceled_at,
+    account_table.c.trial_used,
+)
+
+
+def _insert(database: Database) -> Any:
+    return postgresql.insert if database.is_postgres else sqlite.insert
+
+
+async def record_usage(
+    *,
+    database: Database,
+    catalog: Catalog,
+    records: Sequence[UsageInput],
+    now: datetime | None = None,
+    max_quantity: int = DEFAULT_MAX_QUANTITY,
+    past_due_grace: timedelta = DEFAULT_PAST_DUE_GRACE,
+) -> list[RecordedUsage]:
+    """Record usage, all or nothing; returns one record per input, in order.
+
+    The same idempotency key for the same account records once and returns the original (also
+    within one batch); the same key with another feature or quantity is IDEMPOTENCY_CONFLICT.
+    Refusals carry `extensions.index` (the item) and write nothing: BAD_USER_INPUT (unknown
+    feature, quantity out of 1..max_quantity, recordedAt outside Stripe's window, more than
+    1,000 items), NO_BILLING_ACCOUNT (unknown user), NO_SUBSCRIPTION (no live subscription).
+    """
+    now = now or utcnow()
+    if len(records) > MAX_BATCH:
+        raise BillingError(
+            f"at most {MAX_BATCH} usage records per batch (got {len(records)})",
+            code=ErrorCode.BAD_USER_INPUT,
+            field="inputs",
+        )
+    if not records:
+        return []
+    times = [
+        validate_usage(record, index, catalog=catalog, now=now, max_quantity=max_quantity)
+        for index, record in enumerate(records)
+    ]
+    # The same key twice in one batch: the second is a retry of the first, or a conflict.
+    first_of: dict[tuple[str, str], int] = {}
+    for index, record in enumerate(records):
+        seen = first_of.setdefault((record.user_id, record.idempotency_key), index)
+        if seen != index:
+            _check_same(records[seen], record, index)
+
+    async with database.write() as conn:
+        accounts = await _live_accounts(conn, records, now, past_due_grace)
+        rows = [
+            {
+                "account_id": accounts[records[index].user_id],
+                "feature": records[index].feature,
+                "quantity": records[index].quantity,
+                "recorded_at": times[index],
+                "idempotency_key": records[index].idempotency_key,
+                "created_at": now,
+            }
+            for index in sorted(
+                first_of.values(), key=lambda i: (records[i].user_id, records[i].idempotency_key)
+            )
+        ]
+        inserted = await conn.execute(
+            _insert(database)(usage_table)
+            .values(rows)
+            .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
+            .returning(
+                usage_table.c.id,
+                usage_table.c.account_id,
+                usage_table.c.idempotency_key,
+                usage_table.c.feature,
+                usage_table.c.quantity,
+                usage_table.c.recorded_at,
+            )
+        )
+        new = {(row.account_id, row.idempotency_key): row for row in inserted}
+        keys = [(accounts[records[i].user_id], records[i].idempotency_key) for i in first_of.values()]
+        existing = await _existing(conn, [key for key in keys if key not in new])
+        results: list[RecordedUsage] = []
+        for index, record in enumerate(records):
+            key = (accounts[record.user_id], record.idempotency_key)
+            row = new.get(key)
+            duplicate = row is None or first_of[(record.user_id, record.idempotency_key)] != index
+            if row is None:
+                row = existing[key]
+                _check_same_row(row, record, index)
+            results.append(
+                RecordedUsage(
+                    id=row.id,
+                    user_id=record.user_id,
+                    feature=row.feature,
+                    quantity=int(row.quantity),
+                    recorded_at=row.recorded_at,
+                    idempotency_key=row.idempotency_key,
+                    duplicate=duplicate,
+                )
+            )
+        await _add_to_rollups(database, conn, new.values())
+    return results
+
+
+def _check_same(original: UsageInput, retry: UsageInput, index: int) -> None:
+    if (original.feature, original.quantity) != (retry.feature, retry.quantity):
+        raise _conflict(retry, original.feature, original.quantity, index)
+
+
+def _check_same_row(row: Any, record: UsageInput, index: int) -> None:
+    if (row.feature, int(row.quantity)) != (record.feature, record.quantity):
+        raise _conflict(record, row.feature, int(row.quantity), index)
+
+
+def _conflict(record: UsageInput, feature: str, quantity: int, index: int) -> BillingError:
+    return BillingError(
+        f"idempotency key {record.idempotency_key!r} was already used for {quantity} x {feature!r}; "
+        "use a new key for a different use",
+        code=ErrorCode.IDEMPOTENCY_CONFLICT,
+        index=index,
+        field="idempotencyKey",
+    )
+
+
+async def _live_accounts(
+    conn: AsyncConnection, records: Sequence[UsageInput], now: datetime, grace: timedelta
+) -> dict[str, int]:
+    """user id -> account id, for users whose subscription grants access now; else the refusal."""
+    users = sorted({record.user_id for record in records})
+    found = {
+        row.user_id: row for row in await conn.execute(_ACCOUNTS.where(account_table.c.user_id.in_(users)))
+    }
+    accounts: dict[str, int] = {}
+    for index, record in enumerate(records):
+        if record.user_id in accounts:
+            continue
+        row = found.get(record.user_id)
+        if row is None:
+            raise BillingError(
+                f"no billing account for user {record.user_id!r}",
+                code=ErrorCode.NO_BILLING_ACCOUNT,
+                index=index,
+                userId=record.user_id,
+            )
+        state = SubscriptionState.from_row(row)
+        if effective_tier(state, now=now, past_due_grace=grace) is Tier.NONE:
+            raise BillingError(
+                f"user {record.user_id!r} has no live subscription (status {state.status.value})",
+                code=ErrorCode.NO_SUBSCRIPTION,
+                index=index,
+                userId=record.user_id,
+            )
+        accounts[record.user_id] = int(row.id)
+    return accounts
+
+
+async def _existing(conn: AsyncConnection, keys: list[tuple[int, str]]) -> dict[tuple[int, str], Any]:
+    if not keys:
+        return {}
+    by_account: dict[int, list[str]] = {}
+    for account_id, key in keys:
+        by_account.setdefault(account_id, []).append(key)
+    c = usage_table.c
+    rows = await conn.execute(
+        select(c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at).where(
+            or_(
+                *(
+                    and_(c.account_id == account_id, c.idempotency_key.in_(account_keys))
+                    for account_id, account_keys in by_account.items()
+                )
+            )
+        )
+    )
+    return {(row.account_id, row.idempotency_key): row for row in rows}
+
+
+def hour_of(moment: datetime) -> datetime:
+    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+async def _add_to_rollups(database: Database, conn: AsyncConnection, rows: Iterable[Any]) -> None:
+    sums: dict[tuple[int, str, datetime], int] = {}
+    for row in rows:
+        key = (row.account_id, row.feature, hour_of(row.recorded_at))
+        sums[key] = sums.get(key, 0) + int(row.quantity)
+    if not sums:
+        return
+    insert = _insert(database)(rollup_table).values(
+        [
+            {"account_id": account_id, "feature": feature, "hour": hour, "quantity": quantity}
+            for (account_id, feature, hour), quantity in sorted(sums.items())  # one lock order
+        ]
+    )
+    await conn.execute(
+        insert.on_conflict_do_update(
+            index_elements=["account_id", "feature", "hour"],
+            set_={"quantity": rollup_table.c.quantity + insert.excluded.quantity},
+        )
+    )
+
+
+# Quota windows -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """[start, end): the quota window usage is counted in."""
+
+    start: datetime
+    end: datetime
+
+
+def add_months(anchor: datetime, months: int) -> datetime:
+    """`anchor` moved by whole months, keeping its day (clamped to the month's last) and time."""
+    years, month_index = divmod(anchor.month - 1 + months, 12)
+    year, month = anchor.year + years, month_index + 1
+    return anchor.replace(year=year, month=month, day=min(anchor.day, calendar.monthrange(year, month)[1]))
+
+
+def monthly_window(anchor: datetime, now: datetime) -> Window:
+    """The month-long window, counted from `anchor`, that contains `now`."""
+    months = (now.year - anchor.year) * 12 + (now.month - anchor.month)
+    while add_months(anchor, months) > now:
+        months -= 1
+    while add_months(anchor, months + 1) <= now:
+        months += 1
+    return Window(add_months(anchor, months), add_months(anchor, months + 1))
+
+
+def calendar_month(now: datetime) -> Window:
+    start = now.astimezone(UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
+    return Window(start, add_months(start, 1))
+
+
+def quota_window(state: SubscriptionState, now: datetime) -> Window:
+    """The window the plans file's monthly limits apply to right now (rules in the module doc)."""
+    start, end = state.current_period_start, state.current_period_end
+    if start is None:
+        return calendar_month(now)
+    if state.interval is BillingInterval.ANNUAL:
+        return monthly_window(start, now)
+    if end is not None and start <= now < end:
+        return Window(start, end)
+    return monthly_window(end if end is not None and now >= end else start, now)
+
+
+# Window sums ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """Which hours come from rollups, and which edge ranges from raw records."""
+
+    hours: tuple[datetime, datetime] | None
+    edges: tuple[tuple[datetime, datetime], ...]
+
+
+def _split(window: Window) -> _Plan:
+    first_whole = hour_of(window.start)
+    if first_whole < window.start:
+        first_whole += HOUR
+    last_whole = hour_of(window.end)  # the start of the hour the window ends in
+    if first_whole > last_whole:  # start and end inside one hour
+        return _Plan(None, ((window.start, window.end),))
+    edges = tuple((lo, hi) for lo, hi in ((window.start, first_whole), (last_whole, window.end)) if lo < hi)
+    return _Plan((first_whole, last_whole) if first_whole < last_whole else None, edges)
+
+
+async def window_usage(
+    conn: AsyncConnection,
+    account_id: int,
+    features: Sequence[str],
+    window: Window,
+    *,
+    by_hour: bool = False,
+) -> list[tuple[str, datetime, int]]:
+    """(feature, hour, quantity) parts of the window's usage, in one statement.
+
+    Whole hours come from `usage_rollup` (per hour with `by_hour`, else one sum per feature);
+    the partial hours at the edges are exact sums of raw records. Every part is an index range
+    bounded by time, whatever the number of records.
+    """
+    if not features:
+        return []
+    plan = _split(window)
+    parts = []
+    r, u = rollup_table.c, usage_table.c
+    if plan.hours is not None:
+        where = (
+            r.account_id == account_id,
+            r.feature.in_(features),
+            r.hour >= plan.hours[0],
+            r.hour < plan.hours[1],
+        )
+        if by_hour:
+            parts.append(select(r.feature, r.hour.label("at"), r.quantity.label("quantity")).where(*where))
+        else:
+            parts.append(
+                select(
+                    r.feature,
+                    func.min(r.hour).label("at"),
+                    cast(func.sum(r.quantity), BigInteger).label("quantity"),
+                )
+                .where(*where)
+                .group_by(r.feature)
+            )
+    for lo, hi in plan.edges:
+        parts.append(
+            select(
+                u.feature,
+                func.min(u.recorded_at).label("at"),
+                cast(func.sum(u.quantity), BigInteger).label("quantity"),
+            )
+            .where(
+                u.account_id == account_id, u.feature.in_(features), u.recorded_at >= lo, u.recorded_at < hi
+            )
+            .group_by(u.feature)
+        )
+    statement = parts[0] if len(parts) == 1 else union_all(*parts)
+    rows = await conn.execute(statement)
+    return [(row.feature, row.at, int(row.quantity)) for row in rows if row.quantity]
+
+
+async def used_in_window(
+    database: Database, account_id: int | None, features: Sequence[str], window: Window
+) -> dict[str, int]:
+    """feature -> usage in the window (0 for features without any)."""
+    used = dict.fromkeys(features, 0)
+    if account_id is None:
+        return used
+    async with database.read() as conn:
+        for feature, _at, quantity in await window_usage(conn, account_id, features, window):
+            used[feature] += quantity
+    return used
+
+
+# Summaries, entitlements and the quota check -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class DailyUsage:
+    day: date  # UTC
+    quantity: int
+
+
+@dataclass(frozen=True, slots=True)
+class UsageSummary:
+    feature: str
+    used: int
+    limit: int | None  # None: unlimited; 0 when the plan does not include the feature
+    window: Window
+    daily: tuple[DailyUsage, ...]  # every UTC day the window touches, zeros included
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class Entitlement:
+    feature: str
+    limit: int | None  # None: unlimited
+    used: int
+
+    @property
+    def remaining(self) -> int | None:
+        return None if self.limit is None else max(self.limit - self.used, 0)
+
+
+def check_known_feature(catalog: Catalog, feature: str) -> None:
+    check_feature_name(feature)
+    if feature not in catalog.all_features:
+        raise BillingError(
+            f"unknown feature {feature!r}: no plan has it", code=ErrorCode.BAD_USER_INPUT, field="feature"
+        )
+
+
+def feature_limit(policy: AccessPolicy, state: SubscriptionState, feature: str, now: datetime) -> int | None:
+    """The effective tier's monthly limit: None if unlimited, 0 if its plan lacks the feature."""
+    tier = policy.effective_tier(state, now)
+    if not policy.catalog.has_feature(tier, feature):
+        return 0
+    return policy.catalog.limit(tier, feature)
+
+
+async def usage_summary(
+    database: Database, policy: AccessPolicy, state: SubscriptionState, feature: str, now: datetime
+) -> UsageSummary:
+    """The feature's usage in the current quota window, with a daily series for charts."""
+    check_known_feature(policy.catalog, feature)
+    window = quota_window(state, now)
+    days: dict[date, int] = {}
+    day = window.start.date()
+    while datetime(day.year, day.month, day.day, tzinfo=UTC) < window.end:
+        days[day] = 0
+        day += timedelta(days=1)
+    if state.account_id is not None:
+        async with database.read() as conn:
+            for _feature, at, quantity in await window_usage(
+                conn, state.account_id, [feature], window, by_hour=True
+            ):
+                days[at.astimezone(UTC).date()] += quantity
+    return UsageSummary(
+        feature=feature,
+        used=sum(days.values()),
+        limit=feature_limit(policy, state, feature, now),
+        window=window,
+        daily=tuple(DailyUsage(day, quantity) for day, quantity in days.items()),
+    )
+
+
+async def entitlements(
+    database: Database, policy: AccessPolicy, state: SubscriptionState, now: datetime
+) -> list[Entitlement]:
+    """Every feature of the effective tier's plan with its limit and this window's usage."""
+    tier = policy.effective_tier(state, now)
+    plan = policy.catalog.plans.get(tier)
+    if plan is None:
+        return []
+    features = sorted(plan.features)
+    used = await used_in_window(database, state.account_id, features, quota_window(state, now))
+    return [Entitlement(feature, plan.limits.get(feature), used[feature]) for feature in features]
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaCheck:
+    decision: AccessDecision
+    limit: int | None
+    used: int | None  # None when not read (no limit, or access refused before the quota)
+    window: Window
+
+
+async def quota_check(
+    database: Database, policy: AccessPolicy, state: SubscriptionState, feature: str, now: datetime
+) -> QuotaCheck:
+    """Feature access plus the quota: QUOTA_EXCEEDED once the window's usage reached the limit.
+
+    Reads usage only for a feature the plan limits (one statement), never otherwise.
+    """
+    decision = policy.feature_access(state, feature, now)
+    window = quota_window(state, now)
+    limit = policy.catalog.limit(decision.effective_tier, feature)
+    if not decision.allowed or limit is None:
+        return QuotaCheck(decision, limit, None, window)
+    used = (await used_in_window(database, state.account_id, [feature], window))[feature]
+    return QuotaCheck(policy.quota_access(decision, feature, used), limit, used, window)

@@ -1,0 +1,291 @@
+"""Usage metering in GraphQL: the recording mutations, the usage types and `WithinQuota`.
+
+Resolvers stay thin: they read the context and call `billing.usage`.
+
+- `recordUsage` / `recordUsageBatch` (service key only): idempotent per user and key, all or
+  nothing, refusals coded with `extensions.index` naming the item.
+- `Viewer.usage(feature)` and `Viewer.entitlements` (types here, fields on `graph.types.Viewer`).
+- `WithinQuota("feature")`: a permission for host apps' fields, QUOTA_EXCEEDED once the quota
+  window's usage reached the plan's limit.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime
+from typing import Any, NewType
+
+import strawberry
+from graphql import IntValueNode, ValueNode
+from strawberry.types.scalar import ScalarDefinition
+
+from billing.access import AccessDecision as AccessDecisionModel
+from billing.access import SubscriptionState
+from billing.errors import BillingError, ErrorCode
+from billing.usage import DailyUsage as DailyUsageModel
+from billing.usage import Entitlement as EntitlementModel
+from billing.usage import (
+    RecordedUsage,
+    UsageInput,
+    entitlements,
+    quota_check,
+    record_usage,
+    usage_summary,
+)
+from billing.usage import UsageSummary as UsageSummaryModel
+from graph.context import Context, context_of
+from graph.permissions import IsService, PermissionExtension, _BillingPermission
+
+BigInt = NewType("BigInt", int)
+
+
+def _parse_big_int_literal(node: ValueNode, _variables: Any = None) -> int:
+    if not isinstance(node, IntValueNode):
+        raise ValueError("BigInt must be a whole number")
+    return int(node.value)
+
+
+def _big(value: int | None) -> BigInt | None:
+    return None if value is None else BigInt(value)
+
+
+# For `StrawberryConfig.scalar_map` (graph.schema.build_schema passes it).
+SCALARS: dict[object, ScalarDefinition] = {
+    BigInt: strawberry.scalar(
+        name="BigInt",
+        description="A whole number that may not fit GraphQL's 32-bit Int (a JSON number, exact up to 2^53).",
+        serialize=int,
+        parse_value=int,
+        parse_literal=_parse_big_int_literal,
+    )
+}
+
+
+# Recording -----------------------------------------------------------------------------------
+
+
+@strawberry.input(description="One use of a feature, reported by the host app's backend.")
+class RecordUsageInput:
+    user_id: strawberry.ID
+    feature: str = strawberry.field(description="A feature of the plans file (`plans.features`/`limits`).")
+    quantity: int = strawberry.field(description="1 to USAGE_MAX_QUANTITY (default 1,000,000).")
+    idempotency_key: str = strawberry.field(
+        description="Unique per use and user: a retry with the same key records nothing new."
+    )
+    recorded_at: datetime | None = strawberry.field(
+        default=None,
+        description="When it happened (default now): at most 35 days ago and 5 minutes ahead.",
+    )
+
+    def to_model(self) -> UsageInput:
+        return UsageInput(
+            user_id=str(self.user_id),
+            feature=self.feature,
+            quantity=self.quantity,
+            idempotency_key=self.idempotency_key,
+            recorded_at=self.recorded_at,
+        )
+
+
+@strawberry.type(description="A stored usage record.")
+class UsageRecord:
+    id: strawberry.ID
+    user_id: strawberry.ID
+    feature: str
+    quantity: int
+    recorded_at: datetime
+    idempotency_key: str
+    duplicate: bool = strawberry.field(
+        description="True when the key was recorded before: this is the original record, nothing was added."
+    )
+
+    @classmethod
+    def from_model(cls, record: RecordedUsage) -> UsageRecord:
+        return cls(
+            id=strawberry.ID(str(record.id)),
+            user_id=strawberry.ID(record.user_id),
+            feature=record.feature,
+            quantity=record.quantity,
+            recorded_at=record.recorded_at,
+            idempotency_key=record.idempotency_key,
+            duplicate=record.duplicate,
+        )
+
+
+async def _record(context: Context, inputs: list[RecordUsageInput]) -> list[UsageRecord]:
+    settings = context.services.settings
+    records = await record_usage(
+        database=context.database,
+        catalog=context.catalog,
+        records=[item.to_model() for item in inputs],
+        now=context.now,
+        max_quantity=settings.usage_max_quantity,
+        past_due_grace=context.policy.past_due_grace,
+    )
+    _kick_reporter(context)
+    return [UsageRecord.from_model(record) for record in records]
+
+
+def _kick_reporter(context: Context) -> None:
+    """Nothing to wait for: the reporter runs on its own; a kick only makes it sooner."""
+    app = getattr(context.request, "app", None)
+    reporter = getattr(getattr(app, "state", None), "usage_reporter", None)
+    kick = getattr(reporter, "kick", None)
+    if callable(kick):
+        kick()
+
+
+def _service_only() -> list[Any]:
+    return [PermissionExtension(permissions=[IsService()])]
+
+
+@strawberry.type
+class UsageMutation:
+    @strawberry.mutation(
+        description=(
+            "Record one use of a feature for a user (service key only). Idempotent: the same key "
+            "returns the original record (`duplicate: true`); the same key with another feature or "
+            "quantity is IDEMPOTENCY_CONFLICT. BAD_USER_INPUT for an unknown feature, a quantity "
+            "outside 1..USAGE_MAX_QUANTITY or a recordedAt outside [now - 35 days, now + 5 minutes]; "
+            "NO_BILLING_ACCOUNT for an unknown user; NO_SUBSCRIPTION without a live subscription."
+        ),
+        extensions=_service_only(),
+    )
+    async def record_usage(self, info: strawberry.Info[Any, Any], input: RecordUsageInput) -> UsageRecord:
+        (record,) = await _record(context_of(info), [input])
+        return record
+
+    @strawberry.mutation(
+        description=(
+            "Record up to 1,000 uses at once (service key only), all or nothing: any refusal writes "
+            "nothing and its error names the item in `extensions.index`. Records come back in order."
+        ),
+        extensions=_service_only(),
+    )
+    async def record_usage_batch(
+        self, info: strawberry.Info[Any, Any], inputs: list[RecordUsageInput]
+    ) -> list[UsageRecord]:
+        return await _record(context_of(info), inputs)
+
+
+# Reading -------------------------------------------------------------------------------------
+
+
+@strawberry.type(description="Usage of one UTC day.")
+class DailyUsage:
+    date: date
+    quantity: BigInt
+
+    @classmethod
+    def from_model(cls, day: DailyUsageModel) -> DailyUsage:
+        return cls(date=day.day, quantity=BigInt(day.quantity))
+
+
+@strawberry.type(description="A feature's usage in the current quota window.")
+class UsageSummary:
+    feature: str
+    used: BigInt
+    limit: BigInt | None = strawberry.field(
+        description="The plan's limit per window; null when unlimited, 0 when the plan lacks the feature."
+    )
+    remaining: BigInt | None = strawberry.field(
+        description="limit - used, never below 0; null when unlimited."
+    )
+    window_start: datetime = strawberry.field(
+        description=(
+            "The quota window: the current period (monthly plans), the current month counted from "
+            "the period start (annual plans), or the calendar month (no subscription)."
+        )
+    )
+    window_end: datetime
+    daily: list[DailyUsage] = strawberry.field(
+        description="One entry per UTC day the window touches (zeros included), for charts."
+    )
+
+    @classmethod
+    def from_model(cls, summary: UsageSummaryModel) -> UsageSummary:
+        return cls(
+            feature=summary.feature,
+            used=BigInt(summary.used),
+            limit=_big(summary.limit),
+            remaining=_big(summary.remaining),
+            window_start=summary.window.start,
+            window_end=summary.window.end,
+            daily=[DailyUsage.from_model(day) for day in summary.daily],
+        )
+
+
+@strawberry.type(description="A feature of the viewer's plan (effective tier), with its limit and usage.")
+class Entitlement:
+    feature: str
+    limit: BigInt | None = strawberry.field(description="Per quota window; null when unlimited.")
+    used: BigInt
+    remaining: BigInt | None = strawberry.field(
+        description="limit - used, never below 0; null when unlimited."
+    )
+
+    @classmethod
+    def from_model(cls, entitlement: EntitlementModel) -> Entitlement:
+        return cls(
+            feature=entitlement.feature,
+            limit=_big(entitlement.limit),
+            used=BigInt(entitlement.used),
+            remaining=_big(entitlement.remaining),
+        )
+
+
+async def viewer_usage(info: strawberry.Info[Any, Any], user_id: str, feature: str) -> UsageSummary:
+    """`Viewer.usage`: the account is the request's one read of it (shared with permissions)."""
+    context = context_of(info)
+    state = await context.subscription(user_id)
+    summary = await usage_summary(context.database, context.policy, state, feature, context.now)
+    return UsageSummary.from_model(summary)
+
+
+async def viewer_entitlements(info: strawberry.Info[Any, Any], user_id: str) -> list[Entitlement]:
+    """`Viewer.entitlements`: one read of usage for every feature of the plan."""
+    context = context_of(info)
+    state = await context.subscription(user_id)
+    found = await entitlements(context.database, context.policy, state, context.now)
+    return [Entitlement.from_model(entitlement) for entitlement in found]
+
+
+# The quota permission ------------------------------------------------------------------------
+
+
+class WithinQuota(_BillingPermission):
+    """The viewer's plan includes `feature` and the quota window's usage is below its limit.
+
+    Refuses with QUOTA_EXCEEDED once usage reached the limit (exactly at the limit too), with
+    `limit`, `used` and `resetsAt` (the window's end) in `extensions`; a plan without the
+    feature is FEATURE_NOT_IN_PLAN, as `RequiresFeature`. A feature without a limit passes
+    without reading usage. The check reads usage once; uses admitted concurrently just under the
+    limit may all be recorded (see `billing.usage` for the bound).
+    """
+
+    code = ErrorCode.FEATURE_NOT_IN_PLAN
+
+    def __init__(self, feature: str) -> None:
+        self.feature = feature
+        self.message: str = f"the quota of {feature!r} is used up for this period"
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        context = context_of(info)
+        _user, state = await context.viewer()
+        check = await quota_check(context.database, context.policy, state, self.feature, context.now)
+        decision = check.decision
+        if decision.allowed:
+            return True
+        error: BillingError
+        if check.used is not None:  # refused by the quota itself
+            error = decision.error(ErrorCode.QUOTA_EXCEEDED, self.message)
+            error.extensions.update(limit=check.limit, used=check.used, resetsAt=check.window.end.isoformat())
+        else:
+            error = decision.error(self.code, f"the current plan does not include {self.feature!r}")
+        error.extensions["feature"] = self.feature
+        raise error
+
+
+async def quota_access(context: Context, state: SubscriptionState, feature: str) -> AccessDecisionModel:
+    """`access(feature)`: feature access, refused with QUOTA_EXCEEDED once the quota is used up."""
+    check = await quota_check(context.database, context.policy, state, feature, context.now)
+    return check.decision

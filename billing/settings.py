@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from billing.errors import ConfigurationError
+from billing.rate_limit import Rate
 from db.engine import DatabaseURLError, parse_database_url
 
 # Development-only values, so the quick start needs no configuration. Production refuses them.
@@ -66,6 +67,8 @@ class Settings(BaseSettings):
     # graphql-transport-ws limits: operations in flight on one connection, connections per process.
     ws_max_operations: int = Field(default=10, ge=1, le=1000)
     ws_max_connections: int = Field(default=1000, ge=1, le=1_000_000)
+    # Per-user budget of the mutations that call Stripe: "N/second|minute|hour|day", or "off".
+    rate_limit_stripe_mutations: str = "10/minute"
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")
@@ -92,6 +95,12 @@ class Settings(BaseSettings):
                 parts.scheme not in {"http", "https"} or not parts.netloc or parts.path not in {"", "/"}
             ):
                 raise ValueError(f"{origin!r} is not an origin (scheme://host[:port], or *)")
+        return value
+
+    @field_validator("rate_limit_stripe_mutations")
+    @classmethod
+    def _rate(cls, value: str) -> str:
+        Rate.parse(value)  # raises ValueError naming the expected form
         return value
 
     @field_validator("stripe_api_base", "public_base_url", "app_url", "auth_jwks_url")
@@ -154,6 +163,11 @@ class Settings(BaseSettings):
             return []
         parts = urlsplit(self.app_url)
         return [f"{parts.scheme}://{parts.netloc}"]
+
+    @property
+    def stripe_mutations_rate(self) -> Rate | None:
+        """RATE_LIMIT_STRIPE_MUTATIONS, parsed; None when off."""
+        return Rate.parse(self.rate_limit_stripe_mutations)
 
     @cached_property
     def webhook_secrets(self) -> list[str]:

@@ -246,6 +246,17 @@ class Invoice(SQLModel, table=True):
     synced_at: datetime = Field(sa_type=UTCDateTime)
 
 
+class RateLimit(SQLModel, table=True):
+    """Request budgets (billing/rate_limit.py): one row per key, its window and the hits in it."""
+
+    __tablename__ = "rate_limit"
+    __table_args__ = (CheckConstraint("hits > 0", name="hits_positive"),)
+
+    bucket: str = Field(primary_key=True, sa_type=String(320))
+    window_start: datetime = Field(sa_type=UTCDateTime)
+    hits: int = Field(sa_type=Integer)
+
+
 account_table = BillingAccount.__table__  # type: ignore[attr-defined]
 usage_table = UsageRecord.__table__  # type: ignore[attr-defined]
 rollup_table = UsageRollup.__table__  # type: ignore[attr-defined]
@@ -253,3 +264,4 @@ report_table = UsageReport.__table__  # type: ignore[attr-defined]
 event_table = StripeEvent.__table__  # type: ignore[attr-defined]
 invoice_table = Invoice.__table__  # type: ignore[attr-defined]
 quote_table = PlanChangeQuote.__table__  # type: ignore[attr-defined]
+rate_limit_table = RateLimit.__table__  # type: ignore[attr-defined]

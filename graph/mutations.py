@@ -19,6 +19,7 @@ from graph.billing_types import CheckoutSession, PortalSession
 from graph.context import Context, context_of
 from graph.permissions import IsAuthenticated, PermissionExtension
 from graph.plan_mutations import PlanMutation
+from graph.rate_limit import RateLimited
 from graph.types import BillingSubscription
 
 
@@ -34,7 +35,8 @@ def stripe_of(context: Context) -> tuple[StripeGateway, CustomerLocks]:
 
 
 def _signed_in() -> list[Any]:
-    return [PermissionExtension(permissions=[IsAuthenticated()])]
+    """A user token, then the user's budget of Stripe calls (graph.rate_limit: the last runs first)."""
+    return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated()])]
 
 
 @strawberry.type

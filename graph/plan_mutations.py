@@ -17,6 +17,7 @@ from billing.subscriptions import CustomerLocks
 from db.enums import BillingInterval, Tier
 from graph.context import Context, context_of
 from graph.permissions import IsAuthenticated, PermissionExtension
+from graph.rate_limit import RateLimited
 from graph.types import BillingSubscription
 
 
@@ -91,7 +92,8 @@ def _clock() -> datetime:
 
 
 def _signed_in() -> list[Any]:
-    return [PermissionExtension(permissions=[IsAuthenticated()])]
+    """A user token, then the user's budget of Stripe calls (graph.rate_limit: the last runs first)."""
+    return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated()])]
 
 
 @strawberry.type

@@ -18,7 +18,7 @@ import logging
 import random
 import uuid
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 import stripe
@@ -55,7 +55,7 @@ def random_idempotency_key(kind: str) -> str:
 
 @dataclass(frozen=True)
 class GatewayConfig:
-    api_key: str
+    api_key: str = field(repr=False)  # never in logs or tracebacks
     api_base: str | None = None  # None: Stripe's own API
     timeout_seconds: float = 20.0
     max_network_retries: int = 2

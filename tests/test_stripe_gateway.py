@@ -131,3 +131,9 @@ def test_deterministic_keys_differ_by_part() -> None:
     assert idempotency_key("customer", "u1") == idempotency_key("customer", "u1")
     assert idempotency_key("customer", "u1") != idempotency_key("customer", "u2")
     assert idempotency_key("customer", "u1") != idempotency_key("checkout", "u1")
+
+
+def test_the_gateway_configuration_never_shows_its_key() -> None:
+    config = GatewayConfig(api_key="sk_test_do_not_print_me", api_base="http://127.0.0.1:9")
+    assert "do_not_print_me" not in repr(config)
+    assert "do_not_print_me" not in str(StripeGateway(config).config)

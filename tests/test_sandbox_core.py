@@ -72,7 +72,9 @@ async def test_a_request_without_a_test_key_is_401(service: Service) -> None:
     assert response.status_code == 401
 
 
-async def test_a_deleted_customer_is_a_retrievable_stub_and_leaves_lists(stripe_gateway: StripeGateway) -> None:
+async def test_a_deleted_customer_is_a_retrievable_stub_and_leaves_lists(
+    stripe_gateway: StripeGateway,
+) -> None:
     customer = await stripe_gateway.v1.customers.create_async({"email": "gone@example.com"})
     deleted = await stripe_gateway.v1.customers.delete_async(customer.id)
     again = await stripe_gateway.v1.customers.retrieve_async(customer.id)

@@ -56,8 +56,9 @@ def _settings() -> Settings:
         format="%(asctime)s %(levelname)s %(name)s %(message)s",
     )
     logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
-    for chatty in ("httpx", "stripe"):  # a line per HTTP request; our own logs say what matters
-        logging.getLogger(chatty).setLevel(max(logging.WARNING, logging.getLogger().level))
+    if logging.getLogger().level > logging.DEBUG:  # a line per HTTP request: only when debugging
+        for chatty in ("httpx", "stripe"):
+            logging.getLogger(chatty).setLevel(logging.WARNING)
     return settings
 
 

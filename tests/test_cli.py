@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -14,6 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
+
+from tests.conftest import free_port
+from tests.processes import billing_serve
 
 BILLING = str(Path(sys.executable).with_name("billing"))
 
@@ -39,12 +41,6 @@ def assert_one_clear_line(result: subprocess.CompletedProcess[str], *needles: st
     assert "Traceback" not in result.stderr
     for needle in needles:
         assert needle in errors[0]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture
@@ -109,30 +105,8 @@ def test_serve_refuses_a_production_configuration_naming_the_setting(
 @pytest.fixture
 def served(tmp_path: Path, sqlite_env: dict[str, str]) -> Iterator[str]:
     assert run("migrate", env=sqlite_env, cwd=tmp_path).returncode == 0
-    port = free_port()
-    process = subprocess.Popen(
-        [BILLING, "serve", "--port", str(port)],
-        env={**os.environ, **sqlite_env},
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("billing serve did not come up")
-        yield base
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with billing_serve(sqlite_env, tmp_path) as (url,):
+        yield url
 
 
 def test_serve_answers_health_probes_and_graphql(served: str) -> None:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +25,7 @@ from graph.permissions import PermissionExtension
 from graph.rate_limit import RateLimited
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema, schema
-from tests.conftest import free_port
+from tests.processes import BILLING, billing_serve
 from tests.test_graphql_support import error_codes, hs256_token, serve_api
 
 STRIPE_MUTATIONS = {
@@ -211,50 +209,20 @@ async def test_the_rate_limit_can_be_turned_off(database: Database) -> None:
 
 # Two processes on one PostgreSQL database --------------------------------------------------------
 
-BILLING = str(Path(sys.executable).with_name("billing"))
-
 
 @pytest.fixture
 def two_services(fresh_pg_url: str, tmp_path: Path) -> Iterator[list[str]]:
     env = {
-        **os.environ,
         "DATABASE_URL": fresh_pg_url,
         "SANDBOX_SYNC_CATALOG": "false",
         "WEBHOOK_WORKER": "false",
         "RATE_LIMIT_STRIPE_MUTATIONS": "4/hour",
     }
-    subprocess.run([BILLING, "migrate"], env=env, check=True, capture_output=True, cwd=tmp_path)
-    urls, processes = [], []
-    try:
-        for _ in range(2):  # one after the other: the first creates the sandbox's tables
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            processes.append(
-                subprocess.Popen(
-                    [BILLING, "serve", "--port", str(port)],
-                    env={**env, "PUBLIC_BASE_URL": url},
-                    cwd=tmp_path,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            else:
-                pytest.fail("billing serve did not come up")
-            urls.append(url)
+    subprocess.run(
+        [BILLING, "migrate"], env={**os.environ, **env}, check=True, capture_output=True, cwd=tmp_path
+    )
+    with billing_serve(env, tmp_path, count=2) as urls:
         yield urls
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=15)
 
 
 @pytest.mark.postgres_only

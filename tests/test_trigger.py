@@ -10,31 +10,23 @@ from __future__ import annotations
 import asyncio
 import os
 import re
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 from sqlalchemy import select
 
 from db.engine import Database
 from db.models import account_table, event_table
 from graph.trigger import SUPPORTED
+from tests.conftest import free_port
+from tests.processes import BILLING, billing_serve
 
-BILLING = str(Path(sys.executable).with_name("billing"))
 EVENT_LINE = re.compile(r"^\s+([a-z_.]+)\s+(evt_\w+)$", re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def billing(*args: str, env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -67,32 +59,11 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     """`billing migrate` then `billing serve` on SQLite, on a free port, with PUBLIC_BASE_URL set."""
     cwd = tmp_path_factory.mktemp("trigger")
     database_url = f"sqlite+aiosqlite:///{cwd / 'billing.db'}"
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {"DATABASE_URL": database_url, "PUBLIC_BASE_URL": url}
+    env = {"DATABASE_URL": database_url}
     migrated = billing("migrate", env=env, cwd=cwd)
     assert migrated.returncode == 0, migrated.stderr
-    process = subprocess.Popen(
-        [BILLING, "serve", "--port", str(port)],
-        env={**os.environ, **env},
-        cwd=cwd,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                time.sleep(0.1)
-        else:
-            pytest.fail("billing serve did not come up")
-        yield Served(url, env, cwd, database_url)
-    finally:
-        process.terminate()
-        process.wait(timeout=15)
+    with billing_serve(env, cwd) as (url,):
+        yield Served(url, {**env, "PUBLIC_BASE_URL": url}, cwd, database_url)
 
 
 def printed_events(stdout: str) -> list[tuple[str, str]]:

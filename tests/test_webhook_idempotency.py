@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from billing.webhooks import Envelope, store_event
 from db.engine import Database
 from db.models import account_table, event_table
 from tests.conftest import DbTarget, Service, free_port, running_service
+from tests.processes import BILLING, billing_serve
 from tests.stripe_events import event, post_event
 
 
@@ -101,44 +101,15 @@ async def test_a_conflict_on_the_event_id_is_a_duplicate_but_other_integrity_err
 
 # Two service processes sharing one PostgreSQL -------------------------------------------------
 
-BILLING = str(Path(sys.executable).with_name("billing"))
-
 
 @pytest.fixture
 def two_processes(fresh_pg_url: str, tmp_path: Path) -> Iterator[list[str]]:
-    env = {**os.environ, "DATABASE_URL": fresh_pg_url, "SANDBOX_SYNC_CATALOG": "false"}
-    subprocess.run([BILLING, "migrate"], env=env, check=True, capture_output=True, cwd=tmp_path)
-    urls, processes = [], []
-    try:
-        for _ in range(2):  # one after the other: the first creates the sandbox's tables
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            processes.append(
-                subprocess.Popen(
-                    [BILLING, "serve", "--port", str(port)],
-                    env={**env, "PUBLIC_BASE_URL": url},
-                    cwd=tmp_path,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-            )
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                try:
-                    if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                time.sleep(0.1)
-            else:
-                pytest.fail("billing serve did not come up")
-            urls.append(url)
+    env = {"DATABASE_URL": fresh_pg_url, "SANDBOX_SYNC_CATALOG": "false"}
+    subprocess.run(
+        [BILLING, "migrate"], env={**os.environ, **env}, check=True, capture_output=True, cwd=tmp_path
+    )
+    with billing_serve(env, tmp_path, count=2) as urls:
         yield urls
-    finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            process.wait(timeout=15)
 
 
 @pytest.mark.postgres_only

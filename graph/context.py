@@ -27,6 +27,8 @@ from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.realtime import BillingStateHub
 from billing.settings import Settings
+from billing.stripe_gateway import StripeGateway
+from billing.subscriptions import CustomerLocks
 from db.engine import Database
 from graph.auth import Authenticator, Principal, ServicePrincipal, User
 
@@ -95,6 +97,17 @@ class Context:
         if database is None:
             raise RuntimeError("GraphQLServices.database is not bound (the app has not started)")
         return database
+
+    def stripe(self) -> tuple[StripeGateway, CustomerLocks]:
+        """The app's Stripe gateway and the per-customer locks its webhook worker uses too."""
+        state = self.request.app.state
+        gateway, events = getattr(state, "stripe", None), getattr(state, "events", None)
+        locks = getattr(events, "locks", None)
+        if not isinstance(gateway, StripeGateway) or not isinstance(locks, CustomerLocks):
+            raise RuntimeError(
+                "the billing mutations need the app built by graph.app.create_app (not started?)"
+            )
+        return gateway, locks
 
     @property
     def is_websocket(self) -> bool:

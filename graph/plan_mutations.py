@@ -12,12 +12,9 @@ from typing import Any
 import strawberry
 
 from billing import plan_changes
-from billing.stripe_gateway import StripeGateway
-from billing.subscriptions import CustomerLocks
 from db.enums import BillingInterval, Tier
-from graph.context import Context, context_of
-from graph.permissions import IsAuthenticated, PermissionExtension
-from graph.rate_limit import RateLimited
+from graph.context import context_of
+from graph.rate_limit import signed_in_stripe_call
 from graph.types import BillingSubscription
 
 
@@ -77,23 +74,8 @@ class PlanChangePreview:
         )
 
 
-def _stripe(context: Context) -> tuple[StripeGateway, CustomerLocks]:
-    """The app's Stripe gateway and the per-customer locks its webhook worker uses too."""
-    state = context.request.app.state
-    gateway, events = getattr(state, "stripe", None), getattr(state, "events", None)
-    locks = getattr(events, "locks", None)
-    if not isinstance(gateway, StripeGateway) or not isinstance(locks, CustomerLocks):
-        raise RuntimeError("the plan mutations need the app built by graph.app.create_app (not started?)")
-    return gateway, locks
-
-
 def _clock() -> datetime:
     return datetime.now(UTC)
-
-
-def _signed_in() -> list[Any]:
-    """A user token, then the user's budget of Stripe calls (graph.rate_limit: the last runs first)."""
-    return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated()])]
 
 
 @strawberry.type
@@ -104,14 +86,14 @@ class PlanMutation:
             "date is kept for a few minutes, so `changePlan` then charges exactly `amountDue`. "
             "NO_SUBSCRIPTION without a live subscription; INVALID_PLAN for NONE or the current plan."
         ),
-        extensions=_signed_in(),
+        extensions=signed_in_stripe_call(),
     )
     async def preview_plan_change(
         self, info: strawberry.Info[Any, Any], tier: Tier, interval: BillingInterval
     ) -> PlanChangePreview:
         context = context_of(info)
         user = await context.user()
-        gateway, _locks = _stripe(context)
+        gateway, _locks = context.stripe()
         preview = await plan_changes.preview_plan_change(
             database=context.database,
             gateway=gateway,
@@ -130,14 +112,14 @@ class PlanMutation:
             "end (`pendingChange`). The current plan drops a pending change. NO_SUBSCRIPTION, "
             "INVALID_PLAN as for the preview."
         ),
-        extensions=_signed_in(),
+        extensions=signed_in_stripe_call(),
     )
     async def change_plan(
         self, info: strawberry.Info[Any, Any], tier: Tier, interval: BillingInterval
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = _stripe(context)
+        gateway, locks = context.stripe()
         state = await plan_changes.change_plan(
             database=context.database,
             gateway=gateway,
@@ -155,14 +137,14 @@ class PlanMutation:
             "Cancel at the period end (the default: access until then) or now. A pending plan "
             "change is dropped. NO_SUBSCRIPTION without a live subscription."
         ),
-        extensions=_signed_in(),
+        extensions=signed_in_stripe_call(),
     )
     async def cancel_subscription(
         self, info: strawberry.Info[Any, Any], at_period_end: bool = True
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = _stripe(context)
+        gateway, locks = context.stripe()
         state = await plan_changes.cancel_subscription(
             database=context.database,
             gateway=gateway,
@@ -178,12 +160,12 @@ class PlanMutation:
             "Undo a cancellation at the period end, or resume a paused subscription; anything "
             "else is left as it is. NO_SUBSCRIPTION without a live subscription."
         ),
-        extensions=_signed_in(),
+        extensions=signed_in_stripe_call(),
     )
     async def resume_subscription(self, info: strawberry.Info[Any, Any]) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = _stripe(context)
+        gateway, locks = context.stripe()
         state = await plan_changes.resume_subscription(
             database=context.database, gateway=gateway, locks=locks, clock=_clock, user_id=user.id
         )

@@ -52,3 +52,13 @@ class RateLimited(FieldExtension):
                     retryAfter=retry_after,
                 )
         return await next_(source, info, **kwargs)
+
+
+def signed_in_stripe_call() -> list[Any]:
+    """Extensions of a mutation that reaches Stripe: a user token, then the user's budget.
+
+    Field extensions run last-first, so the permission is checked before the budget is counted.
+    """
+    from graph.permissions import IsAuthenticated, PermissionExtension
+
+    return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated()])]

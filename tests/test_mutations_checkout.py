@@ -20,6 +20,8 @@ from db.engine import Database
 from db.models import account_table, event_table, invoice_table, usage_table
 from tests.billing_flows import account, control, raw_events, setup_catalog, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
+from tests.db_snapshot import Snapshot
+from tests.db_snapshot import snapshot as snapshot_of
 from tests.test_graphql_support import error_codes, hs256_token, only_error
 
 CREATE = """mutation($tier: Tier!, $interval: BillingInterval!) {
@@ -119,16 +121,9 @@ async def settle(service: Service) -> None:
     raise AssertionError("webhook events never settled")
 
 
-async def snapshot(
-    database: Database, tables: tuple[Any, ...] = SNAPSHOT_TABLES
-) -> dict[str, list[tuple[Any, ...]]]:
+async def snapshot(database: Database, tables: tuple[Any, ...] = SNAPSHOT_TABLES) -> Snapshot:
     """Every row of the tables a billing call could write (by default with the webhook inbox)."""
-    found: dict[str, list[tuple[Any, ...]]] = {}
-    async with database.read() as conn:
-        for table in tables:
-            rows = (await conn.execute(select(table))).all()
-            found[table.name] = sorted((tuple(row) for row in rows), key=repr)
-    return found
+    return await snapshot_of(database, tables)
 
 
 async def customers_by_email(gateway: StripeGateway, email: str) -> list[Any]:

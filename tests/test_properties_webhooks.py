@@ -1,0 +1,352 @@
+"""Property: whatever order and however many copies Stripe delivers, the row ends as Stripe's.
+
+Each test drives one subscription lifecycle through the real sandbox (checkout, trial, renewals,
+plan changes made by `billing.plan_changes`, failing and recovering cards, cancellation), with
+the sandbox's own delivery off, and records every event it emitted about the customer: real,
+Stripe-shaped events. Hypothesis then delivers them to the real webhook route, signed with
+Stripe's scheme, in a random order with random extra copies, in rounds posted in parallel,
+with the worker draining the inbox at random points. After the last drain:
+
+- every copy was acknowledged with 200, and exactly one copy of each event was new;
+- the inbox holds each event once, none pending or failed;
+- the account row equals the sandbox's subscription: id, status, price, tier and interval (from
+  the price's metadata), current period, trial end, cancel_at_period_end, canceled_at, and the
+  pending plan change of its schedule;
+- every invoice named by an event is stored with the sandbox's status and amounts.
+
+The lifecycle is built once per test (the sandbox is the expensive part) and every example
+starts from empty service tables (`truncate_all`, as the `database` fixture does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import select
+
+from billing.plan_changes import change_plan
+from billing.plans import load_catalog
+from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.subscriptions import CustomerLocks, sync_customer
+from billing.webhooks import utcnow
+from db.engine import Database
+from db.enums import BillingInterval, Tier
+from db.models import event_table, invoice_table
+from tests.billing_flows import account, advance, card_fails, setup_catalog, subscribe
+from tests.conftest import DbTarget, Service, running_service, truncate_all
+from tests.stripe_events import post_event
+
+DAY = 86_400
+SANDBOX_KEY = {"Authorization": "Bearer sk_test_properties"}
+
+
+@dataclass
+class Lifecycle:
+    user_id: str
+    customer_id: str
+    events: list[dict[str, Any]]  # every event about the customer, oldest first
+
+
+@dataclass
+class Driver:
+    service: Service
+    gateway: StripeGateway
+    prices: dict[str, str]
+    seen: dict[str, dict[str, Any]]
+
+    async def sandbox(self, path: str, **params: Any) -> dict[str, Any]:
+        async with httpx.AsyncClient(timeout=30) as client:
+            response = await client.get(
+                f"{self.service.url}/sandbox/v1/{path}", params=params, headers=SANDBOX_KEY
+            )
+        assert response.status_code == 200, response.text
+        found: dict[str, Any] = response.json()
+        return found
+
+    async def record(self, customer_id: str) -> None:
+        """Keep the customer's new events (Stripe lists only the last 30 days: record as we go)."""
+        after: str | None = None
+        while True:
+            page = await self.sandbox("events", limit=100, **({"starting_after": after} if after else {}))
+            for evt in page["data"]:
+                obj = evt["data"]["object"]
+                if obj.get("customer") == customer_id or (
+                    obj.get("object") == "customer" and obj.get("id") == customer_id
+                ):
+                    self.seen.setdefault(evt["id"], evt)
+            if not page["has_more"]:
+                return
+            after = page["data"][-1]["id"]
+
+    async def change(self, user_id: str, tier: Tier, interval: BillingInterval) -> None:
+        """A plan change as the API makes it (upgrade now, downgrade on a schedule)."""
+        database = self.service.database
+        await change_plan(
+            database=database,
+            gateway=self.gateway,
+            locks=CustomerLocks(database),
+            catalog=load_catalog(),
+            user_id=user_id,
+            tier=tier,
+            interval=interval,
+        )
+
+    async def link(self, customer_id: str) -> None:
+        """The plan-change code acts on the user's account: let the sync create it first."""
+        database = self.service.database
+        await sync_customer(
+            database=database,
+            gateway=self.gateway,
+            locks=CustomerLocks(database),
+            customer_id=customer_id,
+            now=utcnow(),
+        )
+
+
+async def _trial_upgrade_then_downgrade(driver: Driver) -> Lifecycle:
+    """Starter with a trial -> paid -> Pro now (prorated invoice) -> back to Starter at the period end."""
+    customer_id, _ = await subscribe(driver.service, driver.gateway, driver.prices, "u-up", "starter_monthly")
+    await driver.record(customer_id)
+    await advance(driver.service, 15 * DAY)
+    await driver.record(customer_id)
+    await driver.link(customer_id)
+    await advance(driver.service, 5 * DAY)
+    await driver.change("u-up", Tier.PRO, BillingInterval.MONTHLY)
+    await driver.record(customer_id)
+    await driver.change("u-up", Tier.STARTER, BillingInterval.MONTHLY)
+    await driver.record(customer_id)
+    return Lifecycle("u-up", customer_id, [])
+
+
+async def _past_due_recovered_then_canceled(driver: Driver) -> Lifecycle:
+    """No trial -> renewal fails (past_due) -> new card, the retry pays (active) -> cancel at period end."""
+    customer_id, subscription_id = await subscribe(
+        driver.service, driver.gateway, driver.prices, "u-due", "pro_monthly", trial_days=None
+    )
+    await driver.record(customer_id)
+    await card_fails(driver.service, customer_id)
+    await advance(driver.service, 31 * DAY)
+    await driver.record(customer_id)
+    await card_fails(driver.service, customer_id, fails=False)
+    await advance(driver.service, 4 * DAY)
+    await driver.record(customer_id)
+    await driver.gateway.v1.subscriptions.update_async(subscription_id, {"cancel_at_period_end": True})
+    await driver.record(customer_id)
+    await advance(driver.service, 31 * DAY)
+    await driver.record(customer_id)
+    return Lifecycle("u-due", customer_id, [])
+
+
+async def _annual_during_trial_then_dunning(driver: Driver) -> Lifecycle:
+    """Pro with a trial -> annual during the trial -> cancel, then resume -> the first charge fails."""
+    customer_id, subscription_id = await subscribe(
+        driver.service, driver.gateway, driver.prices, "u-dun", "pro_monthly"
+    )
+    await driver.record(customer_id)
+    await driver.link(customer_id)
+    await driver.change("u-dun", Tier.PRO, BillingInterval.ANNUAL)
+    await driver.gateway.v1.subscriptions.update_async(subscription_id, {"cancel_at_period_end": True})
+    await driver.gateway.v1.subscriptions.update_async(subscription_id, {"cancel_at_period_end": False})
+    await driver.record(customer_id)
+    await card_fails(driver.service, customer_id)
+    await advance(driver.service, 15 * DAY)
+    await advance(driver.service, DAY)
+    await driver.record(customer_id)
+    return Lifecycle("u-dun", customer_id, [])
+
+
+# name -> (the steps, where they leave the subscription: status, tier, interval, a pending change)
+LIFECYCLES: dict[str, tuple[Callable[[Driver], Awaitable[Lifecycle]], tuple[str, str, str, bool]]] = {
+    "trial-upgrade-downgrade": (_trial_upgrade_then_downgrade, ("active", "pro", "monthly", True)),
+    "past-due-recovered-canceled": (_past_due_recovered_then_canceled, ("canceled", "pro", "monthly", False)),
+    "annual-in-trial-past-due": (_annual_during_trial_then_dunning, ("past_due", "pro", "annual", False)),
+}
+
+
+@dataclass
+class Recorded:
+    service: Service
+    gateway: StripeGateway
+    lifecycle: Lifecycle
+    subscriptions: list[dict[str, Any]]  # the sandbox's, with each schedule under "_schedule"
+    invoices: dict[str, dict[str, Any]]  # every invoice an event names, as the sandbox has it now
+
+
+@pytest.fixture(params=sorted(LIFECYCLES))
+async def recorded(
+    request: pytest.FixtureRequest, database: Database, sandbox_db: DbTarget
+) -> AsyncIterator[Recorded]:
+    async with running_service(
+        database, sandbox_db, webhook_worker=False, usage_reporter=False, sandbox={"deliver_webhooks": False}
+    ) as service:
+        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
+        try:
+            driver = Driver(service, gateway, await setup_catalog(gateway), {})
+            steps, (status, tier, interval, pending) = LIFECYCLES[request.param]
+            lifecycle = await steps(driver)
+            lifecycle.events = sorted(driver.seen.values(), key=lambda e: (e["created"], e["id"]))
+            listed = await driver.sandbox("subscriptions", customer=lifecycle.customer_id, status="all")
+            subscriptions = listed["data"]
+            for subscription in subscriptions:
+                if subscription.get("schedule"):
+                    subscription["_schedule"] = await driver.sandbox(
+                        f"subscription_schedules/{subscription['schedule']}",
+                        **{"expand[]": "phases.items.price"},
+                    )
+            invoice_ids = {
+                e["data"]["object"]["id"] for e in lifecycle.events if e["type"].startswith("invoice.")
+            }
+            invoices = {
+                invoice_id: await driver.sandbox(f"invoices/{invoice_id}") for invoice_id in invoice_ids
+            }
+            (final,) = subscriptions  # the lifecycle went where it was meant to
+            model = expected_row(final)
+            assert (model["status"], model["tier"], model["interval"]) == (status, tier, interval)
+            assert (model["pending_tier"] is not None) is pending
+            assert {"customer.subscription.created", "customer.subscription.updated"} <= {
+                e["type"] for e in lifecycle.events
+            }
+            yield Recorded(service, gateway, lifecycle, subscriptions, invoices)
+        finally:
+            await gateway.close()
+
+
+# The model: what the row must say, read from the sandbox's JSON ----------------------------------
+
+
+def _time(seconds: int | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def _licensed(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The item that carries the plan (metered items are the usage prices)."""
+    (item,) = [item for item in items if item["price"]["recurring"]["usage_type"] != "metered"]
+    return item
+
+
+def expected_row(subscription: dict[str, Any]) -> dict[str, Any]:
+    licensed = _licensed(subscription["items"]["data"])
+    price = licensed["price"]
+    expected = {
+        "stripe_subscription_id": subscription["id"],
+        "status": subscription["status"],
+        "stripe_price_id": price["id"],
+        "tier": price["metadata"]["tier"],
+        "interval": price["metadata"]["interval"],
+        "current_period_start": _time(licensed["current_period_start"]),
+        "current_period_end": _time(licensed["current_period_end"]),
+        "trial_end": _time(subscription["trial_end"]),
+        "cancel_at_period_end": subscription["cancel_at_period_end"],
+        "canceled_at": _time(subscription["canceled_at"]),
+        "pending_tier": None,
+        "pending_interval": None,
+        "pending_change_at": None,
+    }
+    schedule = subscription.get("_schedule")
+    if schedule is not None and schedule["status"] in ("not_started", "active"):
+        start = schedule["current_phase"]["start_date"]
+        (upcoming,) = [phase for phase in schedule["phases"] if phase["start_date"] > start]
+        metadata = _licensed(upcoming["items"])["price"]["metadata"]
+        if (metadata["tier"], metadata["interval"]) != (expected["tier"], expected["interval"]):
+            expected["pending_tier"] = metadata["tier"]
+            expected["pending_interval"] = metadata["interval"]
+            expected["pending_change_at"] = _time(upcoming["start_date"])
+    return expected
+
+
+# Delivery plans -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Round:
+    events: tuple[int, ...]  # posted at once (copies included)
+    drain: bool  # the worker then applies what is pending
+
+
+@st.composite
+def delivery_plans(draw: st.DrawFn, count: int) -> list[Round]:
+    """A permutation of the events, extra copies anywhere after their first, in parallel rounds."""
+    sequence = list(draw(st.permutations(range(count))))
+    for _ in range(draw(st.integers(0, count))):
+        position = draw(st.integers(1, len(sequence)))
+        sequence.insert(position, draw(st.sampled_from(sequence[:position])))  # a late duplicate
+    rounds: list[Round] = []
+    while sequence:
+        size = draw(st.integers(1, min(4, len(sequence))))
+        rounds.append(Round(tuple(sequence[:size]), draw(st.booleans())))
+        sequence = sequence[size:]
+    return rounds
+
+
+async def deliver(recorded: Recorded, plan: list[Round]) -> list[tuple[str, httpx.Response]]:
+    service, events = recorded.service, recorded.lifecycle.events
+    answers: list[tuple[str, httpx.Response]] = []
+    async with httpx.AsyncClient(timeout=30) as client:
+        for round_ in plan:
+            responses = await asyncio.gather(
+                *(post_event(client, service.url, events[i]) for i in round_.events)
+            )
+            answers.extend(
+                (events[i]["id"], response) for i, response in zip(round_.events, responses, strict=True)
+            )
+            if round_.drain:
+                await service.app.state.events.drain()
+    await service.app.state.events.drain()
+    return answers
+
+
+async def check_final_state(recorded: Recorded, answers: list[tuple[str, httpx.Response]]) -> None:
+    database, lifecycle = recorded.service.database, recorded.lifecycle
+    event_ids = {e["id"] for e in lifecycle.events}
+
+    assert all(response.status_code == 200 for _, response in answers), [r.text for _, r in answers]
+    new = sorted(event_id for event_id, response in answers if response.json()["duplicate"] is False)
+    assert new == sorted(event_ids)  # exactly one copy of each was news
+
+    async with database.read() as conn:
+        inbox = {
+            row.id: row.status for row in await conn.execute(select(event_table.c.id, event_table.c.status))
+        }
+        invoices = {row.id: row for row in await conn.execute(select(invoice_table))}
+    assert set(inbox) == event_ids
+    assert set(inbox.values()) <= {"processed", "ignored"}, inbox
+
+    (subscription,) = recorded.subscriptions
+    row = await account(database, lifecycle.user_id)
+    assert row is not None and row.stripe_customer_id == lifecycle.customer_id
+    stored = {name: getattr(row, name) for name in expected_row(subscription)}
+    assert stored == expected_row(subscription)
+    assert row.trial_used is (subscription["trial_start"] is not None)
+
+    for invoice_id, invoice in recorded.invoices.items():
+        kept = invoices[invoice_id]
+        assert (kept.status, kept.amount_due, kept.amount_paid, kept.total) == (
+            invoice["status"],
+            invoice["amount_due"],
+            invoice["amount_paid"],
+            invoice["total"],
+        ), invoice_id
+
+
+@settings(
+    max_examples=25,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+async def test_any_interleaving_with_duplicates_ends_in_the_sandboxs_state(
+    recorded: Recorded, data: st.DataObject
+) -> None:
+    await truncate_all(recorded.service.database)  # each example starts from empty tables
+    plan = data.draw(delivery_plans(len(recorded.lifecycle.events)), label="delivery plan")
+    answers = await deliver(recorded, plan)
+    await check_final_state(recorded, answers)

@@ -18,7 +18,19 @@ Time
 
 Periods
     Monthly and yearly periods keep the billing cycle anchor's day of month (clamped to the
-    month's last day: Jan 31 -> Feb 28 -> Mar 31) and time of day, in UTC.
+    month's last day: Jan 31 -> Feb 28 -> Mar 31) and time of day, in UTC. Each item has its
+    own `current_period_start`/`current_period_end` (this API version has no subscription-level
+    period); `period_of` is the item period that ends first, the subscription's next invoice.
+
+Billing mode
+    `billing_mode.type` is `flexible` unless a request asks for `classic` (this API version's
+    default). A `classic` subscription needs one interval across its prices, as before; a
+    `flexible` one may mix intervals (an annual licensed price and a monthly metered one): each
+    item renews on its own boundaries, all counted from the one billing cycle anchor, and the
+    items whose periods end at the same moment share one invoice (so a monthly metered item on
+    an annual plan is invoiced every month, in arrears, and at the year's end together with the
+    annual renewal). `cancel_at_period_end` resolves to the earliest item period end, as Stripe
+    documents for mixed intervals; `cancel_at=max_period_end` to the latest.
 
 Invoices
     A subscription's first invoice and the invoice of an update that bills at once
@@ -327,13 +339,65 @@ def item_list(subscription_id: str, items: list[Obj]) -> Obj:
     }
 
 
+def item_period(item: Obj) -> tuple[int, int]:
+    return int(item["current_period_start"]), int(item["current_period_end"])
+
+
 def period_of(subscription: Obj) -> tuple[int, int]:
-    first = items_of(subscription)[0]
-    return int(first["current_period_start"]), int(first["current_period_end"])
+    """The item period that ends first: the subscription's next invoice (one period in classic mode)."""
+    first = min(items_of(subscription), key=lambda item: int(item["current_period_end"]))
+    return item_period(first)
 
 
-def subscription_interval(subscription: Obj) -> tuple[str, int]:
-    return interval_of(items_of(subscription)[0]["price"])
+def latest_period_end(subscription: Obj) -> int:
+    return max(int(item["current_period_end"]) for item in items_of(subscription))
+
+
+def _licensed_intervals(items: list[Obj]) -> set[tuple[str, int]]:
+    return {interval_of(item["price"]) for item in items if not is_metered(item["price"])}
+
+
+def period_for_new_item(subscription: Obj, price: Obj, now: int) -> tuple[int, int]:
+    """A new item's first period: the period of the items already on its interval, else (flexible
+    billing mode, a new interval) from now to its next boundary counted from the anchor."""
+    wanted = interval_of(price)
+    for item in items_of(subscription):
+        if interval_of(item["price"]) == wanted:
+            return item_period(item)
+    if subscription["status"] == "trialing" and subscription.get("trial_end"):
+        return now, int(subscription["trial_end"])
+    interval, count = wanted
+    return now, next_boundary(int(subscription["billing_cycle_anchor"]), interval, count, now)
+
+
+# Billing mode --------------------------------------------------------------------------------
+
+BILLING_MODES = ("classic", "flexible")
+DEFAULT_BILLING_MODE = "flexible"  # this API version's default when a request names none
+
+
+def billing_mode_param(value: Any, param: str) -> str:
+    """The `billing_mode[type]` a request asks for (`flexible` when it names none)."""
+    if value is None:
+        return DEFAULT_BILLING_MODE
+    kind = value.get("type") if isinstance(value, dict) else None
+    if kind is None:
+        raise parameter_missing(f"{param}[type]")
+    if kind not in BILLING_MODES:
+        raise parameter_invalid(
+            f"{param}[type]", f"Invalid {param}[type]: must be one of classic, or flexible"
+        )
+    return str(kind)
+
+
+def billing_mode_object(kind: str, now: int) -> Obj:
+    if kind == "flexible":
+        return {"type": "flexible", "flexible": {"proration_discounts": "included"}, "updated_at": now}
+    return {"type": "classic", "flexible": None, "updated_at": None}
+
+
+def billing_mode_of(subscription: Obj) -> str:
+    return str((subscription.get("billing_mode") or {}).get("type") or DEFAULT_BILLING_MODE)
 
 
 def licensed_amount(item: Obj) -> int:
@@ -1053,15 +1117,16 @@ def new_subscription(
     automatic_tax: bool,
     payment_method: str | None,
     missing_payment_method: str = "create_invoice",
+    billing_mode: str = DEFAULT_BILLING_MODE,
 ) -> Obj:
     subscription_id = new_id("sub")
-    interval, count = interval_of(specs[0].price)
     anchor = trial_end if trial_end is not None else now
-    period_end = trial_end if trial_end is not None else add_intervals(anchor, interval, count, 1)
-    items = [
-        new_item(subscription_id, spec.price, spec.quantity, (now, period_end), now, spec.metadata)
-        for spec in specs
-    ]
+    items = []
+    for spec in specs:  # each item's first period on its own interval (all end with a trial)
+        interval, count = interval_of(spec.price)
+        period_end = trial_end if trial_end is not None else add_intervals(anchor, interval, count, 1)
+        period = (now, period_end)
+        items.append(new_item(subscription_id, spec.price, spec.quantity, period, now, spec.metadata))
     return {
         "id": subscription_id,
         "object": "subscription",
@@ -1074,11 +1139,7 @@ def new_subscription(
         },
         "billing_cycle_anchor": anchor,
         "billing_cycle_anchor_config": None,
-        "billing_mode": {
-            "type": "flexible",
-            "flexible": {"proration_discounts": "included"},
-            "updated_at": now,
-        },
+        "billing_mode": billing_mode_object(billing_mode, now),
         "billing_schedules": [],
         "billing_thresholds": None,
         "cancel_at": None,
@@ -1140,9 +1201,8 @@ async def start_subscription(
 ) -> Obj:
     """Store a new subscription with its first invoice, finalized and paid (`subscription_create`)."""
     trial = subscription["status"] == "trialing"
-    period = period_of(subscription)
     lines = [
-        await period_line(tx, item, period, trial=trial)
+        await period_line(tx, item, item_period(item), trial=trial)
         for item in items_of(subscription)
         if not is_metered(item["price"])
     ]
@@ -1252,6 +1312,7 @@ async def complete_checkout(
         description=data.get("description"),
         automatic_tax=bool((request.get("automatic_tax") or {}).get("enabled")),
         payment_method=method["id"],
+        billing_mode=billing_mode_param(data.get("billing_mode"), "subscription_data[billing_mode]"),
         missing_payment_method=str(
             ((data.get("trial_settings") or {}).get("end_behavior") or {}).get(
                 "missing_payment_method", "create_invoice"
@@ -1320,7 +1381,6 @@ async def resolve_items(
     tx: Transaction,
     subscription: Obj,
     specs: list[Obj],
-    period: tuple[int, int],
     now: int,
     param: str = "items",
 ) -> list[Obj]:
@@ -1353,6 +1413,7 @@ async def resolve_items(
             if not price_id:
                 raise parameter_missing(f"{name}[price]")
             price = await get_price(tx, str(price_id), f"{name}[price]")
+            period = period_for_new_item(subscription, price, now)
             item = new_item(subscription["id"], price, None, period, now)
             result.append(item)
         if "quantity" in spec:
@@ -1372,14 +1433,15 @@ async def resolve_items(
                 param, f"Cannot add multiple subscription items with the same price: {item['price']['id']}"
             )
         seen.add(item["price"]["id"])
-    check_compatible([item["price"] for item in result], param)
+    check_compatible([item["price"] for item in result], param, billing_mode=billing_mode_of(subscription))
     return result
 
 
-def check_compatible(prices: list[Obj], param: str) -> None:
+def check_compatible(prices: list[Obj], param: str, *, billing_mode: str) -> None:
+    """One currency always; one interval too in `classic` billing mode (`flexible` mixes them)."""
     intervals = {interval_of(price) for price in prices}
     currencies = {str(price.get("currency")) for price in prices}
-    if len(intervals) > 1 or len(currencies) > 1:
+    if len(currencies) > 1 or (billing_mode == "classic" and len(intervals) > 1):
         raise parameter_invalid(
             param, "Currency and interval fields must match across all plans on this subscription."
         )
@@ -1420,43 +1482,47 @@ async def plan_change(
         )
     trialing = subscription["status"] == "trialing"
     old_items = items_of(subscription)
-    reset = not trialing and (
-        reset_anchor or subscription_interval(subscription) != interval_of(new_items[0]["price"])
-    )
     before = {item["id"]: item for item in old_items}
     after = {item["id"]: item for item in new_items}
+    # A kept item moving to another interval, or the plan's (licensed) intervals changing, resets
+    # the anchor for every item (adding a metered item of another interval in flexible mode does not).
+    interval_changed = any(
+        interval_of(item["price"]) != interval_of(before[item["id"]]["price"])
+        for item in new_items
+        if item["id"] in before
+    ) or _licensed_intervals(old_items) != _licensed_intervals(new_items)
+    reset = not trialing and (reset_anchor or interval_changed)
     prorations: list[Line] = []
     if not trialing and proration_behavior != "none" and subscription["status"] in BILLED_STATUSES:
         for item in old_items:
             if not is_metered(item["price"]) and (reset or _changed(item, after.get(item["id"]))):
-                line = await proration_line(tx, item, period, at, credit=True)
+                line = await proration_line(tx, item, item_period(item), at, credit=True)
                 if line.amount:
                     prorations.append(line)
         if not reset:
             for item in new_items:
                 if not is_metered(item["price"]) and _changed(before.get(item["id"]), item):
-                    line = await proration_line(tx, item, period, at, credit=False)
+                    line = await proration_line(tx, item, item_period(item), at, credit=False)
                     if line.amount:
                         prorations.append(line)
     items = [copy.deepcopy(item) for item in new_items]
     period_charges: list[Line] = []
     usage: list[Line] = []
     if reset:
-        interval, count = interval_of(items[0]["price"])
-        new_period = (now, add_intervals(now, interval, count, 1))
         for item in items:
-            item["current_period_start"], item["current_period_end"] = new_period
+            interval, count = interval_of(item["price"])
+            item["current_period_start"], item["current_period_end"] = (
+                now,
+                add_intervals(now, interval, count, 1),
+            )
         period_charges = [
-            await period_line(tx, item, new_period) for item in items if not is_metered(item["price"])
+            await period_line(tx, item, item_period(item)) for item in items if not is_metered(item["price"])
         ]
         usage = [
-            await usage_line(tx, item, str(subscription["customer"]), (period[0], now))
+            await usage_line(tx, item, str(subscription["customer"]), (item_period(item)[0], now))
             for item in old_items
             if is_metered(item["price"])
         ]
-    else:
-        for item in items:
-            item["current_period_start"], item["current_period_end"] = period
     invoice_now = reset or (proration_behavior == "always_invoice" and bool(prorations))
     return Change(
         items=items,
@@ -1537,20 +1603,22 @@ async def preview_change(tx: Transaction, subscription: Obj, change: Change | No
         )
     items = change.items if change is not None else items_of(subscription)
     lines = pending + (change.prorations if change is not None else [])
-    start, end = period_of(subscription)
-    if subscription["status"] == "trialing":
-        start, end = start, int(subscription["trial_end"] or end)
+    trialing = subscription["status"] == "trialing"
+    end = min(item_period(item)[1] for item in items)
+    if trialing:
+        end = int(subscription["trial_end"] or end)
+    # The next invoice bills the items whose period ends first (all of them after a trial).
+    due = items if trialing else [item for item in items if item_period(item)[1] <= end]
+    start = min(item_period(item)[0] for item in due)
     anchor = int(subscription["billing_cycle_anchor"])
-    interval, count = interval_of(items[0]["price"])
-    next_period = (end, next_boundary(anchor, interval, count, end))
-    for item in items:
+    for item in due:
         if is_metered(item["price"]):
-            if subscription["status"] != "trialing":
-                lines.append(
-                    await usage_line(tx, item, str(subscription["customer"]), (start, min(now, end)))
-                )
+            if not trialing:
+                usage_period = (item_period(item)[0], min(now, end))
+                lines.append(await usage_line(tx, item, str(subscription["customer"]), usage_period))
         else:
-            lines.append(await period_line(tx, item, next_period))
+            interval, count = interval_of(item["price"])
+            lines.append(await period_line(tx, item, (end, next_boundary(anchor, interval, count, end))))
     return build_invoice(
         customer=customer,
         subscription=subscription,
@@ -1631,8 +1699,10 @@ async def update_subscription(
         for key in ("cancel_at_period_end", "cancel_at", "canceled_at"):
             record(key)
         cancel_at = params.get("cancel_at")
-        if params.get("cancel_at_period_end") or cancel_at in ("max_period_end", "min_period_end"):
-            cancel_at = period_of(subscription)[1]
+        if params.get("cancel_at_period_end") or cancel_at == "min_period_end":
+            cancel_at = period_of(subscription)[1]  # the earliest item period end
+        elif cancel_at == "max_period_end":
+            cancel_at = latest_period_end(subscription)
         if cancel_at in (None, "", False):
             subscription["cancel_at"] = None
             subscription["cancel_at_period_end"] = False
@@ -1659,7 +1729,7 @@ async def update_subscription(
     if "items" in params or reset:
         if subscription["status"] == "paused":
             raise StripeError(400, "A paused subscription cannot be updated; resume it first.")
-        items = await resolve_items(tx, subscription, params.get("items") or [], period_of(subscription), now)
+        items = await resolve_items(tx, subscription, params.get("items") or [], now)
         change = await plan_change(
             tx,
             subscription,
@@ -1704,17 +1774,16 @@ async def cancel_subscription(
     customer_id = str(subscription["customer"])
     billed = subscription["status"] in BILLED_STATUSES
     if prorate and billed:
-        period = period_of(subscription)
         for item in items_of(subscription):
             if not is_metered(item["price"]):
-                line = await proration_line(tx, item, period, now, credit=True)
+                line = await proration_line(tx, item, item_period(item), now, credit=True)
                 if line.amount:
                     await create_invoice_item(tx, customer_id, line, now)
     if invoice_now and billed:
-        start = period_of(subscription)[0]
+        start = min(item_period(item)[0] for item in items_of(subscription))
         lines = await pending_lines(tx, subscription["id"])
         lines += [
-            await usage_line(tx, item, customer_id, (start, now))
+            await usage_line(tx, item, customer_id, (item_period(item)[0], now))
             for item in items_of(subscription)
             if is_metered(item["price"])
         ]
@@ -1770,16 +1839,16 @@ async def resume_subscription(
     if anchor_type != "now":
         raise unsupported("billing_cycle_anchor", "only `now`")
     previous: Obj = {"status": "paused", "items": copy.deepcopy(subscription["items"])}
-    interval, count = subscription_interval(subscription)
-    new_period = (now, add_intervals(now, interval, count, 1))
     for item in items_of(subscription):
+        interval, count = interval_of(item["price"])
+        new_period = (now, add_intervals(now, interval, count, 1))
         item["current_period_start"], item["current_period_end"] = new_period
     previous["billing_cycle_anchor"] = subscription["billing_cycle_anchor"]
     subscription["billing_cycle_anchor"] = now
     subscription["status"] = "active"
     subscription["pause_collection"] = None
     lines = await pending_lines(tx, subscription["id"]) + [
-        await period_line(tx, item, new_period)
+        await period_line(tx, item, item_period(item))
         for item in items_of(subscription)
         if not is_metered(item["price"])
     ]
@@ -1810,31 +1879,38 @@ async def resume_subscription(
 
 
 async def renew(tx: Transaction, config: SandboxConfig, subscription: Obj, at: int) -> None:
-    """The period ends at `at`: new period, and a draft renewal invoice finalized an hour later."""
-    start, end = period_of(subscription)
+    """The items whose period ends at `at` renew: new periods on their own intervals, and one draft
+    renewal invoice for them (usage in arrears, licensed prices ahead) finalized an hour later.
+    Items of a longer interval (an annual plan beside a monthly metered item) are not billed."""
+    due = [item for item in items_of(subscription) if int(item["current_period_end"]) <= at]
+    start = min(item_period(item)[0] for item in due)
     previous: Obj = {
         "items": copy.deepcopy(subscription["items"]),
         "latest_invoice": subscription["latest_invoice"],
     }
-    interval, count = subscription_interval(subscription)
-    new_period = (end, next_boundary(int(subscription["billing_cycle_anchor"]), interval, count, end))
+    anchor = int(subscription["billing_cycle_anchor"])
     customer_id = str(subscription["customer"])
     lines = await pending_lines(tx, subscription["id"])
-    for item in items_of(subscription):
+    for item in due:
         if is_metered(item["price"]):
-            lines.append(await usage_line(tx, item, customer_id, (start, end)))
-    for item in items_of(subscription):
-        item["current_period_start"], item["current_period_end"] = new_period
-    for item in items_of(subscription):
+            lines.append(await usage_line(tx, item, customer_id, item_period(item)))
+    for item in due:
+        interval, count = interval_of(item["price"])
+        end = int(item["current_period_end"])
+        item["current_period_start"], item["current_period_end"] = (
+            end,
+            next_boundary(anchor, interval, count, end),
+        )
+    for item in due:
         if not is_metered(item["price"]):
-            lines.append(await period_line(tx, item, new_period))
+            lines.append(await period_line(tx, item, item_period(item)))
     invoice = await create_invoice(
         tx,
         customer_id=customer_id,
         subscription=subscription,
         lines=lines,
         billing_reason="subscription_cycle",
-        period=(start, end),
+        period=(start, at),
         now=at,
         finalize_at=at + FINALIZE_DELAY,
     )
@@ -1870,18 +1946,21 @@ async def end_trial(
         await emit(tx, "customer.subscription.paused", subscription)
         await emit(tx, "customer.subscription.updated", subscription, {"status": "trialing"})
         return
-    interval, count = subscription_interval(subscription)
     if subscription.get("trial_end") != at:
         previous["trial_end"] = subscription.get("trial_end")
         previous["billing_cycle_anchor"] = subscription["billing_cycle_anchor"]
         subscription["trial_end"] = at
         subscription["billing_cycle_anchor"] = at
-    new_period = (at, next_boundary(int(subscription["billing_cycle_anchor"]), interval, count, at))
+    anchor = int(subscription["billing_cycle_anchor"])
     for item in items_of(subscription):
-        item["current_period_start"], item["current_period_end"] = new_period
+        interval, count = interval_of(item["price"])
+        item["current_period_start"], item["current_period_end"] = (
+            at,
+            next_boundary(anchor, interval, count, at),
+        )
     subscription["status"] = "active"
     lines = await pending_lines(tx, subscription["id"]) + [
-        await period_line(tx, item, new_period)
+        await period_line(tx, item, item_period(item))
         for item in items_of(subscription)
         if not is_metered(item["price"])
     ]
@@ -1953,7 +2032,7 @@ async def apply_phase(
     if subscription is None or subscription["status"] == "canceled":
         return None
     specs = schedule_items_as_params(subscription, phase)
-    items = await resolve_items(tx, subscription, specs, period_of(subscription), now, param="phases")
+    items = await resolve_items(tx, subscription, specs, now, param="phases")
     change = await plan_change(
         tx,
         subscription,
@@ -2108,11 +2187,11 @@ async def _perform(tx: Transaction, config: SandboxConfig, due: Due) -> None:
 
 async def _cancel_at_period_end(tx: Transaction, config: SandboxConfig, subscription: Obj, at: int) -> None:
     """A subscription set to cancel ends; metered usage and pending items get a final invoice."""
-    start = period_of(subscription)[0]
+    start = min(item_period(item)[0] for item in items_of(subscription))
     customer_id = str(subscription["customer"])
     lines = await pending_lines(tx, subscription["id"])
     lines += [
-        await usage_line(tx, item, customer_id, (start, at))
+        await usage_line(tx, item, customer_id, (item_period(item)[0], at))
         for item in items_of(subscription)
         if is_metered(item["price"])
     ]

@@ -96,7 +96,10 @@ async def _line_items(call: Call) -> tuple[list[dict[str, Any]], int, str]:
         )
     if len(currencies) > 1:
         raise parameter_invalid("line_items", "All prices must be in the same currency.")
-    engine.check_compatible(recurring_prices, "line_items")
+    mode = engine.billing_mode_param(
+        (call.params.get("subscription_data") or {}).get("billing_mode"), "subscription_data[billing_mode]"
+    )
+    engine.check_compatible(recurring_prices, "line_items", billing_mode=mode)
     return validated, total, currencies.pop()
 
 

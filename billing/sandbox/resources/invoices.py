@@ -124,7 +124,6 @@ async def create_preview(call: Call) -> dict[str, Any]:
             tx,
             subscription,
             details.get("items") or [],
-            engine.period_of(subscription),
             now,
             param="subscription_details[items]",
         )

@@ -244,7 +244,8 @@ async def _resolve_phases(
                 quantity = 1 if quantity is None else int(quantity)
             prices.append(price)
             items.append(_phase_item(price["id"], quantity, item.get("metadata")))
-        engine.check_compatible(prices, f"{name}[items]")
+        mode = str((schedule.get("billing_mode") or {}).get("type") or engine.DEFAULT_BILLING_MODE)
+        engine.check_compatible(prices, f"{name}[items]", billing_mode=mode)
         if spec.get("end_date") is not None:
             end = now if spec["end_date"] == "now" else int(spec["end_date"])
         elif spec.get("duration") is not None:
@@ -253,8 +254,8 @@ async def _resolve_phases(
                 start, duration["interval"], int(duration.get("interval_count") or 1), 1
             )
         else:
-            interval, count = engine.interval_of(prices[0])
-            end = engine.add_intervals(start, interval, count, 1)
+            # One billing period; with mixed intervals (flexible mode) the longest one.
+            end = max(engine.add_intervals(start, *engine.interval_of(price), 1) for price in prices)
         if end <= start:
             raise parameter_invalid(
                 f"{name}[end_date]", "The end date of a phase must be after its start date."

@@ -337,7 +337,7 @@ async def check_final_state(recorded: Recorded, answers: list[tuple[str, httpx.R
 
 
 @settings(
-    max_examples=25,
+    max_examples=15,
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],

@@ -130,13 +130,16 @@ async def open_session(
     trial_days: int | None = None,
     quantity: int | None = 1,
     metadata: dict[str, str] | None = None,
+    metered: tuple[str, ...] = (),
+    billing_mode: str | None = None,
 ) -> Any:
+    """`metered`: metered prices added as line items without quantity; `billing_mode`: its type."""
     line: dict[str, Any] = {"price": price_id}
     if quantity is not None:
         line["quantity"] = quantity
     params: dict[str, Any] = {
         "mode": "subscription",
-        "line_items": [line],
+        "line_items": [line, *({"price": metered_price} for metered_price in metered)],
         "success_url": "https://app.test/done?session={CHECKOUT_SESSION_ID}",
         "cancel_url": "https://app.test/cancel",
     }
@@ -147,6 +150,8 @@ async def open_session(
         data["trial_period_days"] = trial_days
     if metadata:
         data["metadata"] = metadata
+    if billing_mode is not None:
+        data["billing_mode"] = {"type": billing_mode}
     if data:
         params["subscription_data"] = data
     return await gateway.v1.checkout.sessions.create_async(params)  # type: ignore[arg-type]
@@ -159,11 +164,19 @@ async def subscribe(
     *,
     trial_days: int | None = None,
     quantity: int | None = 1,
+    metered: tuple[str, ...] = (),
+    billing_mode: str | None = None,
 ) -> tuple[str, str]:
-    """A customer who paid Checkout for `price_id`: (customer id, subscription id)."""
+    """A customer who paid Checkout for `price_id` (and `metered`): (customer id, subscription id)."""
     customer = await gateway.v1.customers.create_async({"email": "payer@example.com"})
     session = await open_session(
-        gateway, price_id, customer_id=customer.id, trial_days=trial_days, quantity=quantity
+        gateway,
+        price_id,
+        customer_id=customer.id,
+        trial_days=trial_days,
+        quantity=quantity,
+        metered=metered,
+        billing_mode=billing_mode,
     )
     result = await control_ok(service, f"checkout/{session.id}/complete", {"outcome": "paid"})
     return customer.id, str(result["subscription"]["id"])

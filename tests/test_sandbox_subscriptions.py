@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import stripe
 
+from billing.sandbox import engine
 from billing.stripe_gateway import StripeGateway
 from tests.conftest import Service
 from tests.sandbox_objects import (
     DAY,
     advance,
+    clock,
     control,
     control_ok,
     event_types,
@@ -19,6 +23,8 @@ from tests.sandbox_objects import (
     subscribe,
 )
 from tests.stripe_shapes import missing_keys
+
+HOUR = 3_600
 
 
 async def test_a_checkout_session_is_open_with_its_url_and_success_url(
@@ -347,3 +353,149 @@ async def test_a_paused_subscription_resumes_with_a_new_period_and_a_paid_invoic
     invoice = await stripe_gateway.v1.invoices.retrieve_async(str(resumed.latest_invoice))
     assert (invoice.status, invoice.amount_paid) == ("paid", 2900)
     assert "customer.subscription.resumed" in await event_types(service)
+
+
+# Billing mode and mixed intervals -------------------------------------------------------------
+
+
+def priced_lines(invoice: Any) -> list[tuple[str, int]]:
+    return [
+        (line.pricing.price_details.price, line.amount)
+        for line in invoice.lines.data
+        if line.pricing is not None and line.pricing.price_details is not None
+    ]
+
+
+async def annual_plan_with_metered_usage(service: Service, gateway: StripeGateway) -> tuple[str, str, str]:
+    """A $290/year price and a 2-cent monthly metered price on a meter; (annual, metered, event name)."""
+    annual = await insert_price(service, unit_amount=29000, interval="year", product_name="Pro")
+    meter = await gateway.v1.billing.meters.create_async(
+        {
+            "display_name": "API calls",
+            "event_name": "mixed_api_calls",
+            "default_aggregation": {"formula": "sum"},
+        }
+    )
+    metered = await insert_price(
+        service, unit_amount=2, usage_type="metered", meter=meter.id, product_name="API calls"
+    )
+    return annual, metered, meter.event_name
+
+
+async def test_classic_billing_mode_refuses_mixed_intervals_as_stripe_does(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    annual = await insert_price(service, unit_amount=29000, interval="year")
+    monthly = await insert_price(service, unit_amount=2900)
+    metered = await insert_price(service, unit_amount=2, usage_type="metered", meter="mtr_test")
+
+    with pytest.raises(stripe.InvalidRequestError) as at_checkout:
+        await open_session(stripe_gateway, annual, metered=(metered,), billing_mode="classic")
+    with pytest.raises(stripe.InvalidRequestError) as unknown_mode:
+        await open_session(stripe_gateway, annual, billing_mode="hybrid")
+    _customer, subscription_id = await subscribe(service, stripe_gateway, monthly, billing_mode="classic")
+    with pytest.raises(stripe.InvalidRequestError) as on_update:
+        await stripe_gateway.v1.subscriptions.update_async(subscription_id, {"items": [{"price": annual}]})
+
+    assert (at_checkout.value.http_status, at_checkout.value.param) == (400, "line_items")
+    assert "Currency and interval fields must match" in str(at_checkout.value.user_message)
+    assert unknown_mode.value.param == "subscription_data[billing_mode][type]"
+    assert (on_update.value.http_status, on_update.value.param) == (400, "items")
+    classic = await stripe_gateway.v1.subscriptions.retrieve_async(subscription_id)
+    assert classic.billing_mode.type == "classic"
+    assert [item.price.id for item in classic["items"].data] == [monthly]  # nothing changed
+    # Flexible, this API version's default, takes the same prices.
+    assert (await open_session(stripe_gateway, annual, metered=(metered,))).status == "open"
+
+
+async def test_a_flexible_subscription_bills_the_annual_plan_yearly_and_metered_usage_monthly(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    annual, metered, event_name = await annual_plan_with_metered_usage(service, stripe_gateway)
+    customer_id, subscription_id = await subscribe(service, stripe_gateway, annual, metered=(metered,))
+
+    async def use(value: int) -> None:
+        await stripe_gateway.v1.billing.meter_events.create_async(
+            {
+                "event_name": event_name,
+                "payload": {"stripe_customer_id": customer_id, "value": str(value)},
+                "timestamp": await clock(service) - 60,
+            }
+        )
+
+    async def cycle_invoices() -> list[Any]:
+        found = await stripe_gateway.v1.invoices.list_async({"subscription": subscription_id, "limit": 100})
+        return sorted(
+            (invoice for invoice in found.data if invoice.billing_reason == "subscription_cycle"),
+            key=lambda invoice: invoice.created,
+        )
+
+    async def periods() -> dict[str, tuple[int, int]]:
+        subscription = await stripe_gateway.v1.subscriptions.retrieve_async(subscription_id)
+        return {
+            item.price.id: (item.current_period_start, item.current_period_end)
+            for item in subscription["items"].data
+        }
+
+    subscription = await stripe_gateway.v1.subscriptions.retrieve_async(subscription_id)
+    start = subscription.billing_cycle_anchor
+    month_end = engine.add_intervals(start, "month", 1, 1)
+    year_end = engine.add_intervals(start, "year", 1, 1)
+    assert subscription.billing_mode.type == "flexible"
+    assert await periods() == {annual: (start, year_end), metered: (start, month_end)}
+    first = await stripe_gateway.v1.invoices.retrieve_async(str(subscription.latest_invoice))
+    assert priced_lines(first) == [(annual, 29000)]  # usage is billed in arrears
+
+    await advance(service, DAY)
+    await use(1500)
+    preview = await stripe_gateway.v1.invoices.create_preview_async({"subscription": subscription_id})
+    # The next invoice is this month's usage; the plan renews in a year.
+    assert priced_lines(preview) == [(metered, 3000)]
+    assert (preview.period_start, preview.period_end, preview.total) == (start, month_end, 3000)
+
+    await advance(service, month_end + HOUR + 60 - await clock(service))  # charged an hour after the month
+    (monthly,) = await cycle_invoices()
+    assert priced_lines(monthly) == [(metered, 3000)]  # the annual plan is not billed again
+    assert (monthly.status, monthly.amount_paid) == ("paid", 3000)
+    assert (monthly.period_start, monthly.period_end) == (start, month_end)
+    second_month_end = engine.add_intervals(start, "month", 1, 2)
+    assert await periods() == {annual: (start, year_end), metered: (month_end, second_month_end)}
+
+    await use(500)
+    preview = await stripe_gateway.v1.invoices.create_preview_async({"subscription": subscription_id})
+    assert priced_lines(preview) == [(metered, 1000)]
+
+    await advance(service, year_end + HOUR + 60 - await clock(service))
+    invoices = await cycle_invoices()
+    assert len(invoices) == 12  # one a month; the twelfth renews the plan as well
+    assert [priced_lines(invoice) for invoice in invoices[1:11]] == [[(metered, 1000)]] + [[(metered, 0)]] * 9
+    assert priced_lines(invoices[-1]) == [(metered, 0), (annual, 29000)]
+    assert (invoices[-1].status, invoices[-1].amount_paid) == ("paid", 29000)
+    next_year_end = engine.add_intervals(start, "year", 1, 2)
+    after_year = engine.add_intervals(start, "month", 1, 13)
+    assert await periods() == {annual: (year_end, next_year_end), metered: (year_end, after_year)}
+
+
+async def test_cancel_at_period_end_of_a_mixed_interval_subscription_is_the_earliest_item_period_end(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    annual, metered, _event_name = await annual_plan_with_metered_usage(service, stripe_gateway)
+    _customer, subscription_id = await subscribe(service, stripe_gateway, annual, metered=(metered,))
+    start = (await stripe_gateway.v1.subscriptions.retrieve_async(subscription_id)).billing_cycle_anchor
+
+    at_period_end = await stripe_gateway.v1.subscriptions.update_async(
+        subscription_id, {"cancel_at_period_end": True}
+    )
+    at_max = await stripe_gateway.v1.subscriptions.update_async(
+        subscription_id, {"cancel_at": "max_period_end"}
+    )
+
+    # As Stripe documents for mixed intervals: the earliest item period end (the month's).
+    assert (at_period_end.cancel_at, at_period_end.cancel_at_period_end) == (
+        engine.add_intervals(start, "month", 1, 1),
+        True,
+    )
+    assert (at_max.cancel_at, at_max.cancel_at_period_end) == (
+        engine.add_intervals(start, "year", 1, 1),
+        False,
+    )

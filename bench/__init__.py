@@ -1,0 +1,1 @@
+"""Benchmarks (issue 12): `bench/run` or `python -m bench`; results in bench/RESULTS.md."""

@@ -1,0 +1,185 @@
+"""The bench's database: a throw-away PostgreSQL database, migrated and seeded in SQL.
+
+Accounts and usage records are written with `generate_series` (a million usage records take a
+few seconds); the hourly rollups are then summed from the records in one statement, which is
+what `record_usage` would have upserted one insert at a time. `bench/usage_read.py` shares
+`add_usage`. `inbox_effects` is the duplicate storm's check.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import asyncpg
+from sqlalchemy import delete, insert, text
+
+from billing.usage import hour_of
+from db.engine import Database
+from db.models import rollup_table, usage_table
+
+ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
+USAGE_SPREAD = timedelta(days=34)
+# A monthly period that started 29 days 13:37:42 ago: the window's edges are partial hours.
+PERIOD_AGE = timedelta(days=29, hours=13, minutes=37, seconds=42)
+
+
+def new_database_name() -> str:
+    return f"bench_{secrets.token_hex(4)}"
+
+
+async def create_database(name: str, admin_dsn: str = ADMIN_DSN) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await conn.close()
+
+
+async def drop_database(name: str, admin_dsn: str = ADMIN_DSN) -> None:
+    conn = await asyncpg.connect(admin_dsn)
+    try:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await conn.close()
+
+
+async def add_accounts(
+    conn: asyncpg.Connection, prefix: str, count: int, now: datetime, *, tier: str = "pro"
+) -> list[int]:
+    """`count` users `<prefix>0` ... with an active monthly subscription; their account ids."""
+    rows = await conn.fetch(
+        """
+        INSERT INTO billing_account (user_id, email, stripe_customer_id, stripe_subscription_id, tier,
+            interval, status, current_period_start, current_period_end, cancel_at_period_end, trial_used,
+            created_at, updated_at)
+        SELECT $1 || n, $1 || n || '@example.test', 'cus_' || $1 || n, 'sub_' || $1 || n, $2,
+            'monthly', 'active', $3::timestamptz - $4::interval,
+            $3::timestamptz - $4::interval + interval '30 days',
+            false, true, $3, $3
+        FROM generate_series(0, $5 - 1) AS n
+        ORDER BY n
+        RETURNING id
+        """,
+        prefix,
+        tier,
+        now,
+        PERIOD_AGE,
+        count,
+    )
+    return [row["id"] for row in rows]
+
+
+async def add_usage(database: Database, account_id: int, start: int, stop: int, now: datetime) -> None:
+    """Records number `start` .. `stop - 1` of `account_id`'s `api_calls`, then its rollups again.
+
+    Records are spread evenly over the 34 days before `now` (each added range too), with a
+    jitter inside the hour, quantities 1 to 5, idempotency keys `bench-<n>`.
+    """
+    first = now - USAGE_SPREAD
+    if database.is_postgres:
+        async with database.write() as conn:
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO usage_record (account_id, feature, quantity, recorded_at, idempotency_key,
+                        created_at)
+                    SELECT :account, 'api_calls', 1 + n % 5,
+                        CAST(:first AS timestamptz)
+                            + make_interval(secs => :spread * (n - :start) / (:stop - :start))
+                            - make_interval(secs => (n * 7919) % 3600),
+                        'bench-' || n, :now
+                    FROM generate_series(CAST(:start AS bigint), :stop - 1) AS n
+                    """
+                ),
+                {
+                    "account": account_id,
+                    "first": first,
+                    "spread": USAGE_SPREAD.total_seconds(),
+                    "start": start,
+                    "stop": stop,
+                    "now": now,
+                },
+            )
+            await conn.execute(delete(rollup_table).where(rollup_table.c.account_id == account_id))
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO usage_rollup (account_id, feature, hour, quantity)
+                    SELECT account_id, feature, date_trunc('hour', recorded_at, 'UTC'), sum(quantity)
+                    FROM usage_record WHERE account_id = :account GROUP BY 1, 2, 3
+                    """
+                ),
+                {"account": account_id},
+            )
+        return
+    # SQLite: the same rows from Python, in chunks.
+    rows: list[dict[str, Any]] = []
+    for n in range(start, stop):
+        at = first + USAGE_SPREAD * ((n - start) / (stop - start)) - timedelta(seconds=(n * 7919) % 3600)
+        rows.append(
+            {
+                "account_id": account_id,
+                "feature": "api_calls",
+                "quantity": 1 + n % 5,
+                "recorded_at": at,
+                "idempotency_key": f"bench-{n}",
+                "created_at": now,
+            }
+        )
+        if len(rows) == 5_000 or n == stop - 1:
+            async with database.write() as conn:
+                await conn.execute(insert(usage_table), rows)
+            rows = []
+    async with database.write() as conn:
+        result = await conn.execute(
+            usage_table.select()
+            .with_only_columns(usage_table.c.recorded_at, usage_table.c.quantity)
+            .where(usage_table.c.account_id == account_id)
+        )
+        hours: Counter[datetime] = Counter()
+        for recorded_at, quantity in result:
+            hours[hour_of(recorded_at)] += int(quantity)
+        await conn.execute(delete(rollup_table).where(rollup_table.c.account_id == account_id))
+        await conn.execute(
+            insert(rollup_table),
+            [
+                {"account_id": account_id, "feature": "api_calls", "hour": hour, "quantity": quantity}
+                for hour, quantity in sorted(hours.items())
+            ],
+        )
+
+
+@dataclass(frozen=True)
+class InboxEffects:
+    """What the inbox holds for a set of event ids."""
+
+    expected: int  # distinct event ids sent
+    rows: int  # inbox rows with those ids
+    applied_once: int  # rows applied (processed or ignored) in exactly one attempt
+    pending: int  # rows not applied yet
+    statuses: dict[str, int]
+
+    @property
+    def exactly_once(self) -> bool:
+        return self.rows == self.expected == self.applied_once and self.pending == 0
+
+
+async def inbox_effects(conn: asyncpg.Connection, event_ids: Sequence[str]) -> InboxEffects:
+    rows = await conn.fetch(
+        "SELECT status, attempts FROM stripe_event WHERE id = ANY($1::text[])", list(event_ids)
+    )
+    statuses = Counter(row["status"] for row in rows)
+    return InboxEffects(
+        expected=len(set(event_ids)),
+        rows=len(rows),
+        applied_once=sum(
+            1 for row in rows if row["status"] in {"processed", "ignored"} and row["attempts"] == 1
+        ),
+        pending=sum(1 for row in rows if row["status"] in {"pending", "processing"}),
+        statuses=dict(statuses),
+    )

@@ -202,8 +202,9 @@ async def _price_ids(
 ) -> list[str]:
     """The licensed price of the tier and interval first, then the tier's metered prices.
 
-    Stripe requires one billing interval across a subscription's prices, and metered prices are
-    monthly: an annual checkout leaves them out (usage is not billed on annual plans).
+    Metered prices are monthly for every plan: on an annual plan the subscription mixes intervals
+    (Stripe's flexible billing mode, asked for in `_session_params`), the plan renewing yearly
+    and the usage invoiced monthly, so annual subscribers are billed for what they use too.
     """
     plan = catalog.plan(tier)
     licensed_key = catalog.price(tier, interval).lookup_key
@@ -219,14 +220,7 @@ async def _price_ids(
     if missing:
         log.error("checkout: no active Stripe price for %s; run `billing catalog sync`", ", ".join(missing))
         raise BillingError("This plan is not on sale right now.", code=ErrorCode.INVALID_PLAN, tier=tier.name)
-    licensed = by_key[licensed_key]
-    metered = [by_key[key] for key in metered_keys if _interval(by_key[key]) == _interval(licensed)]
-    return [licensed.id, *(price.id for price in metered)]
-
-
-def _interval(price: Any) -> tuple[Any, Any]:
-    recurring = get(price, "recurring")
-    return get(recurring, "interval"), get(recurring, "interval_count")
+    return [by_key[licensed_key].id, *(by_key[key].id for key in metered_keys)]
 
 
 async def _expire_open_sessions(gateway: StripeGateway, customer_id: str) -> None:
@@ -275,7 +269,12 @@ def _session_params(
     line_items: list[SessionCreateParamsLineItem] = [{"price": licensed, "quantity": 1}]
     # Metered prices take no quantity: usage reported to their meters is billed monthly.
     line_items += [{"price": price} for price in metered]
-    subscription_data: SessionCreateParamsSubscriptionData = {"metadata": {"userId": user_id}}
+    subscription_data: SessionCreateParamsSubscriptionData = {
+        "metadata": {"userId": user_id},
+        # Stripe's default in this API version, said outright: an annual plan with monthly
+        # metered prices mixes intervals, which only flexible billing mode allows.
+        "billing_mode": {"type": "flexible"},
+    }
     if trial_days > 0:
         subscription_data["trial_period_days"] = trial_days
     params: SessionCreateParams = {

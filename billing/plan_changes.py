@@ -18,13 +18,19 @@ here), so plan changes go through the API:
   Stripe prorates per second, so the preview's proration date is kept (a `plan_change_quote`
   row per account and target plan, for `QUOTE_TTL`, in the database so any service process
   can use it) and sent with the update: the change charges exactly what the preview showed.
-- **Cancel** (`cancel_at_period_end`, or now) and **resume** (clear a pending cancellation, or
+- **Cancel** (at the plan's period end, or now) and **resume** (clear a pending cancellation, or
   resume a paused subscription) release a pending schedule first, as Stripe refuses to change
   the cancellation of a subscription a schedule manages; if the cancellation then fails, the
   pending change is put back.
 
 Metered items follow the plan: each is moved to the new tier's metered price of its feature
-(or removed when the new tier has none, or when its interval does not fit the new plan's).
+(or removed when the new tier has none). Metered prices are monthly on every plan, so an annual
+plan's subscription mixes intervals (Stripe's flexible billing mode): the plan item renews
+yearly, the metered items are invoiced monthly. The plan item's period is the subscription's
+period here; Stripe's own "period end" for such a subscription is the earliest item's (the
+month's), so cancelling at the period end names the plan's period end (`cancel_at`), and
+previews of a change at the period end of an annual plan are computed from the target price
+(Stripe's upcoming invoice would be the next month's usage).
 
 Each function reads the subscription from Stripe (the database may lag the webhooks), makes the
 change, then brings the account in line with `sync_customer` and returns the stored state.
@@ -48,7 +54,7 @@ from stripe import RequestOptions
 
 from billing.access import SubscriptionState, load_subscription
 from billing.errors import BillingError, ErrorCode
-from billing.plans import STRIPE_INTERVAL, Catalog, plan_of_price, tier_rank
+from billing.plans import Catalog, plan_of_price, tier_rank
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import metadata, object_id, stripe_time
@@ -149,8 +155,8 @@ async def preview_plan_change(
         if quoted is None:
             await _save_quote(database, live, target, proration_date, now)
         return _preview_now(live, target, prices, preview, proration_date)
-    if kind is ChangeKind.PERIOD_END and live.plan is not None and live.plan[1] != target[1]:
-        return _preview_interval_downgrade(live, target, prices, catalog)
+    if _next_plan_invoice_is_computed(live, target):  # nothing is due now (the upgrades returned)
+        return _preview_from_price(live, target, kind, prices, catalog, clock())
     preview = await _create_preview(
         gateway, live, changes if kind is ChangeKind.PERIOD_END else [], "none", None
     )
@@ -209,12 +215,15 @@ async def cancel_subscription(
         subscription_id = account.subscription_id
         already = live.cancel_pending and live.schedule_id is None
         if at_period_end and not already:
+            # Stripe's `cancel_at_period_end` is the earliest item's period end: with monthly
+            # metered items on an annual plan that is the month's. Name the plan's period end then.
+            params: Any = (
+                {"cancel_at": live.period[1]} if live.mixed_periods else {"cancel_at_period_end": True}
+            )
             await _released_then(
                 gateway,
                 live,
-                lambda o: gateway.v1.subscriptions.update_async(
-                    subscription_id, {"cancel_at_period_end": True}, o
-                ),
+                lambda o: gateway.v1.subscriptions.update_async(subscription_id, params, o),
                 "cancel subscription at period end",
             )
         elif not at_period_end:
@@ -293,6 +302,15 @@ class _Live:
     @property
     def price_id(self) -> str | None:
         return object_id(get(self.item, "price"))
+
+    @property
+    def mixed_periods(self) -> bool:
+        """Some item's period ends before the plan item's (monthly metered items on an annual plan)."""
+        ends = {
+            int(get(item, "current_period_end") or 0)
+            for item in get(get(self.subscription, "items"), "data") or []
+        }
+        return any(end and end != self.period[1] for end in ends)
 
 
 def _no_subscription(detail: str = "") -> BillingError:
@@ -408,15 +426,11 @@ def _item_changes(subscription: Any, prices: _Prices, target: PlanKey) -> list[_
     """Every item of the subscription with its price on the target plan, and the items it adds.
 
     The plan item takes the target price. Metered items follow the tier: the target tier's
-    metered price of each feature, where its interval fits the plan's (usage is billed monthly,
-    so an annual plan has none, as checkout makes them). Items that are not ours stay as they are.
+    metered price of each feature (monthly on every plan, annual ones included, as checkout makes
+    them). Items that are not ours stay as they are.
     """
     plan_item = licensed_item(subscription)
-    fitting = {
-        feature: object_id(price)
-        for feature, price in prices.metered.items()
-        if get(get(price, "recurring"), "interval") == STRIPE_INTERVAL[target[1]]
-    }
+    fitting = {feature: object_id(price) for feature, price in prices.metered.items()}
     changes = []
     for item in get(get(subscription, "items"), "data") or []:
         price = get(item, "price")
@@ -793,13 +807,23 @@ def _preview_next(live: _Live, target: PlanKey, kind: ChangeKind, preview: Any) 
     )
 
 
-def _preview_interval_downgrade(
-    live: _Live, target: PlanKey, prices: _Prices, catalog: Catalog
-) -> PlanChangePreview:
-    """A downgrade that also changes the interval (annual -> monthly), from the target price.
+def _next_plan_invoice_is_computed(live: _Live, target: PlanKey) -> bool:
+    """Whether Stripe's preview cannot show the plan's next invoice: a change of interval, or an
+    annual plan whose upcoming invoice is the next month's metered usage."""
+    return live.plan is not None and (
+        live.plan[1] != target[1] or (target[1] is BillingInterval.ANNUAL and live.mixed_periods)
+    )
 
-    Stripe's subscription preview would start the new interval now; the schedule starts it at
-    the period end, with one invoice of the new price for the first new period.
+
+def _preview_from_price(
+    live: _Live, target: PlanKey, kind: ChangeKind, prices: _Prices, catalog: Catalog, now: datetime
+) -> PlanChangePreview:
+    """The plan's next invoice at the period end, from the target price (metered usage on top).
+
+    For a downgrade that changes the interval (annual -> monthly) Stripe's subscription preview
+    would start the new interval now; the schedule starts it at the period end, with one invoice
+    of the new price for the first new period. For an annual plan with monthly metered items
+    Stripe's upcoming invoice is the next month's usage, not the plan's renewal.
     """
     start = live.period[1]
     end = _add_months(start, 12 if target[1] is BillingInterval.ANNUAL else 1)
@@ -814,8 +838,8 @@ def _preview_interval_downgrade(
     return PlanChangePreview(
         tier=target[0],
         interval=target[1],
-        kind=ChangeKind.PERIOD_END,
-        effective_at=stripe_time(start),
+        kind=kind,
+        effective_at=stripe_time(start) if kind is ChangeKind.PERIOD_END else now,
         currency=str(get(prices.licensed, "currency") or catalog.currency),
         amount_due=0,
         next_invoice_amount=amount,

@@ -149,7 +149,11 @@ def subscription_state(subscription: Any, schedule: Any = None) -> StripeState:
         current_period_start=stripe_time(period_start),
         current_period_end=stripe_time(period_end),
         trial_end=stripe_time(get(subscription, "trial_end")),
-        cancel_at_period_end=bool(get(subscription, "cancel_at_period_end")),
+        # Or `cancel_at` the plan's period end: how a subscription with monthly metered items on an
+        # annual plan is cancelled at the end of what was paid for (Stripe's `cancel_at_period_end`
+        # would end it at the earliest item's, the month's, period end).
+        cancel_at_period_end=bool(get(subscription, "cancel_at_period_end"))
+        or (period_end is not None and get(subscription, "cancel_at") == period_end),
         canceled_at=stripe_time(get(subscription, "canceled_at")),
         trial_used=get(subscription, "trial_start") is not None or get(subscription, "trial_end") is not None,
         stripe_schedule_id=object_id(schedule),

@@ -42,8 +42,12 @@ async def checkout(
     lookup_key: str = "starter_monthly",
     *,
     trial_days: int | None = 14,
+    metered: tuple[str, ...] = (),
 ) -> tuple[str, str]:
-    """A customer for `user_id` and an open checkout session; returns (customer id, session id)."""
+    """A customer for `user_id` and an open checkout session; returns (customer id, session id).
+
+    `metered`: lookup keys of metered prices to add as line items (no quantity), as our checkout does.
+    """
     customer = await gateway.v1.customers.create_async(
         {"email": f"{user_id}@example.com", "metadata": {"userId": user_id}}
     )
@@ -55,7 +59,10 @@ async def checkout(
             "mode": "subscription",
             "customer": customer.id,
             "client_reference_id": user_id,
-            "line_items": [{"price": prices[lookup_key], "quantity": 1}],
+            "line_items": [
+                {"price": prices[lookup_key], "quantity": 1},
+                *({"price": prices[key]} for key in metered),
+            ],
             "subscription_data": subscription_data,  # type: ignore[typeddict-item]
             "success_url": "http://app.test/billing/success?session_id={CHECKOUT_SESSION_ID}",
             "cancel_url": "http://app.test/pricing",
@@ -72,9 +79,12 @@ async def subscribe(
     lookup_key: str = "starter_monthly",
     *,
     trial_days: int | None = 14,
+    metered: tuple[str, ...] = (),
 ) -> tuple[str, str]:
     """Check out and pay; returns (customer id, subscription id)."""
-    customer_id, session_id = await checkout(gateway, prices, user_id, lookup_key, trial_days=trial_days)
+    customer_id, session_id = await checkout(
+        gateway, prices, user_id, lookup_key, trial_days=trial_days, metered=metered
+    )
     await control(service, f"checkout/{session_id}/complete", {"outcome": "paid"})
     session = await gateway.v1.checkout.sessions.retrieve_async(session_id)
     assert session.subscription is not None

@@ -15,6 +15,7 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from billing.sandbox import engine
 from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from db.models import account_table, event_table, invoice_table, usage_table
@@ -214,20 +215,43 @@ async def test_checkout_then_pay_then_confirm_gives_a_trialing_subscription(
     assert again["data"]["confirmCheckoutSession"] == confirmed
 
 
-async def test_an_annual_checkout_leaves_out_the_monthly_metered_price(
+async def test_an_annual_checkout_bills_the_plan_yearly_and_metered_usage_monthly(
     service: Service, stripe_gateway: StripeGateway, prices: dict[str, str]
 ) -> None:
     user = token("annie")
     session = await create_checkout(service, user, "STARTER", "ANNUAL")
     items = await stripe_gateway.v1.checkout.sessions.line_items.list_async(session["id"])
-    # Stripe wants one interval per subscription; metered prices are monthly.
-    assert [(item.price.id, item.quantity) for item in items.data] == [(prices["starter_annual"], 1)]
+    # The annual price and the monthly metered one: flexible billing mode mixes the intervals.
+    assert [(item.price.id, item.quantity) for item in items.data] == [
+        (prices["starter_annual"], 1),
+        (prices["starter_api_calls_metered"], None),
+    ]
     assert (await pay(session["url"])).status_code == 303
     confirmed = (await confirm(service, user, session["id"]))["data"]["confirmCheckoutSession"]
     assert (confirmed["status"], confirmed["tier"], confirmed["interval"]) == (
         "TRIALING",
         "STARTER",
         "ANNUAL",
+    )
+
+    await control(service, "clock/advance", {"seconds": 15 * 86_400})  # the 14-day trial ends
+    row = await wait_for_account(service.database, "annie", status="active")
+    subscription = await stripe_gateway.v1.subscriptions.retrieve_async(row.stripe_subscription_id)
+    assert subscription.billing_mode.type == "flexible"
+    periods = {
+        item.price.id: (item.current_period_start, item.current_period_end)
+        for item in subscription["items"].data
+    }
+    start, year_end = periods[prices["starter_annual"]]
+    assert year_end == engine.add_intervals(start, "year", 1, 1)
+    assert periods[prices["starter_api_calls_metered"]] == (start, engine.add_intervals(start, "month", 1, 1))
+    # The account's period is the plan's (the year), not the metered item's month.
+    await wait_for_account(
+        service.database,
+        "annie",
+        current_period_start=datetime.fromtimestamp(start, UTC),
+        current_period_end=datetime.fromtimestamp(year_end, UTC),
+        interval="annual",
     )
 
 

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from billing.sandbox import engine
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
 from db.models import account_table, quote_table
@@ -415,17 +416,80 @@ async def test_metered_items_follow_the_tier(live: Live) -> None:
     invoice = await live.gateway.v1.invoices.retrieve_async(str(upgraded.latest_invoice))
     assert invoice.amount_paid == preview["amountDue"]  # metered items are not prorated
 
-    await live.change("u10", "PRO", "ANNUAL")  # usage is billed monthly: an annual plan has no metered item
-    assert prices(await live.subscription(subscription_id)) == {live.prices["pro_annual"]}
+    await live.change("u10", "PRO", "ANNUAL")  # the annual plan keeps its monthly metered item
+    assert prices(await live.subscription(subscription_id)) == {
+        live.prices["pro_annual"],
+        live.prices["pro_api_calls_metered"],
+    }
 
     changed = await live.change("u10", "STARTER", "MONTHLY")  # at the period end, with the metered price
     assert changed["pendingChange"]["tier"] == "STARTER"
     schedule_id = str((await live.subscription(subscription_id)).schedule)
     schedule = await live.gateway.v1.subscription_schedules.retrieve_async(schedule_id)
     assert [{item["price"] for item in phase["items"]} for phase in schedule.phases] == [
-        {live.prices["pro_annual"]},
+        {live.prices["pro_annual"], live.prices["pro_api_calls_metered"]},
         {live.prices["starter_monthly"], live.prices["starter_api_calls_metered"]},
     ]
+
+
+async def test_monthly_to_annual_keeps_the_metered_item_and_the_account_keeps_the_years_period(
+    live: Live,
+) -> None:
+    metered = live.prices["pro_api_calls_metered"]
+    _customer, subscription_id = await subscribe(
+        live.service,
+        live.gateway,
+        live.prices,
+        "u11",
+        "pro_monthly",
+        trial_days=None,
+        metered=("pro_api_calls_metered",),
+    )
+    await wait_for_account(live.service.database, "u11", status="active", tier="pro", interval="monthly")
+    await advance(live.service, 10 * DAY)
+
+    changed = await live.change("u11", "PRO", "ANNUAL")
+
+    after = await live.subscription(subscription_id)
+    periods = {
+        item.price.id: (item.current_period_start, item.current_period_end) for item in after["items"].data
+    }
+    assert set(periods) == {live.prices["pro_annual"], metered}
+    year_start, year_end = periods[live.prices["pro_annual"]]
+    assert year_end == engine.add_intervals(year_start, "year", 1, 1)
+    assert periods[metered] == (year_start, engine.add_intervals(year_start, "month", 1, 1))
+    assert (changed["interval"], changed["currentPeriodStart"], changed["currentPeriodEnd"]) == (
+        "ANNUAL",
+        iso(year_start),
+        iso(year_end),
+    )
+    await live.settle()  # every webhook of the change applied: the account still has the year
+    row = await wait_for_account(live.service.database, "u11", interval="annual")
+    assert (row.current_period_start, row.current_period_end) == (
+        stripe_time(year_start),
+        stripe_time(year_end),
+    )
+
+    # A downgrade at the period end is previewed from the plan's price (Stripe's upcoming
+    # invoice of this subscription is the month's usage, due long before the plan renews).
+    preview = await live.preview("u11", "STARTER", "ANNUAL")
+    assert (preview["immediate"], preview["amountDue"], preview["nextInvoiceAmount"]) == (False, 0, 29000)
+    assert preview["nextInvoiceAt"] == preview["effectiveAt"] == iso(year_end)
+
+    # Cancelling at the period end keeps the year that was paid for: Stripe's
+    # cancel_at_period_end would end a mixed-interval subscription with the month.
+    result = await live.graphql("u11", f"mutation {{ cancelSubscription {{ {SUBSCRIPTION} }} }}")
+    assert "errors" not in result, result
+    canceled = result["data"]["cancelSubscription"]
+    assert (canceled["status"], canceled["cancelAtPeriodEnd"], canceled["currentPeriodEnd"]) == (
+        "ACTIVE",
+        True,
+        iso(year_end),
+    )
+    assert (await live.subscription(subscription_id)).cancel_at == year_end
+    resumed = await live.graphql("u11", f"mutation {{ resumeSubscription {{ {SUBSCRIPTION} }} }}")
+    assert resumed["data"]["resumeSubscription"]["cancelAtPeriodEnd"] is False
+    assert (await live.subscription(subscription_id)).cancel_at is None
 
 
 # Refusals ---------------------------------------------------------------------------------------

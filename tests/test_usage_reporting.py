@@ -29,7 +29,7 @@ from billing.usage_reporting import (
 )
 from db.engine import Database
 from db.models import report_table, usage_table
-from tests.billing_flows import setup_catalog, subscribe, wait_for_account
+from tests.billing_flows import advance, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
 from tests.test_graphql_support import SERVICE_KEY
 
@@ -374,6 +374,70 @@ async def test_recorded_usage_reaches_the_upcoming_invoice_through_the_backgroun
     # 5,000 calls at the starter's 0.1 cent each, next to the next period's $29.
     assert by_price == {prices["starter_api_calls_metered"]: 500, prices["starter_monthly"]: 2900}
     assert preview.total == 3400
+
+
+async def test_an_annual_subscriber_is_billed_for_metered_usage_every_month(
+    metered: Service, gateway: StripeGateway
+) -> None:
+    """Annual plan, monthly metered price (flexible billing mode): the month's usage is invoiced
+    at the month's end; the plan is billed again only at the year's end."""
+    prices = await setup_catalog(gateway)
+    customer_id, subscription_id = await subscribe(
+        metered,
+        gateway,
+        prices,
+        "annie",
+        "starter_annual",
+        trial_days=None,
+        metered=("starter_api_calls_metered",),
+    )
+    await wait_for_account(metered.database, "annie", status="active", stripe_customer_id=customer_id)
+    subscription = await gateway.v1.subscriptions.retrieve_async(subscription_id)
+    periods = {
+        item.price.id: (item.current_period_start, item.current_period_end)
+        for item in subscription["items"].data
+    }
+    year_start, year_end = periods[prices["starter_annual"]]
+    month_end = periods[prices["starter_api_calls_metered"]][1]
+    assert year_start < month_end < year_end
+
+    await record_usage(
+        database=metered.database,
+        catalog=CATALOG,
+        records=[UsageInput("annie", "api_calls", 5000, "annual-bulk")],
+        now=datetime.now(UTC),
+    )
+    reporter = UsageReporter(database=metered.database, gateway=gateway, catalog=CATALOG, concurrency=1)
+    assert (await reporter.drain()).sent == 1
+    await asyncio.sleep(1.1)  # the preview bills usage strictly before its `now` (whole seconds)
+
+    preview = await gateway.v1.invoices.create_preview_async({"subscription": subscription_id})
+    by_price = {
+        line.pricing.price_details.price: line.amount
+        for line in preview.lines.data
+        if line.pricing is not None and line.pricing.price_details is not None
+    }
+    # 5,000 calls at the starter's 0.1 cent each, due at the month's end; the plan renews in a year.
+    assert by_price == {prices["starter_api_calls_metered"]: 500}
+    assert (preview.total, preview.period_end) == (500, month_end)
+
+    now = (await advance(metered, 0))["now"]
+    await advance(metered, month_end + 3_600 + 60 - now)  # the month's invoice is charged an hour later
+    invoices = await gateway.v1.invoices.list_async({"subscription": subscription_id, "limit": 100})
+    (monthly,) = [invoice for invoice in invoices.data if invoice.billing_reason == "subscription_cycle"]
+    assert [
+        (line.pricing.price_details.price, line.amount)
+        for line in monthly.lines.data
+        if line.pricing is not None and line.pricing.price_details is not None
+    ] == [(prices["starter_api_calls_metered"], 500)]  # the annual price is not billed again
+    assert (monthly.status, monthly.amount_paid) == ("paid", 500)
+    await settle(metered.url, metered.database)
+    # The account keeps the plan's period: the year, not the metered item's new month.
+    row = await wait_for_account(metered.database, "annie", status="active", interval="annual")
+    assert (row.current_period_start, row.current_period_end) == (
+        datetime.fromtimestamp(year_start, UTC),
+        datetime.fromtimestamp(year_end, UTC),
+    )
 
 
 # The command ---------------------------------------------------------------------------------

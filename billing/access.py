@@ -32,6 +32,8 @@ from db.models import account_table
 
 GRANTING_STATUSES = frozenset({SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING})
 FEATURE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
+MAX_USER_ID_LENGTH = 255
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x1f\x7f]")
 
 
 class AccessReason(StrEnum):
@@ -226,6 +228,25 @@ def check_feature_name(feature: str) -> None:
             "feature must be 1 to 64 letters, digits or _ . : -",
             code=ErrorCode.BAD_USER_INPUT,
             field="feature",
+        )
+
+
+def is_plain_text(value: str) -> bool:
+    """No control characters (NUL, newlines, ...): PostgreSQL cannot even store a NUL."""
+    return CONTROL_CHARACTERS.search(value) is None
+
+
+def is_user_id(value: str) -> bool:
+    """A user id as identity providers issue them: 1 to 255 characters, no control characters."""
+    return 0 < len(value) <= MAX_USER_ID_LENGTH and is_plain_text(value)
+
+
+def check_user_id(user_id: str) -> None:
+    if not is_user_id(user_id):
+        raise BillingError(
+            f"userId must be 1 to {MAX_USER_ID_LENGTH} characters, none of them control characters",
+            code=ErrorCode.BAD_USER_INPUT,
+            field="userId",
         )
 
 

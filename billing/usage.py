@@ -41,11 +41,14 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.access import (
+    MAX_USER_ID_LENGTH,
     AccessDecision,
     AccessPolicy,
     SubscriptionState,
     check_feature_name,
     effective_tier,
+    is_plain_text,
+    is_user_id,
 )
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
@@ -58,7 +61,6 @@ DEFAULT_MAX_QUANTITY = 1_000_000  # USAGE_MAX_QUANTITY
 MAX_FUTURE = timedelta(minutes=5)  # Stripe's meter events accept timestamps up to 5 minutes ahead
 MAX_AGE = timedelta(days=35)  # ... and up to 35 days back
 MAX_KEY_LENGTH = 255
-MAX_USER_ID_LENGTH = 255
 DEFAULT_PAST_DUE_GRACE = timedelta(days=7)
 HOUR = timedelta(hours=1)
 
@@ -102,8 +104,12 @@ def validate_usage(
     record: UsageInput, index: int, *, catalog: Catalog, now: datetime, max_quantity: int
 ) -> datetime:
     """Check one item; returns its `recorded_at`. Raises BAD_USER_INPUT naming the item and field."""
-    if not record.user_id or len(record.user_id) > MAX_USER_ID_LENGTH:
-        raise _bad_input(index, "userId", f"userId must be 1 to {MAX_USER_ID_LENGTH} characters")
+    if not is_user_id(record.user_id):
+        raise _bad_input(
+            index,
+            "userId",
+            f"userId must be 1 to {MAX_USER_ID_LENGTH} characters, none of them control characters",
+        )
     try:
         check_feature_name(record.feature)
     except BillingError as exc:
@@ -115,8 +121,12 @@ def validate_usage(
     if not 1 <= record.quantity <= max_quantity:
         raise _bad_input(index, "quantity", f"quantity must be between 1 and {max_quantity}")
     key = record.idempotency_key
-    if not key or not key.strip() or len(key) > MAX_KEY_LENGTH:
-        raise _bad_input(index, "idempotencyKey", f"idempotencyKey must be 1 to {MAX_KEY_LENGTH} characters")
+    if not key or not key.strip() or len(key) > MAX_KEY_LENGTH or not is_plain_text(key):
+        raise _bad_input(
+            index,
+            "idempotencyKey",
+            f"idempotencyKey must be 1 to {MAX_KEY_LENGTH} characters, none of them control characters",
+        )
     at = record.recorded_at
     if at is None:
         return now

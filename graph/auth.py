@@ -24,6 +24,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
+from billing.access import is_user_id
 from billing.errors import BillingError, ConfigurationError, ErrorCode
 from billing.settings import Settings
 
@@ -220,8 +221,10 @@ class Authenticator:
 
 def _user(claims: dict[str, Any]) -> User:
     subject = claims.get("sub")
-    if not isinstance(subject, str) or not subject or len(subject) > 255:
-        raise unauthenticated("invalid token: `sub` must be a user id of 1 to 255 characters")
+    if not isinstance(subject, str) or not is_user_id(subject):
+        raise unauthenticated(
+            "invalid token: `sub` must be a user id of 1 to 255 characters, none of them control characters"
+        )
     email = claims.get("email")
     name = claims.get("name")
     return User(

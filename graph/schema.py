@@ -19,6 +19,7 @@ from strawberry.types import ExecutionResult
 from strawberry.types.execution import ExecutionContext
 from strawberry.types.graphql import OperationType
 
+from billing.access import check_user_id
 from graph.context import OperationScope, context_of
 from graph.errors import ErrorCodes, format_errors
 from graph.limits import QueryGuard
@@ -69,6 +70,7 @@ class Query:
         self, info: strawberry.Info[Any, Any], user_id: strawberry.ID
     ) -> BillingSubscription:
         context = context_of(info)
+        check_user_id(str(user_id))
         state = await context.subscription(str(user_id))
         return BillingSubscription.from_model(state, context.policy, context.now)
 

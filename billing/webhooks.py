@@ -17,6 +17,7 @@ import hashlib
 import hmac
 import json
 import logging
+import re
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -37,6 +38,10 @@ from db.enums import EventStatus
 from db.models import event_table
 
 log = logging.getLogger("billing.webhooks")
+
+EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")  # Stripe's ids: a prefix and letters and digits
+EVENT_TYPE = re.compile(r"[a-z0-9_.]{1,128}")  # e.g. customer.subscription.updated
+MAX_CREATED = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetime can hold
 
 TOLERANCE_SECONDS = 300
 MAX_ATTEMPTS = 12
@@ -103,22 +108,40 @@ class Envelope:
 def parse_event(payload: bytes) -> Envelope:
     try:
         event = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         raise InvalidWebhook("body is not JSON") from None
     if not isinstance(event, dict):
         raise InvalidWebhook("body is not a JSON object")
     event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
-    if not isinstance(event_id, str) or not event_id.startswith("evt_") or len(event_id) > 255:
+    if not isinstance(event_id, str) or not EVENT_ID.fullmatch(event_id):
         raise InvalidWebhook("event has no valid id")
-    if not isinstance(event_type, str) or not event_type or len(event_type) > 128:
+    if not isinstance(event_type, str) or not EVENT_TYPE.fullmatch(event_type):
         raise InvalidWebhook("event has no valid type")
-    if not isinstance(created, int) or isinstance(created, bool):
+    if not isinstance(created, int) or isinstance(created, bool) or not 0 <= created <= MAX_CREATED:
         raise InvalidWebhook("event has no valid created time")
     if not isinstance(event.get("data"), dict) or not isinstance(event["data"].get("object"), dict):
         raise InvalidWebhook("event has no data.object")
+    if _holds_nul(event):
+        # PostgreSQL cannot store U+0000 in text or jsonb: refuse it the same way on every database.
+        raise InvalidWebhook("event holds a NUL character")
     created_at = stripe_time(created)
     assert created_at is not None
     return Envelope(event_id, event_type, created_at, event)
+
+
+def _holds_nul(value: Any) -> bool:
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            pending.extend(item.keys())
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return False
 
 
 # The inbox -----------------------------------------------------------------------------------

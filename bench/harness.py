@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import os
 import platform
@@ -22,6 +23,7 @@ import random
 import secrets
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -165,7 +167,7 @@ class Bench:
 
     # Servers ---------------------------------------------------------------------------------
 
-    def start(self, name: str, target: str, *, factory: bool, ready: str) -> Server:
+    def start(self, name: str, target: str, *, factory: bool, ready: str, cwd: Path = ROOT) -> Server:
         port = free_port()
         log = self.workdir / f"{name}.log"
         command = [sys.executable, "-m", "uvicorn", target, *(["--factory"] if factory else [])]
@@ -173,7 +175,7 @@ class Bench:
         env = {**os.environ, "PUBLIC_BASE_URL": f"http://127.0.0.1:{port}"}
         with log.open("wb") as out:
             process = subprocess.Popen(
-                command, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+                command, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
             )
         server = Server(name, process, f"http://127.0.0.1:{port}", log)
         self.servers.append(server)
@@ -676,6 +678,51 @@ class Bench:
         while server.process.poll() is None:  # noqa: ASYNC110 (polling a child process)
             await asyncio.sleep(1)
 
+    async def compare_trees(self, trees: list[Path], rounds: int = 3) -> str:
+        """`--ab`: the same requests against the service of each source tree, in turns, on one database."""
+        await self.prepare()
+        services = [
+            self.start(f"tree{n}", "graph.app:create_app", factory=True, ready="/healthz", cwd=tree)
+            for n, tree in enumerate(trees)
+        ]
+        for service in services:
+            self.check_graphql(service, VIEWER, self.tokens[0])
+        usage_token = self.file("ab-usage-token.txt", self.usage_tokens[-1] + "\n")
+        cases = [
+            ("viewer query, c=32", "post.lua", [self.graphql_body(VIEWER), self.tokens_file], 32),
+            ("viewer.usage (largest size), c=1", "post.lua", [self.graphql_body(USAGE), usage_token], 1),
+        ]
+        rows: dict[tuple[str, int], list[Row]] = {}
+        for n in range(rounds):
+            for what, script, args, connections in [
+                *cases,
+                (
+                    "recordUsage, c=32",
+                    "usage.lua",
+                    [self.service_key, "1", "bench_user_", str(USERS), f"ab{n}"],
+                    32,
+                ),
+            ]:
+                for index, service in enumerate(services):
+                    if script == "usage.lua":
+                        args = [*args[:4], f"ab{n}t{index}"]
+                    row = self.measure(
+                        "ab", f"{trees[index]}: {what}", service, "/graphql", script, args, connections
+                    )
+                    rows.setdefault((what, index), []).append(row)
+        lines = [
+            f"A/B of {rounds} rounds, in turns, {self.profile.seconds:g} s runs; load {load()} at the end",
+            "",
+            "| case | tree | req/s (median) | p50 ms (median) | server CPU ms/req (median) |",
+            "|---|---|---:|---:|---:|",
+        ]
+        for (what, index), measured in rows.items():
+            rps = statistics.median(r.result.rps for r in measured if r.result)
+            p50 = statistics.median(r.result.p50_ms for r in measured if r.result)
+            cpu = statistics.median(r.cpu_ms for r in measured if r.cpu_ms is not None)
+            lines.append(f"| {what} | `{trees[index]}` | {rps:,.0f} | {p50:.2f} | {cpu:.3f} |")
+        return "\n".join(lines) + "\n"
+
     async def cleanup(self) -> None:
         self.stop_all()
         with contextlib.suppress(Exception):
@@ -767,12 +814,13 @@ def write(path: Path, section: str) -> None:
 
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does, so the clean-up runs."""
+    """SIGINT, SIGTERM and SIGHUP end the run with KeyboardInterrupt, so the clean-up runs."""
 
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # SIGINT too: a shell without job control starts background commands with it ignored.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield
     finally:
@@ -786,6 +834,15 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="2 s runs and small sizes (a smoke run)")
     parser.add_argument(
+        "--ab",
+        nargs="+",
+        type=Path,
+        default=None,
+        metavar="TREE",
+        help="compare the services of these source trees (e.g. git worktrees), in turns",
+    )
+    parser.add_argument("--seconds", type=float, default=None, help="length of each wrk run")
+    parser.add_argument(
         "--serve",
         metavar="APP",
         default=None,
@@ -796,19 +853,26 @@ def main() -> None:
     )
     arguments = parser.parse_args()
     profile = QUICK if arguments.quick else FULL
+    if arguments.seconds:
+        profile = dataclasses.replace(profile, seconds=arguments.seconds)
     output = arguments.output or ROOT / "bench" / ("RESULTS-quick.md" if arguments.quick else "RESULTS.md")
     found = versions()
     started, load_before = datetime.now(UTC), load()
     with tempfile.TemporaryDirectory(prefix="bench-") as workdir, interruptible():
         bench = Bench(profile, Path(workdir))
         try:
-            asyncio.run(bench.serve(arguments.serve) if arguments.serve else bench.run())
+            if arguments.ab:
+                print(asyncio.run(bench.compare_trees([tree.resolve() for tree in arguments.ab])))
+            elif arguments.serve:
+                asyncio.run(bench.serve(arguments.serve))
+            else:
+                asyncio.run(bench.run())
         finally:
             for server in bench.servers:
                 if server.process.poll() is not None and server.process.returncode not in (0, -15):
                     print(f"{server.name} log:\n{server.log.read_text()[-3000:]}", file=sys.stderr)
             asyncio.run(bench.cleanup())
-    if arguments.serve:
+    if arguments.serve or arguments.ab:
         return
     section = report(bench, found, started, load_before, arguments.quick)
     write(output, section)

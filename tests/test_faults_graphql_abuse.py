@@ -17,7 +17,7 @@ Rows, and where each is tested:
 | cost | `test_limits.py::test_a_costly_query_is_refused` |
 | limits over the websocket | `test_limits.py::test_limits_apply_on_websockets_too` |
 | introspection in production | `test_security_lockdown.py::test_introspection_is_refused_in_production_only` |
-| suggestions in production (fields, arguments, types, enum values, variables; websockets) | `test_security_lockdown.py::test_no_suggestions_in_production`, `::test_no_suggestions_on_production_websockets`; here: a misspelled mutation field and argument in production, with no suggestion and nothing written |
+| suggestions in production (fields, arguments, types, enum values, variables; websockets) | `test_security_lockdown.py::test_no_suggestions_in_production`, `::test_no_suggestions_on_production_websockets`; here: a misspelled mutation field, argument and input field (in a variable, coerced at execution) in production, with no suggestion and nothing written |
 | mutation over GET (alone, or named in a document with a query) | `test_security_http.py::test_mutations_are_never_served_over_get`, `test_graphql_api.py::test_get_serves_queries_and_refuses_mutations`; here: nothing written |
 | form-encoded, multipart, `text/plain`, untyped POSTs | `test_security_http.py::test_posts_that_are_not_json_are_refused_with_415`; here: nothing written |
 | oversized body, declared or streamed | `test_security_http.py::test_an_oversized_body_is_refused_with_413`, `::test_the_default_body_limit_is_one_mebibyte`; here: nothing written |
@@ -129,9 +129,10 @@ async def batch(api: Api) -> Refusal:
     return _refusal(await _post(api, body, "application/json"))
 
 
-def _document(document: str) -> Send:
+def _document(document: str, variables: dict[str, Any] | None = None) -> Send:
     async def send(api: Api) -> Refusal:
-        return _refusal(await _post(api, json.dumps({"query": document}).encode(), "application/json"))
+        body = {"query": document, "variables": variables}
+        return _refusal(await _post(api, json.dumps(body).encode(), "application/json"))
 
     return send
 
@@ -226,6 +227,14 @@ CASES: dict[str, tuple[Send, Refusal, bool]] = {
             ("BAD_USER_INPUT", "BAD_USER_INPUT"),
             "not to include unknown field 'idempotencyKy'.",
         ),
+        True,
+    ),
+    "production: misspelled input field in a variable": (
+        _document(
+            "mutation($i: RecordUsageInput!) { recordUsage(input: $i) { id } }",
+            {"i": {"userId": "member", "feature": "api_calls", "quantity": 1, "idempotencyKy": KEY}},
+        ),
+        Refusal(200, ("BAD_USER_INPUT", "BAD_USER_INPUT"), "not to include unknown field 'idempotencyKy'."),
         True,
     ),
     "websocket: subscribe before connection_init": (_over_the_socket(None), Refusal(4401, ()), False),

@@ -406,6 +406,20 @@ async def test_classic_billing_mode_refuses_mixed_intervals_as_stripe_does(
     assert [item.price.id for item in classic["items"].data] == [monthly]  # nothing changed
     # Flexible, this API version's default, takes the same prices.
     assert (await open_session(stripe_gateway, annual, metered=(metered,))).status == "open"
+    # A classic subscription mixes intervals once migrated to flexible (there is no way back).
+    migrated = await stripe_gateway.v1.subscriptions.migrate_async(
+        subscription_id, {"billing_mode": {"type": "flexible"}}
+    )
+    assert migrated.billing_mode.type == "flexible"
+    mixed = await stripe_gateway.v1.subscriptions.update_async(
+        subscription_id, {"items": [{"price": annual}], "proration_behavior": "none"}
+    )
+    periods = {item.price.id: item.current_period_end for item in mixed["items"].data}
+    anchor = mixed.billing_cycle_anchor
+    assert periods == {
+        monthly: classic["items"].data[0].current_period_end,  # the monthly item keeps its period
+        annual: engine.add_intervals(anchor, "year", 1, 1),  # the new one gets its own, on the anchor
+    }
 
 
 async def test_a_flexible_subscription_bills_the_annual_plan_yearly_and_metered_usage_monthly(

@@ -1484,13 +1484,15 @@ async def plan_change(
     old_items = items_of(subscription)
     before = {item["id"]: item for item in old_items}
     after = {item["id"]: item for item in new_items}
-    # A kept item moving to another interval, or the plan's (licensed) intervals changing, resets
-    # the anchor for every item (adding a metered item of another interval in flexible mode does not).
+    # A kept item moving to another interval, or licensed items all replaced by ones of other
+    # intervals, resets the anchor for every item. Adding an item of another interval beside the
+    # kept ones (flexible mode) does not: it gets its own period on the anchor.
+    kept_licensed = [item for item in new_items if item["id"] in before and not is_metered(item["price"])]
     interval_changed = any(
         interval_of(item["price"]) != interval_of(before[item["id"]]["price"])
         for item in new_items
         if item["id"] in before
-    ) or _licensed_intervals(old_items) != _licensed_intervals(new_items)
+    ) or (not kept_licensed and _licensed_intervals(old_items) != _licensed_intervals(new_items))
     reset = not trialing and (reset_anchor or interval_changed)
     prorations: list[Line] = []
     if not trialing and proration_behavior != "none" and subscription["status"] in BILLED_STATUSES:

@@ -1,4 +1,5 @@
-"""Subscriptions: retrieve, list, search, update (plan changes with proration), cancel, resume.
+"""Subscriptions: retrieve, list, search, update (plan changes with proration), cancel, resume,
+and migrate (`classic` -> `flexible` billing mode; there is no way back, as on Stripe).
 
 Subscriptions are created by completing a Checkout Session (`engine.complete_checkout`); the
 billing logic lives in `billing.sandbox.engine`.
@@ -6,11 +7,13 @@ billing logic lives in `billing.sandbox.engine`.
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 from stripe.params import (
     SubscriptionCancelParams,
     SubscriptionListParams,
+    SubscriptionMigrateParams,
     SubscriptionResumeParams,
     SubscriptionRetrieveParams,
     SubscriptionSearchParams,
@@ -26,7 +29,7 @@ from billing.sandbox.api import (
     search_matcher,
     search_result,
 )
-from billing.sandbox.errors import StripeError
+from billing.sandbox.errors import StripeError, parameter_invalid
 
 
 @endpoint("GET", "/v1/subscriptions/{id}", SubscriptionRetrieveParams)
@@ -116,3 +119,20 @@ async def resume_subscription(call: Call) -> dict[str, Any]:
         if key in call.params:
             raise engine.unsupported(key, "resuming always starts a new period now")
     return await engine.resume_subscription(call.tx, call.config, subscription, call.tx.now(), call.params)
+
+
+@endpoint("POST", "/v1/subscriptions/{id}/migrate", SubscriptionMigrateParams)
+async def migrate_subscription(call: Call) -> dict[str, Any]:
+    """`classic` -> `flexible` billing mode (then prices of different intervals may be mixed)."""
+    tx = call.tx
+    subscription = await tx.get("subscription", call.path["id"])
+    mode = engine.billing_mode_param(call.params.get("billing_mode") or {}, "billing_mode")
+    if mode != "flexible":
+        raise parameter_invalid("billing_mode[type]", "Subscriptions can only be migrated to `flexible`.")
+    if engine.billing_mode_of(subscription) == "flexible":
+        return subscription
+    previous = {"billing_mode": copy.deepcopy(subscription["billing_mode"])}
+    subscription["billing_mode"] = engine.billing_mode_object("flexible", tx.now())
+    await tx.save(subscription)
+    await engine.emit(tx, "customer.subscription.updated", subscription, previous)
+    return subscription

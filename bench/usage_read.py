@@ -1,11 +1,12 @@
 """How long a quota window's usage takes to read, for 10k, 100k and 1M usage records.
 
-    .venv/bin/python bench/usage_read.py                       # SQLite in a temporary directory
-    .venv/bin/python bench/usage_read.py --database-url postgresql+asyncpg://postgres@127.0.0.1/bench
+    .venv/bin/python -m bench.usage_read                       # SQLite in a temporary directory
+    .venv/bin/python -m bench.usage_read --database-url postgresql+asyncpg://postgres@127.0.0.1/bench
 
 The database is migrated, one account gets N `api_calls` records spread over 34 days (so the
-current monthly window, which starts at a time that is not on the hour, holds most of them), the
-hourly rollups are filled as `record_usage` would have, and each read is timed (median of many):
+current monthly window, which starts at a time that is not on the hour, holds most of them) by
+`bench.seed.add_usage` (the records and rollups `bench/run` seeds for scenario 5), and each read
+is timed in-process, without HTTP (median of many):
 
 - `usage_summary`: Viewer.usage (rollups per hour + raw edges, with the daily series);
 - `quota_check`: what WithinQuota and access(feature) run (one summed statement);
@@ -22,24 +23,22 @@ import asyncio
 import statistics
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import delete, func, insert, select
+from sqlalchemy import func, insert, select
 
+from bench.seed import PERIOD_AGE, add_usage
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
 from billing.plans import load_catalog
-from billing.usage import Window, hour_of, quota_check, quota_window, usage_summary
+from billing.usage import Window, quota_check, quota_window, usage_summary
 from db.engine import Database
 from db.migrate import upgrade_engine
-from db.models import account_table, metadata, rollup_table, usage_table
+from db.models import account_table, metadata, usage_table
 
 SIZES = (10_000, 100_000, 1_000_000)
-SPREAD = timedelta(days=34)
-CHUNK = 5_000
 
 
 async def timed(call: Callable[[], Awaitable[Any]], runs: int) -> float:
@@ -105,7 +104,7 @@ async def main(url: str | None, runs: int) -> None:
         try:
             await reset(database)
             now = datetime.now(UTC).replace(microsecond=0)
-            period_start = now - timedelta(days=29, hours=13, minutes=37, seconds=42)
+            period_start = now - PERIOD_AGE
             async with database.write() as conn:
                 await conn.execute(
                     insert(account_table).values(
@@ -123,54 +122,15 @@ async def main(url: str | None, runs: int) -> None:
             state = await load_subscription(database, "bench")
             assert state.account_id is not None
             window = quota_window(state, now)
-            first = now - SPREAD
-            hours: Counter[datetime] = Counter()
-            inserted = 0
             print(f"backend: {database.engine.dialect.name}; window {window.start} .. {window.end}")
             print(
                 f"{'records':>10} {'in window':>10} {'usage_summary':>14} {'quota_check':>12} {'raw SUM':>9}"
             )
+            inserted = 0
             for size in SIZES:
-                rows = []
-                for n in range(inserted, size):
-                    # Spread evenly over the 34 days, each added batch too, with a jitter inside the hour.
-                    at = first + SPREAD * ((n - inserted) / (size - inserted))
-                    at -= timedelta(seconds=(n * 7919) % 3600)
-                    quantity = 1 + n % 5
-                    hours[hour_of(at)] += quantity
-                    rows.append(
-                        {
-                            "account_id": state.account_id,
-                            "feature": "api_calls",
-                            "quantity": quantity,
-                            "recorded_at": at,
-                            "idempotency_key": f"bench-{n}",
-                            "created_at": now,
-                        }
-                    )
-                    if len(rows) == CHUNK:
-                        async with database.write() as conn:
-                            await conn.execute(insert(usage_table), rows)
-                        rows = []
-                if rows:
-                    async with database.write() as conn:
-                        await conn.execute(insert(usage_table), rows)
+                # The records of bench.seed.add_usage, which also sums the rollups again.
+                await add_usage(database, state.account_id, inserted, size, now)
                 inserted = size
-                async with database.write() as conn:
-                    await conn.execute(delete(rollup_table))
-                    await conn.execute(
-                        insert(rollup_table),
-                        [
-                            {
-                                "account_id": state.account_id,
-                                "feature": "api_calls",
-                                "hour": hour,
-                                "quantity": q,
-                            }
-                            for hour, q in sorted(hours.items())
-                        ],
-                    )
-
                 in_window, summary_ms, check_ms, raw_ms = await measure(
                     database, policy, state, window, now, runs
                 )

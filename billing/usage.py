@@ -160,8 +160,39 @@ _ACCOUNTS = select(
 )
 
 
-def _insert(database: Database) -> Any:
-    return postgresql.insert if database.is_postgres else sqlite.insert
+@dataclass(frozen=True, slots=True)
+class _Statements:
+    """The hot writes of `record_usage`, built once per dialect so their compiled form is cached."""
+
+    insert_usage: Any  # INSERT ... ON CONFLICT DO NOTHING RETURNING, rows as parameters
+    add_to_rollup: Any  # INSERT ... ON CONFLICT DO UPDATE quantity = quantity + excluded
+
+    @classmethod
+    def build(cls, insert: Any) -> _Statements:
+        rollup = insert(rollup_table)
+        return cls(
+            insert_usage=insert(usage_table)
+            .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
+            .returning(
+                usage_table.c.id,
+                usage_table.c.account_id,
+                usage_table.c.idempotency_key,
+                usage_table.c.feature,
+                usage_table.c.quantity,
+                usage_table.c.recorded_at,
+            ),
+            add_to_rollup=rollup.on_conflict_do_update(
+                index_elements=["account_id", "feature", "hour"],
+                set_={"quantity": rollup_table.c.quantity + rollup.excluded.quantity},
+            ),
+        )
+
+
+_STATEMENTS = {"postgresql": _Statements.build(postgresql.insert), "sqlite": _Statements.build(sqlite.insert)}
+
+
+def _statements(database: Database) -> _Statements:
+    return _STATEMENTS[database.engine.dialect.name]
 
 
 async def record_usage(
@@ -216,19 +247,9 @@ async def record_usage(
                 first_of.values(), key=lambda i: (records[i].user_id, records[i].idempotency_key)
             )
         ]
-        inserted = await conn.execute(
-            _insert(database)(usage_table)
-            .values(rows)
-            .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
-            .returning(
-                usage_table.c.id,
-                usage_table.c.account_id,
-                usage_table.c.idempotency_key,
-                usage_table.c.feature,
-                usage_table.c.quantity,
-                usage_table.c.recorded_at,
-            )
-        )
+        # One statement built at import, the rows as parameters: SQLAlchemy compiles it once (a
+        # `.values(rows)` statement is a new one each time, compiled again on every call).
+        inserted = await conn.execute(_statements(database).insert_usage, rows)
         new = {(row.account_id, row.idempotency_key): row for row in inserted}
         keys = [(accounts[records[i].user_id], records[i].idempotency_key) for i in first_of.values()]
         existing = await _existing(conn, [key for key in keys if key not in new])
@@ -338,17 +359,12 @@ async def _add_to_rollups(database: Database, conn: AsyncConnection, rows: Itera
         sums[key] = sums.get(key, 0) + int(row.quantity)
     if not sums:
         return
-    insert = _insert(database)(rollup_table).values(
+    await conn.execute(
+        _statements(database).add_to_rollup,
         [
             {"account_id": account_id, "feature": feature, "hour": hour, "quantity": quantity}
             for (account_id, feature, hour), quantity in sorted(sums.items())  # one lock order
-        ]
-    )
-    await conn.execute(
-        insert.on_conflict_do_update(
-            index_elements=["account_id", "feature", "hour"],
-            set_={"quantity": rollup_table.c.quantity + insert.excluded.quantity},
-        )
+        ],
     )
 
 

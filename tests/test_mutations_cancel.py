@@ -137,19 +137,40 @@ async def test_a_stripe_outage_is_provider_unavailable_and_changes_nothing(
 
 
 class FaultyAt(StripeGateway):
-    """The project's gateway, with Stripe failing from the call named `what` on (for `count` requests)."""
+    """The project's gateway, with Stripe failing from the call named `what` on (for `count` requests).
 
-    def __init__(self, service: Service, what: str, path_prefix: str, count: int) -> None:
+    `fault` adds to or overrides the fault injected (`status`, `after_apply`, `seconds`, ...);
+    `config` to the gateway's configuration.
+    """
+
+    def __init__(
+        self,
+        service: Service,
+        what: str,
+        path_prefix: str,
+        count: int,
+        *,
+        config: dict[str, Any] | None = None,
+        **fault: Any,
+    ) -> None:
         super().__init__(
-            GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox", max_network_retries=1)
+            GatewayConfig(
+                **{
+                    "api_key": "sk_test_x",
+                    "api_base": f"{service.url}/sandbox",
+                    "max_network_retries": 1,
+                    **(config or {}),
+                }
+            )
         )
         self.service, self.what, self.path_prefix, self.count = service, what, path_prefix, count
+        self.fault = fault
 
     async def call(
         self, operation: Any, *, idempotency_key: str | None = None, what: str = "stripe call"
     ) -> Any:
         if what == self.what:
-            fault = {"path_prefix": self.path_prefix, "status": 500, "count": self.count}
+            fault = {"path_prefix": self.path_prefix, "status": 500, "count": self.count, **self.fault}
             await control(self.service, "faults", fault)
         return await super().call(operation, idempotency_key=idempotency_key, what=what)
 

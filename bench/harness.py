@@ -672,8 +672,13 @@ class Bench:
             "Ctrl-C to stop and drop the database.",
             flush=True,
         )
+        usage_body = self.graphql_body(USAGE)
+        for n, size in enumerate(self.profile.usage_sizes):
+            tokens = self.file(f"usage-token-{n}.txt", self.usage_tokens[n] + "\n")
+            print(f"viewer.usage, {size:,} records: -s bench/lua/post.lua ... -- {usage_body} {tokens}")
+        print(f"recordUsage: -s bench/lua/usage.lua ... -- {self.service_key} 1 bench_user_ {USERS} NONCE")
         Path(self.workdir.parent / "bench-serve.txt").write_text(  # noqa: ASYNC240
-            f"{server.pid} {server.url} {body} {self.tokens_file} {self.service_key}\n"
+            f"{server.pid} {server.url} {body} {self.tokens_file} {self.service_key} {usage_body} {tokens}\n"
         )
         while server.process.poll() is None:  # noqa: ASYNC110 (polling a child process)
             await asyncio.sleep(1)

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import BigInteger, and_, cast, func, or_, select, union_all
+from sqlalchemy import BigInteger, and_, cast, func, or_, select, type_coerce, union_all
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -55,6 +55,7 @@ from billing.plans import Catalog
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 from db.models import account_table, rollup_table, usage_table
+from db.types import UTCDateTime
 
 MAX_BATCH = 1000
 DEFAULT_MAX_QUANTITY = 1_000_000  # USAGE_MAX_QUANTITY
@@ -435,17 +436,26 @@ def _split(window: Window) -> _Plan:
     return _Plan((first_whole, last_whole) if first_whole < last_whole else None, edges)
 
 
+def _utc_day(conn: AsyncConnection, column: Any) -> Any:
+    """The UTC midnight starting the day of a UTC time column."""
+    if conn.dialect.name == "postgresql":
+        return func.date_trunc("day", column, "UTC")
+    return func.strftime("%Y-%m-%d 00:00:00.000000", column)  # SQLAlchemy's SQLite datetime format
+
+
 async def window_usage(
     conn: AsyncConnection,
     account_id: int,
     features: Sequence[str],
     window: Window,
     *,
-    by_hour: bool = False,
+    by_day: bool = False,
 ) -> list[tuple[str, datetime, int]]:
-    """(feature, hour, quantity) parts of the window's usage, in one statement.
+    """(feature, time, quantity) parts of the window's usage, in one statement.
 
-    Whole hours come from `usage_rollup` (per hour with `by_hour`, else one sum per feature);
+    Whole hours come from `usage_rollup` (summed per UTC day with `by_day`, at the day's
+    midnight, else one sum per feature at the first hour; summed in the database, so at most
+    one row per day comes back, not the window's ~720 hours);
     the partial hours at the edges are exact sums of raw records. Every part is an index range
     bounded by time, whatever the number of records.
     """
@@ -461,8 +471,13 @@ async def window_usage(
             r.hour >= plan.hours[0],
             r.hour < plan.hours[1],
         )
-        if by_hour:
-            parts.append(select(r.feature, r.hour.label("at"), r.quantity.label("quantity")).where(*where))
+        if by_day:
+            day = type_coerce(_utc_day(conn, r.hour), UTCDateTime())
+            parts.append(
+                select(r.feature, day.label("at"), cast(func.sum(r.quantity), BigInteger).label("quantity"))
+                .where(*where)
+                .group_by(r.feature, day)
+            )
         else:
             parts.append(
                 select(
@@ -566,7 +581,7 @@ async def usage_summary(
     if state.account_id is not None:
         async with database.read() as conn:
             for _feature, at, quantity in await window_usage(
-                conn, state.account_id, [feature], window, by_hour=True
+                conn, state.account_id, [feature], window, by_day=True
             ):
                 days[at.astimezone(UTC).date()] += quantity
     return UsageSummary(

@@ -6,7 +6,7 @@ Rows, and where each is tested:
 | row | where |
 |---|---|
 | wrong enum values (`tier`, `interval`) on createCheckoutSession, previewPlanChange, changePlan, as literals and as variables | here: `test_a_wrong_argument_is_bad_user_input_and_changes_nothing` |
-| wrong types: `atPeriodEnd`, `sessionId`, `first`, `feature`, `userId`, missing or null required arguments | here: the same test |
+| wrong types: `atPeriodEnd`, `sessionId`, `first`, `feature`, `userId`, missing or null required arguments, unknown arguments (also on createPortalSession, resumeSubscription and plans, which take none) | here: the same test |
 | quantities beyond GraphQL's 32-bit Int, fractional, as strings | here: the same test |
 | negative, zero and too large (but 32-bit) quantities | `test_usage_recording.py::test_each_refusal_has_its_code_names_the_item_and_writes_nothing`; here for 2^31-1 |
 | `first` below 1 / above 100 on `viewer.invoices` | `test_invoices.py::test_first_is_capped_at_100_and_below_1_is_bad_user_input` |
@@ -159,6 +159,14 @@ WRONG_ARGUMENTS: list[tuple[str, str, str, dict[str, Any] | None]] = [
     ("change-tier-unknown", USER, CHANGE, {**PLAN, "tier": "GOLD"}),
     ("change-interval-list", USER, CHANGE, {**PLAN, "interval": ["MONTHLY"]}),
     ("change-literal-enum", USER, "mutation { changePlan(tier: PRO, interval: YEARLY) { tier } }", None),
+    (
+        "portal-unknown-argument",
+        USER,
+        'mutation { createPortalSession(returnUrl: "https://evil.test") { url } }',
+        None,
+    ),
+    ("resume-unknown-argument", USER, "mutation { resumeSubscription(now: true) { status } }", None),
+    ("plans-unknown-argument", USER, "{ plans(tier: PRO) { id } }", None),
     ("cancel-at-period-end-string", USER, CANCEL, {"at": "yes"}),
     ("cancel-at-period-end-number", USER, CANCEL, {"at": 1}),
     ("cancel-at-period-end-null", USER, CANCEL, {"at": None}),

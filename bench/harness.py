@@ -677,6 +677,13 @@ class Bench:
             tokens = self.file(f"usage-token-{n}.txt", self.usage_tokens[n] + "\n")
             print(f"viewer.usage, {size:,} records: -s bench/lua/post.lua ... -- {usage_body} {tokens}")
         print(f"recordUsage: -s bench/lua/usage.lua ... -- {self.service_key} 1 bench_user_ {USERS} NONCE")
+        if "create_app" in target:
+            self.subscriptions = await self.sandbox_customers(server)
+            templates, events, _ = self.event_files("serve", 100_000)
+            print(
+                "webhooks (signed now, valid 5 minutes): "
+                f"-s bench/lua/webhook.lua ... -- {templates} {events} 2"
+            )
         Path(self.workdir.parent / "bench-serve.txt").write_text(  # noqa: ASYNC240
             f"{server.pid} {server.url} {body} {self.tokens_file} {self.service_key} {usage_body} {tokens}\n"
         )

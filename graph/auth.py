@@ -24,7 +24,7 @@ import httpx
 import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
-from billing.access import is_user_id
+from billing.access import is_plain_text, is_user_id
 from billing.errors import BillingError, ConfigurationError, ErrorCode
 from billing.settings import Settings
 
@@ -34,6 +34,8 @@ HS256 = "HS256"
 RS256 = "RS256"
 CLOCK_SKEW_SECONDS = 30
 MAX_TOKEN_LENGTH = 8192
+MAX_EMAIL_LENGTH = 320  # the columns of billing_account
+MAX_NAME_LENGTH = 255
 JWKS_REFETCH_INTERVAL = 60.0  # seconds between two fetches once keys are known
 JWKS_RETRY_INTERVAL = 5.0  # seconds between two attempts while no key was ever fetched
 JWKS_TIMEOUT = 5.0
@@ -225,13 +227,18 @@ def _user(claims: dict[str, Any]) -> User:
         raise unauthenticated(
             "invalid token: `sub` must be a user id of 1 to 255 characters, none of them control characters"
         )
-    email = claims.get("email")
-    name = claims.get("name")
     return User(
         id=subject,
-        email=email if isinstance(email, str) else None,
-        name=name if isinstance(name, str) else None,
+        email=_profile_claim(claims.get("email"), MAX_EMAIL_LENGTH),
+        name=_profile_claim(claims.get("name"), MAX_NAME_LENGTH),
     )
+
+
+def _profile_claim(value: Any, limit: int) -> str | None:
+    """`email` or `name`, left out when it is not text the account row (and Stripe) can hold."""
+    if isinstance(value, str) and 0 < len(value) <= limit and is_plain_text(value):
+        return value
+    return None
 
 
 def issue_dev_token(

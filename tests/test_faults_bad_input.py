@@ -16,6 +16,7 @@ Rows, and where each is tested:
 | unicode idempotency keys and user ids that are valid | here: `test_unicode_ids_and_keys_round_trip` |
 | malformed user ids in `userSubscription`, feature names in `access` and `viewer.usage` | here: `test_a_malformed_id_or_feature_in_a_query_is_bad_user_input` |
 | malformed user ids in a token's `sub` | here: `test_a_token_whose_subject_is_not_a_user_id_is_unauthenticated` |
+| a token's `email` / `name` with NUL, too long for the account row, or not a string: left out, checkout still works | here: `test_an_unusable_email_or_name_claim_is_left_out_of_checkout` |
 | invalid feature names (unit) | `test_access.py::test_an_invalid_feature_name_is_bad_user_input` |
 | webhook route: ids and types too long, NUL characters, times out of range, wrong types | here: `test_a_malformed_signed_event_is_400_and_nothing_is_stored` |
 | webhook route: unicode and 10 KB strings inside a genuine event | here: `test_unicode_and_long_strings_in_an_event_are_stored_exactly` |
@@ -35,9 +36,11 @@ import pytest
 import pytest_asyncio
 from sqlalchemy import select
 
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database
-from db.models import event_table
-from tests.conftest import DbTarget, free_port, truncate_all
+from db.models import account_table, event_table
+from tests.billing_flows import setup_catalog
+from tests.conftest import DbTarget, Service, free_port, truncate_all
 from tests.db_snapshot import snapshot, unchanged
 from tests.stripe_events import event, post_event
 from tests.test_graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, serve_api
@@ -66,8 +69,8 @@ def usage_item(**overrides: Any) -> dict[str, Any]:
 
 
 # One served app per module and backend (tests only differ in what they send); every test
-# starts from emptied tables.
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# marked `in_module_loop` starts from emptied tables.
+in_module_loop = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -88,20 +91,20 @@ async def served(migrated_db: DbTarget) -> AsyncIterator[tuple[Database, Api]]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def database(served: tuple[Database, Api]) -> Database:
+async def db(served: tuple[Database, Api]) -> Database:
     await truncate_all(served[0])
     return served[0]
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def api(served: tuple[Database, Api], database: Database) -> Api:
+async def api(served: tuple[Database, Api], db: Database) -> Api:
     return served[1]
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def member(database: Database) -> str:
+async def member(db: Database) -> str:
     """A subscriber with a Stripe customer, some usage and an event in the inbox: rows to keep."""
-    await insert_account(database, "member", tier="pro")
+    await insert_account(db, "member", tier="pro")
     return hs256_token("member")
 
 
@@ -220,6 +223,7 @@ WRONG_ARGUMENTS: list[tuple[str, str, str, dict[str, Any] | None]] = [
 
 
 # GraphQL validation refuses these before any resolver or database work: one backend is enough.
+@in_module_loop
 @pytest.mark.sqlite_only
 @pytest.mark.parametrize(
     ("caller", "document", "variables"),
@@ -227,10 +231,10 @@ WRONG_ARGUMENTS: list[tuple[str, str, str, dict[str, Any] | None]] = [
     ids=[row[0] for row in WRONG_ARGUMENTS],
 )
 async def test_a_wrong_argument_is_bad_user_input_and_changes_nothing(
-    database: Database, api: Api, member: str, caller: str, document: str, variables: dict[str, Any] | None
+    db: Database, api: Api, member: str, caller: str, document: str, variables: dict[str, Any] | None
 ) -> None:
     await seed(api, member)
-    async with unchanged(database):
+    async with unchanged(db):
         result = await api.query(document, variables, token=member if caller == USER else SERVICE_KEY)
     error = the_error(result)
     assert error["extensions"]["code"] == "BAD_USER_INPUT", error
@@ -251,12 +255,13 @@ MALFORMED_SESSION_IDS = {
 }
 
 
+@in_module_loop
 @pytest.mark.parametrize("session_id", MALFORMED_SESSION_IDS.values(), ids=MALFORMED_SESSION_IDS.keys())
 async def test_a_malformed_session_id_is_bad_user_input_and_changes_nothing(
-    database: Database, api: Api, member: str, session_id: str | int
+    db: Database, api: Api, member: str, session_id: str | int
 ) -> None:
     await seed(api, member)
-    async with unchanged(database):
+    async with unchanged(db):
         result = await api.query(CONFIRM, {"id": session_id}, token=member)
     error = the_error(result)
     assert error["extensions"] == {"code": "BAD_USER_INPUT", "field": "sessionId"}
@@ -284,17 +289,18 @@ MALFORMED_USAGE = [
 ]
 
 
+@in_module_loop
 @pytest.mark.parametrize(
     ("overrides", "code", "field"),
     [row[1:] for row in MALFORMED_USAGE],
     ids=[row[0] for row in MALFORMED_USAGE],
 )
 async def test_a_malformed_usage_item_is_refused_and_changes_nothing(
-    database: Database, api: Api, member: str, overrides: dict[str, Any], code: str, field: str | None
+    db: Database, api: Api, member: str, overrides: dict[str, Any], code: str, field: str | None
 ) -> None:
     await seed(api, member)
     bad = {**usage_item(idempotencyKey="bad"), **overrides}
-    async with unchanged(database):
+    async with unchanged(db):
         single = await api.query(RECORD, {"input": bad}, token=SERVICE_KEY)
         batch = await api.query(
             BATCH, {"inputs": [usage_item(idempotencyKey="good"), bad]}, token=SERVICE_KEY
@@ -305,8 +311,9 @@ async def test_a_malformed_usage_item_is_refused_and_changes_nothing(
         assert {key: error["extensions"].get(key) for key in expected} == expected, error
 
 
-async def test_unicode_ids_and_keys_round_trip(database: Database, api: Api) -> None:
-    await insert_account(database, UNICODE, tier="pro", stripe_customer_id="cus_unicode")
+@in_module_loop
+async def test_unicode_ids_and_keys_round_trip(db: Database, api: Api) -> None:
+    await insert_account(db, UNICODE, tier="pro", stripe_customer_id="cus_unicode")
     key = f"{UNICODE}-{'k' * 200}"  # a long key, still within 255 characters
     first = await api.query(
         RECORD, {"input": usage_item(userId=UNICODE, idempotencyKey=key)}, token=SERVICE_KEY
@@ -339,13 +346,14 @@ QUERY_INPUTS = [
 ]
 
 
+@in_module_loop
 @pytest.mark.parametrize(
     ("caller", "document", "variables", "field"),
     [row[1:] for row in QUERY_INPUTS],
     ids=[row[0] for row in QUERY_INPUTS],
 )
 async def test_a_malformed_id_or_feature_in_a_query_is_bad_user_input(
-    database: Database,
+    db: Database,
     api: Api,
     member: str,
     caller: str | None,
@@ -355,19 +363,20 @@ async def test_a_malformed_id_or_feature_in_a_query_is_bad_user_input(
 ) -> None:
     await seed(api, member)
     token = {USER: member, SERVICE: SERVICE_KEY, None: None}[caller]
-    async with unchanged(database):
+    async with unchanged(db):
         result = await api.query(document, variables, token=token)
     error = the_error(result)
     assert error["extensions"].get("code") == "BAD_USER_INPUT", error
     assert error["extensions"].get("field") == field, error
 
 
+@in_module_loop
 @pytest.mark.parametrize("subject", [NUL, "u\n1", TEN_KB, ""], ids=["nul", "newline", "10kb", "empty"])
 async def test_a_token_whose_subject_is_not_a_user_id_is_unauthenticated(
-    database: Database, api: Api, member: str, subject: str
+    db: Database, api: Api, member: str, subject: str
 ) -> None:
     await seed(api, member)
-    async with unchanged(database):
+    async with unchanged(db):
         viewer = await api.query("{ viewer { id } }", token=hs256_token(subject))
         checkout = await api.query(CHECKOUT, PLAN, token=hs256_token(subject))
     for result in (viewer, checkout):
@@ -408,18 +417,20 @@ MALFORMED_EVENTS = {
 }
 
 
+@in_module_loop
 @pytest.mark.parametrize("evt", MALFORMED_EVENTS.values(), ids=MALFORMED_EVENTS.keys())
 async def test_a_malformed_signed_event_is_400_and_nothing_is_stored(
-    database: Database, api: Api, member: str, evt: dict[str, Any]
+    db: Database, api: Api, member: str, evt: dict[str, Any]
 ) -> None:
     await seed(api, member)
-    async with unchanged(database), httpx.AsyncClient() as client:
+    async with unchanged(db), httpx.AsyncClient() as client:
         response = await post_event(client, api.url, evt)
     assert response.status_code == 400, response.text
     assert response.json()["error"] == "invalid webhook"
 
 
-async def test_unicode_and_long_strings_in_an_event_are_stored_exactly(database: Database, api: Api) -> None:
+@in_module_loop
+async def test_unicode_and_long_strings_in_an_event_are_stored_exactly(db: Database, api: Api) -> None:
     customer = {
         "id": "cus_unicode",
         "object": "customer",
@@ -433,7 +444,41 @@ async def test_unicode_and_long_strings_in_an_event_are_stored_exactly(database:
         again = await post_event(client, api.url, evt)
     assert (first.status_code, first.json()) == (200, {"received": True, "duplicate": False})
     assert (again.status_code, again.json()) == (200, {"received": True, "duplicate": True})
-    async with database.read() as conn:
+    async with db.read() as conn:
         (row,) = (await conn.execute(select(event_table))).all()
     assert row.id == evt["id"] and row.payload == evt
-    assert list((await snapshot(database, [event_table]))["stripe_event"]) == [tuple(row)]
+    assert list((await snapshot(db, [event_table]))["stripe_event"]) == [tuple(row)]
+
+
+# Unusable identity claims reaching Stripe and the account row ------------------------------------
+
+BAD_CLAIMS = {
+    "name-nul": {"name": NUL},
+    "name-300": {"name": "n" * 300},  # beyond the column (255); a 10 KB claim makes the token too long
+    "email-400": {"email": f"{'e' * 400}@example.test"},
+    "email-nul": {"email": "a\x00b@example.test"},
+    "email-not-a-string": {"email": ["a@example.test"]},
+}
+
+
+@pytest.mark.parametrize("claims", BAD_CLAIMS.values(), ids=BAD_CLAIMS.keys())
+async def test_an_unusable_email_or_name_claim_is_left_out_of_checkout(
+    service: Service, stripe_gateway: StripeGateway, claims: dict[str, Any]
+) -> None:
+    await setup_catalog(stripe_gateway)
+    user = hs256_token("yuri", **{"email": "yuri@example.test", **claims})
+    async with httpx.AsyncClient(timeout=60) as client:
+        response = await client.post(
+            f"{service.url}/graphql",
+            json={"query": CHECKOUT, "variables": PLAN},
+            headers={"Authorization": f"Bearer {user}"},
+        )
+    result = response.json()
+    assert "errors" not in result, result
+    customers = (await stripe_gateway.v1.customers.list_async({"limit": 10})).data
+    assert len(customers) == 1 and customers[0].metadata["userId"] == "yuri"
+    async with service.database.read() as conn:
+        (row,) = (await conn.execute(select(account_table))).all()
+    assert row.user_id == "yuri" and row.stripe_customer_id == customers[0].id
+    assert (row.email, row.name) == (customers[0].email, customers[0].name)
+    assert row.email in ("yuri@example.test", None) and row.name is None

@@ -8,8 +8,10 @@ task, `billing usage report` from cron):
    PostgreSQL; on SQLite the write transaction is `BEGIN IMMEDIATE`, one writer at a time) and
    summed per customer, meter and minute into `usage_report` rows, in the same transaction that
    sets each record's `report_id`. An aggregate's id is its meter event `identifier`, fixed
-   before anything is sent, so every retry sends the same one. A minute holding the start of
-   the account's current period is split at that instant, so usage lands in the right invoice.
+   before anything is sent, so every retry sends the same one. A minute holding a monthly
+   boundary counted from the account's period start (the period start itself; on an annual
+   plan also each month's, where its monthly metered item is invoiced) is split at that
+   instant, so usage lands in the right invoice.
 2. **Send.** Due aggregates are claimed with a lease (`status = sending`, `attempts + 1`) and
    sent outside any transaction. Only after Stripe accepts one are it and its records marked
    reported. A lost response leaves it `sending`; when its lease expires it is sent again with
@@ -45,6 +47,7 @@ from sqlalchemy import and_, func, or_, select, update
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
+from billing.usage import monthly_window
 from db.engine import Database
 from db.models import UsageReportStatus, account_table, report_table, usage_table
 
@@ -71,6 +74,18 @@ def backoff(attempts: int) -> timedelta:
 
 def new_report_id() -> str:
     return f"ur_{uuid.uuid4().hex}"
+
+
+def month_boundary(minute: datetime, period_start: datetime | None) -> datetime | None:
+    """The boundary inside `minute` of the months counted from `period_start`, if one is there.
+
+    Metered prices are monthly on every plan and invoiced at those boundaries (an annual plan's
+    subscription mixes intervals), so usage on either side of one belongs to different invoices.
+    """
+    if period_start is None:
+        return None
+    start = monthly_window(period_start, minute + MINUTE - timedelta(microseconds=1)).start
+    return start if start >= minute else None
 
 
 def minute_of(moment: datetime) -> datetime:
@@ -241,7 +256,7 @@ class UsageReporter:
             groups: dict[tuple[int, str, datetime, bool], list[Any]] = {}
             for record in records:
                 minute = minute_of(record.recorded_at)
-                boundary = accounts[record.account_id].current_period_start
+                boundary = month_boundary(minute, accounts[record.account_id].current_period_start)
                 after_boundary = (
                     boundary is not None
                     and minute <= boundary < minute + MINUTE

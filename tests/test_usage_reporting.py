@@ -14,12 +14,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from billing.plans import load_catalog
 from billing.sandbox.store import Store
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.usage import UsageInput, record_usage
+from billing.usage import UsageInput, add_months, record_usage
 from billing.usage_reporting import (
     ClaimedReport,
     Outcome,
@@ -28,7 +28,7 @@ from billing.usage_reporting import (
     flagged_reports,
 )
 from db.engine import Database
-from db.models import report_table, usage_table
+from db.models import account_table, report_table, usage_table
 from tests.billing_flows import advance, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
 from tests.test_graphql_support import SERVICE_KEY
@@ -438,6 +438,47 @@ async def test_an_annual_subscriber_is_billed_for_metered_usage_every_month(
         datetime.fromtimestamp(year_start, UTC),
         datetime.fromtimestamp(year_end, UTC),
     )
+
+
+async def test_a_minute_holding_an_annual_plans_monthly_boundary_is_split_there(
+    metered: Service, gateway: StripeGateway
+) -> None:
+    """Usage each side of the month's boundary belongs to different monthly invoices."""
+    prices = await setup_catalog(gateway)
+    await subscribe(
+        metered,
+        gateway,
+        prices,
+        "annie",
+        "starter_annual",
+        trial_days=None,
+        metered=("starter_api_calls_metered",),
+    )
+    await wait_for_account(metered.database, "annie", status="active", interval="annual")
+    await settle(metered.url, metered.database)
+    now = datetime.now(UTC)
+    boundary = now.replace(second=30, microsecond=0) - timedelta(minutes=3)  # a month after the start
+    start = add_months(boundary, -1)
+    async with metered.database.write() as conn:
+        await conn.execute(
+            update(account_table)
+            .where(account_table.c.user_id == "annie")
+            .values(current_period_start=start, current_period_end=add_months(start, 12))
+        )
+    records = [
+        UsageInput("annie", "api_calls", 7, "before", boundary - timedelta(seconds=10)),
+        UsageInput("annie", "api_calls", 11, "after", boundary + timedelta(seconds=10)),
+    ]
+    await record_usage(database=metered.database, catalog=CATALOG, records=records, now=now)
+
+    reporter = UsageReporter(database=metered.database, gateway=gateway, catalog=CATALOG, concurrency=1)
+    await reporter.aggregate()
+
+    rows = sorted(await report_rows(metered.database), key=lambda row: row.event_time)
+    assert [(row.minute, row.event_time, row.quantity) for row in rows] == [
+        (boundary.replace(second=0), boundary - timedelta(seconds=10), 7),
+        (boundary.replace(second=0), boundary + timedelta(seconds=10), 11),
+    ]
 
 
 # The command ---------------------------------------------------------------------------------

@@ -265,8 +265,11 @@ async def sync_customer(
         invoices = [await _invoice(gateway, invoice_id) for invoice_id in invoice_ids]
         state = customer_state(subscriptions, schedules)
         hint = metadata(customer).get("userId") or user_id_hint
+        stale_link = await _stale_link(database, gateway, customer_id, hint, state)
         async with database.write() as conn:
-            result = await _write_account(conn, database, customer_id, hint, state, now, dry_run)
+            result = await _write_account(
+                conn, database, customer_id, hint, state, now, dry_run, stale_link=stale_link
+            )
             if not dry_run and not result.unknown_customer:
                 for invoice in invoices:
                     await upsert_invoice(conn, database, invoice, now)
@@ -308,6 +311,52 @@ async def _invoice(gateway: StripeGateway, invoice_id: str) -> stripe.Invoice:
     )
 
 
+async def _stale_link(
+    database: Database, gateway: StripeGateway, customer_id: str, user_id: str | None, state: StripeState
+) -> str | None:
+    """The other customer the user's account is linked to, when Stripe says it no longer pays.
+
+    A user linked to customer A (live in our row) may start paying through customer B (made in
+    the dashboard, say) after A was deleted or its subscription ended in Stripe. If B's events
+    are applied before A's, the row still says A is live; judged on that, B would be refused
+    for good and A's deletion would then leave the user unlinked while B pays. So when the row
+    says the other customer is live and this one is live too, ask Stripe about the other one
+    (one or two reads, only in that case) before deciding. Reads happen outside any transaction.
+    """
+    if state.status not in LIVE_STATUSES or not user_id:
+        return None
+    async with database.read() as conn:
+        mine = (
+            await conn.execute(
+                select(account_table.c.id).where(account_table.c.stripe_customer_id == customer_id)
+            )
+        ).first()
+        row = (
+            await conn.execute(
+                select(account_table.c.stripe_customer_id, account_table.c.status).where(
+                    account_table.c.user_id == user_id
+                )
+            )
+        ).first()
+    if mine is not None or row is None or row.stripe_customer_id in (None, customer_id):
+        return None
+    if SubscriptionStatus(row.status) not in LIVE_STATUSES:
+        return None  # relinked anyway
+    other: str = row.stripe_customer_id
+    try:
+        found = await gateway.call(
+            lambda o: gateway.v1.customers.retrieve_async(other, None, o), what="retrieve customer"
+        )
+    except BillingError as exc:
+        if exc.extensions.get("stripe_code") != "resource_missing":
+            raise
+        return other
+    if get(found, "deleted"):
+        return other
+    live = [s for s in await _subscriptions(gateway, other) if get(s, "status") in LIVE_STATUSES]
+    return None if live else other
+
+
 async def _write_account(
     conn: AsyncConnection,
     database: Database,
@@ -316,6 +365,8 @@ async def _write_account(
     state: StripeState,
     now: datetime,
     dry_run: bool,
+    *,
+    stale_link: str | None = None,
 ) -> SyncResult:
     by_customer = await _locked_row(conn, database, account_table.c.stripe_customer_id == customer_id)
     row = by_customer
@@ -342,7 +393,9 @@ async def _write_account(
     if row.stripe_customer_id not in (None, customer_id):
         # The user already pays through another customer: keep that link unless it has no live
         # subscription and this one does (e.g. the old customer was replaced).
-        current_live = SubscriptionStatus(row.status) in LIVE_STATUSES
+        current_live = (
+            SubscriptionStatus(row.status) in LIVE_STATUSES and row.stripe_customer_id != stale_link
+        )
         if current_live or state.status not in LIVE_STATUSES:
             result.conflict = f"user {row.user_id} is linked to {row.stripe_customer_id}, not {customer_id}"
             log.warning("sync: %s; not relinking", result.conflict)

@@ -6,7 +6,10 @@ else (`hasAccess`, `access(feature)`, the permission classes of the GraphQL laye
 - `active` and `trialing` grant the subscription's tier;
 - `past_due` grants it during a grace period (`PAST_DUE_GRACE_DAYS`, default 7) measured from
   `current_period_start`: when a renewal fails Stripe has already moved the period forward, so
-  the start of the current period is when the unpaid renewal began;
+  the start of the current period is when the unpaid renewal began. On an annual plan it is
+  measured from the start of the current month counted from the period start: the plan's
+  monthly metered items are invoiced there, and a failed usage invoice makes the whole
+  subscription `past_due`;
 - every other status (`none`, `incomplete`, `incomplete_expired`, `canceled`, `unpaid`,
   `paused`) grants nothing: a canceled or unpaid Pro subscriber is `NONE`.
 
@@ -15,6 +18,7 @@ Subscription state is read from the database (one query by user id), never from 
 
 from __future__ import annotations
 
+import calendar
 import re
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -125,6 +129,32 @@ async def load_subscription(database: Database, user_id: str) -> SubscriptionSta
     return SubscriptionState(user_id=user_id) if row is None else SubscriptionState.from_row(row)
 
 
+def add_months(anchor: datetime, months: int) -> datetime:
+    """`anchor` moved by whole months, keeping its day (clamped to the month's last) and time."""
+    years, month_index = divmod(anchor.month - 1 + months, 12)
+    year, month = anchor.year + years, month_index + 1
+    return anchor.replace(year=year, month=month, day=min(anchor.day, calendar.monthrange(year, month)[1]))
+
+
+def months_since(anchor: datetime, now: datetime) -> int:
+    """Whole months counted from `anchor` up to `now` (negative before it)."""
+    months = (now.year - anchor.year) * 12 + (now.month - anchor.month)
+    while add_months(anchor, months) > now:
+        months -= 1
+    while add_months(anchor, months + 1) <= now:
+        months += 1
+    return months
+
+
+def unpaid_since(start: datetime, interval: BillingInterval | None, now: datetime) -> datetime:
+    """When the unpaid invoice of a `past_due` subscription whose period started at `start` was
+    made: that start (a failed renewal has moved the period on), or on an annual plan the start
+    of the current month counted from it (its monthly metered items are invoiced there)."""
+    if interval is BillingInterval.ANNUAL and now >= start:
+        return add_months(start, months_since(start, now))
+    return start
+
+
 def effective_tier(state: SubscriptionState, *, now: datetime, past_due_grace: timedelta) -> Tier:
     """The tier the user may use right now. The only function that decides access."""
     if state.status in GRANTING_STATUSES:
@@ -132,7 +162,7 @@ def effective_tier(state: SubscriptionState, *, now: datetime, past_due_grace: t
     if (
         state.status is SubscriptionStatus.PAST_DUE
         and state.current_period_start is not None
-        and now < state.current_period_start + past_due_grace
+        and now < unpaid_since(state.current_period_start, state.interval, now) + past_due_grace
     ):
         return state.tier
     return Tier.NONE

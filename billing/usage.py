@@ -30,7 +30,6 @@ concurrently just under the limit, each recording at most q, usage ends at most 
 
 from __future__ import annotations
 
-import calendar
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -45,10 +44,12 @@ from billing.access import (
     AccessDecision,
     AccessPolicy,
     SubscriptionState,
+    add_months,
     check_feature_name,
     effective_tier,
     is_plain_text,
     is_user_id,
+    months_since,
 )
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
@@ -380,20 +381,9 @@ class Window:
     end: datetime
 
 
-def add_months(anchor: datetime, months: int) -> datetime:
-    """`anchor` moved by whole months, keeping its day (clamped to the month's last) and time."""
-    years, month_index = divmod(anchor.month - 1 + months, 12)
-    year, month = anchor.year + years, month_index + 1
-    return anchor.replace(year=year, month=month, day=min(anchor.day, calendar.monthrange(year, month)[1]))
-
-
 def monthly_window(anchor: datetime, now: datetime) -> Window:
     """The month-long window, counted from `anchor`, that contains `now`."""
-    months = (now.year - anchor.year) * 12 + (now.month - anchor.month)
-    while add_months(anchor, months) > now:
-        months -= 1
-    while add_months(anchor, months + 1) <= now:
-        months += 1
+    months = months_since(anchor, now)
     return Window(add_months(anchor, months), add_months(anchor, months + 1))
 
 

@@ -75,6 +75,28 @@ def test_past_due_keeps_the_tier_during_the_grace_period_from_the_period_start()
     )
 
 
+def test_an_annual_plan_past_due_on_a_monthly_usage_invoice_counts_the_grace_from_that_month() -> None:
+    """Monthly metered items of an annual plan are invoiced each month counted from the period
+    start; a failed usage invoice makes the subscription past_due long after the year began."""
+
+    def annual(days_into_month: float) -> SubscriptionState:
+        month_started = NOW - timedelta(days=days_into_month)
+        return SubscriptionState(
+            user_id="u",
+            status=SubscriptionStatus.PAST_DUE,
+            tier=Tier.PRO,
+            interval=BillingInterval.ANNUAL,
+            current_period_start=month_started.replace(month=month_started.month - 2),  # 2 months before
+            current_period_end=month_started.replace(
+                year=month_started.year + 1, month=month_started.month - 2
+            ),
+        )
+
+    assert effective_tier(annual(1), now=NOW, past_due_grace=GRACE) is Tier.PRO
+    assert effective_tier(annual(6.9), now=NOW, past_due_grace=GRACE) is Tier.PRO
+    assert effective_tier(annual(7), now=NOW, past_due_grace=GRACE) is Tier.NONE
+
+
 def test_past_due_without_a_period_or_without_grace_is_none() -> None:
     no_period = SubscriptionState(user_id="u", status=SubscriptionStatus.PAST_DUE, tier=Tier.PRO)
     assert effective_tier(no_period, now=NOW, past_due_grace=GRACE) is Tier.NONE

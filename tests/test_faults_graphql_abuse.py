@@ -23,6 +23,7 @@ Rows, and where each is tested:
 | oversized body, declared or streamed | `test_security_http.py::test_an_oversized_body_is_refused_with_413`, `::test_the_default_body_limit_is_one_mebibyte`; here: nothing written |
 | batched operations | `test_security_http.py::test_batched_requests_are_refused`; here: a batch of mutations, nothing written |
 | graphql-ws: `subscribe` before `connection_init` | `test_realtime.py::test_subscribing_before_connection_init_closes_the_socket_with_4401`; here: with a mutation, closed 4401, nothing written |
+| graphql-ws protocol abuse: a second `connection_init` (4429), an operation id already running (4409), a frame that is not JSON or of an unknown type (4400) | here, each with a mutation that must not run |
 | graphql-ws: bad token in `connection_init`; legacy `graphql-ws` protocol | `test_realtime.py::test_a_bad_or_missing_token_closes_the_socket_with_4403`, `test_graphql_api.py::test_the_legacy_graphql_ws_protocol_is_not_offered`; here: a mutation after a refused init, nothing written |
 | websocket origins, connection and operation caps | `test_security_http.py::test_websocket_handshakes_from_other_origins_are_refused`, `test_realtime.py::test_operations_per_connection_are_capped_by_ws_max_operations`, `::test_connections_per_process_are_capped_by_ws_max_connections` |
 """
@@ -42,8 +43,8 @@ from db.engine import Database
 from db.models import usage_table
 from graph.limits import QUERY_TOO_COMPLEX
 from tests.db_snapshot import unchanged
-from tests.test_graphql_support import SERVICE_KEY, Api, insert_account, serve_api
-from tests.test_realtime_support import live_socket
+from tests.test_graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, serve_api
+from tests.test_realtime_support import SUBSCRIPTION, live_socket
 from tests.test_security_lockdown import PRODUCTION
 
 MAX_BYTES = 8192
@@ -146,16 +147,25 @@ FRAGMENT_BOMB = (
 TOKEN_FLOOD = f"mutation {{ {record()[: -len('{ id duplicate }')]}{{ {'id ' * 1000}}} }}"
 
 
-def _over_the_socket(init: dict[str, Any] | None) -> Send:
+def init(token: str) -> dict[str, Any]:
+    return {"type": "connection_init", "payload": {"authorization": f"Bearer {token}"}}
+
+
+SUBSCRIBE_RECORD = {"id": "record", "type": "subscribe", "payload": {"query": RECORD}}
+
+
+def _over_the_socket(*messages: dict[str, Any] | str) -> Send:
+    """Send these graphql-transport-ws messages (a str is sent as a raw text frame) in order."""
+
     async def send(api: Api) -> Refusal:
         async with live_socket(api.url, init=False) as socket:
-            if init is not None:
-                await socket.send({"type": "connection_init", "payload": init})
-            await socket.subscribe(query=RECORD)
+            for message in messages:
+                if isinstance(message, str):
+                    await socket.ws.send_text(message)
+                else:
+                    await socket.send(message)
             code = await socket.closed_with()
-            assert all(m.get("type") not in ("connection_ack", "next") for m in socket.unread()), (
-                socket.unread()
-            )
+            assert all(m.get("type") != "next" for m in socket.unread()), socket.unread()
         return Refusal(code, ())
 
     return send
@@ -237,10 +247,38 @@ CASES: dict[str, tuple[Send, Refusal, bool]] = {
         Refusal(200, ("BAD_USER_INPUT", "BAD_USER_INPUT"), "not to include unknown field 'idempotencyKy'."),
         True,
     ),
-    "websocket: subscribe before connection_init": (_over_the_socket(None), Refusal(4401, ()), False),
+    "websocket: subscribe before connection_init": (
+        _over_the_socket(SUBSCRIBE_RECORD),
+        Refusal(4401, ()),
+        False,
+    ),
     "websocket: subscribe after a refused connection_init": (
-        _over_the_socket({"authorization": "Bearer not-a-token"}),
+        _over_the_socket(init("not-a-token"), SUBSCRIBE_RECORD),
         Refusal(4403, ()),
+        False,
+    ),
+    "websocket: a second connection_init": (
+        _over_the_socket(init(SERVICE_KEY), init(SERVICE_KEY), SUBSCRIBE_RECORD),
+        Refusal(4429, ()),
+        False,
+    ),
+    "websocket: an operation id already running": (
+        _over_the_socket(
+            init(hs256_token("member")),
+            {"id": "record", "type": "subscribe", "payload": {"query": SUBSCRIPTION}},
+            SUBSCRIBE_RECORD,
+        ),
+        Refusal(4409, ()),
+        False,
+    ),
+    "websocket: a frame that is not JSON": (
+        _over_the_socket(init(SERVICE_KEY), '{"type": "subscribe", "id": "record", "payload": '),
+        Refusal(4400, ()),
+        False,
+    ),
+    "websocket: an unknown message type": (
+        _over_the_socket(init(SERVICE_KEY), {**SUBSCRIBE_RECORD, "type": "execute"}),
+        Refusal(4400, ()),
         False,
     ),
 }

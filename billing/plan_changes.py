@@ -40,7 +40,6 @@ database transaction is ever open across a Stripe call.
 
 from __future__ import annotations
 
-import calendar
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -52,7 +51,7 @@ from sqlalchemy import and_, delete, select
 from sqlalchemy.dialects import postgresql, sqlite
 from stripe import RequestOptions
 
-from billing.access import SubscriptionState, load_subscription
+from billing.access import SubscriptionState, add_months, load_subscription
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog, plan_of_price, tier_rank
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
@@ -826,7 +825,11 @@ def _preview_from_price(
     Stripe's upcoming invoice is the next month's usage, not the plan's renewal.
     """
     start = live.period[1]
-    end = _add_months(start, 12 if target[1] is BillingInterval.ANNUAL else 1)
+    end = int(
+        add_months(
+            datetime.fromtimestamp(start, UTC), 12 if target[1] is BillingInterval.ANNUAL else 1
+        ).timestamp()
+    )
     amount = int(get(prices.licensed, "unit_amount") or 0)
     line = PreviewLine(
         description=f"1 \u00d7 {catalog.plan(target[0]).name} ({target[1].value})",
@@ -846,12 +849,3 @@ def _preview_from_price(
         next_invoice_at=stripe_time(start),
         lines=(line,),
     )
-
-
-def _add_months(ts: int, months: int) -> int:
-    """Stripe's calendar arithmetic: the same day and time, clamped to the month's last day."""
-    moment = datetime.fromtimestamp(ts, UTC)
-    years, month0 = divmod(moment.month - 1 + months, 12)
-    year = moment.year + years
-    day = min(moment.day, calendar.monthrange(year, month0 + 1)[1])
-    return int(moment.replace(year=year, month=month0 + 1, day=day).timestamp())

@@ -371,3 +371,113 @@ async def test_any_interleaving_with_duplicates_ends_in_the_sandboxs_state(
     plan = data.draw(delivery_plans(len(recorded.lifecycle.events)), label="delivery plan")
     answers = await deliver(recorded, plan)
     await check_final_state(recorded, answers)
+
+
+# Late deliveries while the lifecycle goes on ----------------------------------------------------
+#
+# Above, every event is delivered after the lifecycle ended, so every sync reads the final state.
+# Here hypothesis also drives the lifecycle (plan changes, cancellation toggles, the customer
+# deleted and a new one made for the same user) and, after each step, delivers only some of the
+# events made so far, in any order, holding the others back for later: syncs then read Stripe
+# mid-way, the database lags, and late events land on newer rows. Once everything has arrived,
+# the row must still equal the sandbox's subscription of the user's current customer.
+
+STEPS = ("upgrade", "downgrade", "toggle_cancel", "new_customer", "cancel_now")
+
+
+@dataclass
+class Live:
+    service: Service
+    gateway: StripeGateway
+    prices: dict[str, str]
+    users: int = 0
+
+
+@pytest.fixture
+async def live(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Live]:
+    async with running_service(
+        database, sandbox_db, webhook_worker=False, usage_reporter=False, sandbox={"deliver_webhooks": False}
+    ) as service:
+        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
+        try:
+            yield Live(service, gateway, await setup_catalog(gateway))
+        finally:
+            await gateway.close()
+
+
+@settings(
+    max_examples=8,
+    deadline=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(data=st.data())
+async def test_events_held_back_while_the_lifecycle_goes_on_still_end_in_the_sandboxs_state(
+    live: Live, data: st.DataObject
+) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
+    await truncate_all(service.database)
+    live.users += 1
+    user = f"u-late-{live.users}"  # the sandbox keeps earlier examples' customers: a new user each time
+    driver = Driver(service, gateway, prices, {})
+    customers: list[str] = []
+    delivered: set[str] = set()
+
+    async def new_customer(lookup_key: str) -> str:
+        customer_id, subscription_id = await subscribe(
+            service, gateway, prices, user, lookup_key, trial_days=None
+        )
+        customers.append(customer_id)
+        return subscription_id
+
+    async def deliver_some(everything: bool = False) -> None:
+        for customer_id in customers:
+            await driver.record(customer_id)
+        waiting = sorted(set(driver.seen) - delivered)
+        chosen = (
+            waiting
+            if everything
+            else data.draw(
+                st.lists(st.sampled_from(waiting), unique=True) if waiting else st.just([]),
+                label="delivered now",
+            )
+        )
+        order = data.draw(st.permutations(chosen), label="in this order")
+        async with httpx.AsyncClient(timeout=30) as client:
+            for event_id in order:
+                response = await post_event(client, service.url, driver.seen[event_id])
+                assert response.status_code == 200, response.text
+                delivered.add(event_id)
+        if everything or data.draw(st.booleans(), label="worker runs"):
+            await service.app.state.events.drain()
+
+    subscription_id = await new_customer("starter_monthly")
+    await deliver_some()
+    for step in data.draw(st.lists(st.sampled_from(STEPS), min_size=1, max_size=4), label="lifecycle"):
+        current = await gateway.v1.subscriptions.retrieve_async(subscription_id)
+        if step == "new_customer" or current.status == "canceled":
+            await gateway.v1.customers.delete_async(customers[-1])
+            subscription_id = await new_customer("pro_monthly")
+        elif step in ("upgrade", "downgrade"):
+            (item,) = [i for i in current["items"].data if i.price.recurring.usage_type != "metered"]
+            target = prices["pro_monthly" if step == "upgrade" else "starter_monthly"]
+            await gateway.v1.subscriptions.update_async(
+                subscription_id, {"items": [{"id": item.id, "price": target}], "proration_behavior": "none"}
+            )
+        elif step == "toggle_cancel":
+            await gateway.v1.subscriptions.update_async(
+                subscription_id, {"cancel_at_period_end": not current.cancel_at_period_end}
+            )
+        else:
+            await gateway.v1.subscriptions.cancel_async(subscription_id)
+        await deliver_some()
+    await deliver_some(everything=True)
+
+    listed = await driver.sandbox("subscriptions", customer=customers[-1], status="all")
+    (subscription,) = listed["data"]
+    row = await account(service.database, user)
+    assert row is not None and row.stripe_customer_id == customers[-1], (row, customers)
+    assert {name: getattr(row, name) for name in expected_row(subscription)} == expected_row(subscription)
+    async with service.database.read() as conn:
+        statuses = set((await conn.execute(select(event_table.c.status))).scalars())
+    assert statuses <= {"processed", "ignored"}, statuses

@@ -699,6 +699,7 @@ class Bench:
         ]
         for service in services:
             self.check_graphql(service, VIEWER, self.tokens[0])
+        self.subscriptions = await self.sandbox_customers(services[0])
         usage_token = self.file("ab-usage-token.txt", self.usage_tokens[-1] + "\n")
         cases = [
             ("viewer query, c=32", "post.lua", [self.graphql_body(VIEWER), self.tokens_file], 32),
@@ -708,6 +709,7 @@ class Bench:
         for n in range(rounds):
             for what, script, args, connections in [
                 *cases,
+                ("webhook ingest, c=32", "webhook.lua", [], 32),
                 (
                     "recordUsage, c=32",
                     "usage.lua",
@@ -718,8 +720,12 @@ class Bench:
                 for index, service in enumerate(services):
                     if script == "usage.lua":
                         args = [*args[:4], f"ab{n}t{index}"]
+                    if script == "webhook.lua":
+                        templates, events, _ = self.event_files(f"ab{n}t{index}", 60_000)
+                        args = [templates, events, "2"]
+                    path = "/webhooks/stripe" if script == "webhook.lua" else "/graphql"
                     row = self.measure(
-                        "ab", f"{trees[index]}: {what}", service, "/graphql", script, args, connections
+                        "ab", f"{trees[index]}: {what}", service, path, script, args, connections
                     )
                     rows.setdefault((what, index), []).append(row)
         lines = [

@@ -3,6 +3,8 @@
 Code that touches the database asks a `Database` for a connection:
 
 - `db.read()` for reads (no write lock taken on SQLite);
+- `db.write_one()` for a single statement that is atomic by itself (no transaction round trips
+  on PostgreSQL);
 - `db.write()` for a write transaction. On SQLite it starts with `BEGIN IMMEDIATE`, so two
   writers queue on the busy timeout instead of failing half-way with "database is locked".
 """
@@ -124,6 +126,17 @@ class Database:
                 conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
             async with conn.begin():
                 yield conn
+
+    @asynccontextmanager
+    async def write_one(self) -> AsyncIterator[AsyncConnection]:
+        """For one statement that is atomic by itself (an `INSERT ... ON CONFLICT`): in autocommit
+        on PostgreSQL, without the BEGIN and COMMIT round trips; a `write()` transaction on SQLite."""
+        if not self.is_postgres:
+            async with self.write() as conn:
+                yield conn
+            return
+        async with self.engine.connect() as conn:
+            yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -91,6 +91,26 @@ async def metered_subscriber(
     return customer_id, subscription_id
 
 
+async def annual_metered_subscriber(
+    service: Service, gateway: StripeGateway, prices: dict[str, str], user_id: str
+) -> tuple[str, str]:
+    """A paid starter annual checkout with the monthly metered price, as ours makes it (flexible
+    billing mode mixes the intervals); (customer, subscription)."""
+    customer_id, subscription_id = await subscribe(
+        service,
+        gateway,
+        prices,
+        user_id,
+        "starter_annual",
+        trial_days=None,
+        metered=("starter_api_calls_metered",),
+    )
+    await wait_for_account(
+        service.database, user_id, status="active", interval="annual", stripe_customer_id=customer_id
+    )
+    return customer_id, subscription_id
+
+
 async def fault(service: Service, status: int, count: int, *, after_apply: bool = False) -> None:
     async with httpx.AsyncClient() as client:
         response = await client.post(
@@ -382,16 +402,7 @@ async def test_an_annual_subscriber_is_billed_for_metered_usage_every_month(
     """Annual plan, monthly metered price (flexible billing mode): the month's usage is invoiced
     at the month's end; the plan is billed again only at the year's end."""
     prices = await setup_catalog(gateway)
-    customer_id, subscription_id = await subscribe(
-        metered,
-        gateway,
-        prices,
-        "annie",
-        "starter_annual",
-        trial_days=None,
-        metered=("starter_api_calls_metered",),
-    )
-    await wait_for_account(metered.database, "annie", status="active", stripe_customer_id=customer_id)
+    _customer_id, subscription_id = await annual_metered_subscriber(metered, gateway, prices, "annie")
     subscription = await gateway.v1.subscriptions.retrieve_async(subscription_id)
     periods = {
         item.price.id: (item.current_period_start, item.current_period_end)
@@ -445,16 +456,7 @@ async def test_a_minute_holding_an_annual_plans_monthly_boundary_is_split_there(
 ) -> None:
     """Usage each side of the month's boundary belongs to different monthly invoices."""
     prices = await setup_catalog(gateway)
-    await subscribe(
-        metered,
-        gateway,
-        prices,
-        "annie",
-        "starter_annual",
-        trial_days=None,
-        metered=("starter_api_calls_metered",),
-    )
-    await wait_for_account(metered.database, "annie", status="active", interval="annual")
+    await annual_metered_subscriber(metered, gateway, prices, "annie")
     await settle(metered.url, metered.database)
     now = datetime.now(UTC)
     boundary = now.replace(second=30, microsecond=0) - timedelta(minutes=3)  # a month after the start

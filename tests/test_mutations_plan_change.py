@@ -492,6 +492,52 @@ async def test_monthly_to_annual_keeps_the_metered_item_and_the_account_keeps_th
     assert (await live.subscription(subscription_id)).cancel_at is None
 
 
+async def test_an_annual_plans_downgrade_waits_for_the_years_end_while_usage_is_billed_monthly(
+    live: Live,
+) -> None:
+    _customer, subscription_id = await subscribe(
+        live.service,
+        live.gateway,
+        live.prices,
+        "u12",
+        "pro_annual",
+        trial_days=None,
+        metered=("pro_api_calls_metered",),
+    )
+    await wait_for_account(live.service.database, "u12", status="active", interval="annual")
+    before = await live.subscription(subscription_id)
+    year_end = max(item.current_period_end for item in before["items"].data)
+
+    changed = await live.change("u12", "STARTER", "MONTHLY")
+    assert changed["pendingChange"] == {
+        "tier": "STARTER",
+        "interval": "MONTHLY",
+        "effectiveAt": iso(year_end),
+    }
+
+    now = (await advance(live.service, 0))["now"]
+    await advance(live.service, year_end + 2 * HOUR - now)
+    await live.settle()
+
+    after = await live.subscription(subscription_id)
+    assert {item.price.id for item in after["items"].data} == {
+        live.prices["starter_monthly"],
+        live.prices["starter_api_calls_metered"],
+    }
+    row = await wait_for_account(live.service.database, "u12", tier="starter", interval="monthly")
+    assert row.pending_tier is None
+    invoices = await live.gateway.v1.invoices.list_async({"subscription": subscription_id, "limit": 100})
+    billed = [
+        line.pricing.price_details.price
+        for invoice in invoices.data
+        for line in invoice.lines.data
+        if line.pricing is not None and line.pricing.price_details is not None
+    ]
+    assert billed.count(live.prices["pro_annual"]) == 1  # the year, paid once, at checkout
+    assert billed.count(live.prices["pro_api_calls_metered"]) == 12  # each month's usage
+    assert billed.count(live.prices["starter_monthly"]) == 1  # the new plan's first month
+
+
 # Refusals ---------------------------------------------------------------------------------------
 
 

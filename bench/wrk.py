@@ -23,7 +23,9 @@ def ensure_wrk() -> str:
             subprocess.run([*apt, "update"], capture_output=True, check=False)
             subprocess.run([*apt, "install", "-y", "wrk"], capture_output=True, check=True)
     version = subprocess.run(["wrk", "-v"], capture_output=True, text=True)
-    return (version.stdout + version.stderr).strip().splitlines()[0]
+    line = (version.stdout + version.stderr).strip().splitlines()[0]  # "wrk debian/4.1.0-3+b2 [epoll] ..."
+    found = re.search(r"(\d+\.\d+[^\s\]]*)", line)
+    return found.group(1) if found else line
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ import asyncio
 import hmac
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -39,6 +40,8 @@ MAX_NAME_LENGTH = 255
 JWKS_REFETCH_INTERVAL = 60.0  # seconds between two fetches once keys are known
 JWKS_RETRY_INTERVAL = 5.0  # seconds between two attempts while no key was ever fetched
 JWKS_TIMEOUT = 5.0
+VERIFIED_TOKENS = 1024  # tokens whose verification is remembered, per process (least recently used out)
+VERIFIED_FOR = 60.0  # seconds a verification is remembered at most (and never past `exp` + skew)
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,6 +165,9 @@ class Authenticator:
         self.jwks = jwks or (JwksKeys(settings.auth_jwks_url) if settings.auth_jwks_url else None)
         key = settings.service_api_key
         self._service_key = key.get_secret_value().encode() if key is not None else None
+        # token -> (user, monotonic deadline): a frontend sends the same token with every request
+        # until it expires, and decoding and checking it again is most of the cost of auth.
+        self._verified: OrderedDict[str, tuple[User, float]] = OrderedDict()
 
     async def authenticate(self, authorization: str | None) -> Principal | None:
         """None without credentials; a principal for valid ones; UNAUTHENTICATED otherwise."""
@@ -178,6 +184,21 @@ class Authenticator:
     async def verify(self, token: str) -> User:
         if len(token) > MAX_TOKEN_LENGTH:
             raise unauthenticated("invalid token: too long")
+        remembered = self._verified.get(token)
+        if remembered is not None:
+            if time.monotonic() < remembered[1]:
+                self._verified.move_to_end(token)
+                return remembered[0]
+            del self._verified[token]  # verified again below: expired, or checked anew
+        user, expires_at = await self._verify(token)
+        deadline = time.monotonic() + min(VERIFIED_FOR, expires_at + CLOCK_SKEW_SECONDS - time.time())
+        self._verified[token] = (user, deadline)
+        if len(self._verified) > VERIFIED_TOKENS:
+            self._verified.popitem(last=False)
+        return user
+
+    async def _verify(self, token: str) -> tuple[User, float]:
+        """The token's user and its `exp` (Unix time), or UNAUTHENTICATED."""
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
@@ -192,7 +213,7 @@ class Authenticator:
         else:
             raise unauthenticated(f"invalid token: algorithm {algorithm!r} is not accepted")
         claims = self._decode(token, key, algorithm)
-        return _user(claims)
+        return _user(claims), float(claims["exp"])
 
     def _decode(self, token: str, key: RSAPublicKey | str, algorithm: str) -> dict[str, Any]:
         try:

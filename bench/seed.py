@@ -32,20 +32,20 @@ def new_database_name() -> str:
     return f"bench_{secrets.token_hex(4)}"
 
 
-async def create_database(name: str, admin_dsn: str = ADMIN_DSN) -> None:
+async def _admin(statement: str, admin_dsn: str) -> None:
     conn = await asyncpg.connect(admin_dsn)
     try:
-        await conn.execute(f'CREATE DATABASE "{name}"')
+        await conn.execute(statement)
     finally:
         await conn.close()
+
+
+async def create_database(name: str, admin_dsn: str = ADMIN_DSN) -> None:
+    await _admin(f'CREATE DATABASE "{name}"', admin_dsn)
 
 
 async def drop_database(name: str, admin_dsn: str = ADMIN_DSN) -> None:
-    conn = await asyncpg.connect(admin_dsn)
-    try:
-        await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-    finally:
-        await conn.close()
+    await _admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)', admin_dsn)
 
 
 async def add_accounts(

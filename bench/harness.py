@@ -853,6 +853,14 @@ def interruptible() -> Iterator[None]:
 
 
 def main() -> None:
+    try:
+        _main()
+    except KeyboardInterrupt as stop:
+        print(f"==> interrupted ({stop or 'Ctrl-C'}); servers stopped, database dropped", file=sys.stderr)
+        sys.exit(130)
+
+
+def _main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

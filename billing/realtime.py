@@ -485,7 +485,8 @@ class PostgresListener:
         self.on_connected()
         while not lost.is_set():
             try:
-                await asyncio.wait_for(lost.wait(), self.health_interval)
+                async with asyncio.timeout(self.health_interval):  # not wait_for: see billing.background
+                    await lost.wait()
             except TimeoutError:
                 # A half-open TCP connection never reports its end: ask the server.
                 await asyncio.wait_for(conn.fetchval("SELECT 1"), self.health_timeout)

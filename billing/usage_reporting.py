@@ -32,7 +32,6 @@ Failed and expired aggregates are flagged, never dropped: `billing usage report`
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections.abc import Callable
@@ -44,6 +43,7 @@ from typing import Any
 import stripe
 from sqlalchemy import and_, func, or_, select, update
 
+from billing.background import poll_until_cancelled
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
@@ -191,14 +191,9 @@ class UsageReporter:
 
     async def run(self) -> None:
         """Drain until cancelled: every `poll_seconds`, or promptly after a kick."""
-        while True:
-            try:
-                await self.drain()
-            except Exception:
-                log.exception("usage reporter pass failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            self._wake.clear()
+        await poll_until_cancelled(
+            self.drain, wake=self._wake, poll_seconds=self.poll_seconds, name="usage reporter"
+        )
 
     async def drain(
         self, *, max_batches: int = 10_000, progress: Callable[[ReportPass], None] | None = None

@@ -12,7 +12,6 @@ event pending with its error and a backoff; `billing events replay` runs events 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import hmac
 import json
@@ -27,6 +26,7 @@ from typing import Any
 from sqlalchemy import and_, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from billing.background import poll_until_cancelled
 from billing.errors import BillingError
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
@@ -279,14 +279,9 @@ class EventProcessor:
 
     async def run(self) -> None:
         """Apply events until cancelled: promptly after a kick, else every `poll_seconds`."""
-        while True:
-            try:
-                await self.drain()
-            except Exception:
-                log.exception("webhook worker pass failed; retrying")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
-            self._wake.clear()
+        await poll_until_cancelled(
+            self.drain, wake=self._wake, poll_seconds=self.poll_seconds, name="webhook worker"
+        )
 
     async def drain(self, *, max_batches: int = 1000) -> BatchReport:
         """Apply everything due now (tests, CLI)."""

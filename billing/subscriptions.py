@@ -314,16 +314,17 @@ async def _invoice(gateway: StripeGateway, invoice_id: str) -> stripe.Invoice:
 async def _stale_link(
     database: Database, gateway: StripeGateway, customer_id: str, user_id: str | None, state: StripeState
 ) -> str | None:
-    """The other customer the user's account is linked to, when Stripe says it no longer pays.
+    """The other customer the user's account is linked to, when Stripe says it no longer counts:
+    it was deleted, or (while this customer is live) it has no live subscription.
 
-    A user linked to customer A (live in our row) may start paying through customer B (made in
-    the dashboard, say) after A was deleted or its subscription ended in Stripe. If B's events
-    are applied before A's, the row still says A is live; judged on that, B would be refused
-    for good and A's deletion would then leave the user unlinked while B pays. So when the row
-    says the other customer is live and this one is live too, ask Stripe about the other one
-    (one or two reads, only in that case) before deciding. Reads happen outside any transaction.
+    A user linked to customer A may go on as customer B (made in the dashboard, say) after A was
+    deleted or its subscription ended in Stripe. If B's events are applied before A's, the row
+    still says A is live; judged on that, B would be refused for good, and A's late deletion
+    would then leave the user unlinked, B's subscription and invoices nowhere. So when the row
+    is linked to another customer and the row alone would refuse this one, ask Stripe about the
+    other one (one or two reads, only in that case) before deciding. Outside any transaction.
     """
-    if state.status not in LIVE_STATUSES or not user_id:
+    if not user_id:
         return None
     async with database.read() as conn:
         mine = (
@@ -340,8 +341,9 @@ async def _stale_link(
         ).first()
     if mine is not None or row is None or row.stripe_customer_id in (None, customer_id):
         return None
-    if SubscriptionStatus(row.status) not in LIVE_STATUSES:
-        return None  # relinked anyway
+    live_here = state.status in LIVE_STATUSES
+    if live_here and SubscriptionStatus(row.status) not in LIVE_STATUSES:
+        return None  # the row's own rule moves the account here
     other: str = row.stripe_customer_id
     try:
         found = await gateway.call(
@@ -353,6 +355,8 @@ async def _stale_link(
         return other
     if get(found, "deleted"):
         return other
+    if not live_here:
+        return None
     live = [s for s in await _subscriptions(gateway, other) if get(s, "status") in LIVE_STATUSES]
     return None if live else other
 
@@ -390,12 +394,10 @@ async def _write_account(
         return result
 
     result = SyncResult(customer_id, row.user_id, state)
-    if row.stripe_customer_id not in (None, customer_id):
+    if row.stripe_customer_id not in (None, customer_id, stale_link):
         # The user already pays through another customer: keep that link unless it has no live
         # subscription and this one does (e.g. the old customer was replaced).
-        current_live = (
-            SubscriptionStatus(row.status) in LIVE_STATUSES and row.stripe_customer_id != stale_link
-        )
+        current_live = SubscriptionStatus(row.status) in LIVE_STATUSES
         if current_live or state.status not in LIVE_STATUSES:
             result.conflict = f"user {row.user_id} is linked to {row.stripe_customer_id}, not {customer_id}"
             log.warning("sync: %s; not relinking", result.conflict)

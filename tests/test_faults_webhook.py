@@ -20,7 +20,7 @@ Rows, and where each is tested:
 | duplicates in parallel | `test_webhook_idempotency.py::test_ten_parallel_copies_cause_one_effect` |
 | duplicates sent to two service processes | `test_webhook_idempotency.py::test_copies_sent_to_two_processes_cause_one_effect` (PostgreSQL) |
 | out-of-order permutations | `test_webhook_ordering.py::test_every_permutation_with_stale_duplicates_ends_in_stripes_state`, `::test_an_update_before_its_create_still_converges`; random interleavings of generated lifecycles: `test_properties_webhooks.py` |
-| a user's new customer applied before the deletion of her old one (both in the account's history) | here: `test_a_new_customers_events_before_the_old_customers_deletion_still_link_the_new_one` (found by this matrix: the new customer was refused while the row still said the old one was live, and the late deletion then left the user unlinked while she paid; `billing.subscriptions` now asks Stripe about the old customer in that case) |
+| a user's new customer (active, or canceled too) applied before the deletion of her old one | here: `test_a_new_customers_events_before_the_old_customers_deletion_still_link_the_new_one` (found by this matrix and `test_properties_webhooks.py`: the new customer was refused while the row still said the old one was live, and the late deletion then left the user linked to nobody; `billing.subscriptions` now asks Stripe about the old customer in that case) |
 | database error mid-handler: failure recorded, nothing half-applied, replay fixes it | `test_webhook_ordering.py::test_a_database_error_mid_handler_is_recorded_and_replay_fixes_it` (the account insert fails); here: the invoice write fails after the account was written in the same transaction, so neither is kept, and a replay writes both (`test_a_failure_after_the_account_write_keeps_neither_and_replay_writes_both`) |
 | database down when the event arrives | `test_webhook_idempotency.py::test_a_database_outage_answers_503_so_stripe_retries_and_nothing_is_lost` |
 | unknown customer | `test_webhook_coverage.py::test_an_unknown_customer_is_recorded_then_fixed_by_billing_sync` (known to Stripe, not to us); here: a customer Stripe does not know either, recorded `ignored` with its reason and nothing else written (the same test) |
@@ -289,12 +289,14 @@ async def test_a_failure_after_the_account_write_keeps_neither_and_replay_writes
     assert (await stored_event(database, paid["id"])).status == "processed"
 
 
+@pytest.mark.parametrize("new_one_canceled", [False, True], ids=["new-one-active", "new-one-canceled-too"])
 async def test_a_new_customers_events_before_the_old_customers_deletion_still_link_the_new_one(
-    quiet: tuple[Service, StripeGateway],
+    quiet: tuple[Service, StripeGateway], new_one_canceled: bool
 ) -> None:
     """The user paid through customer A; A is deleted in Stripe and the user pays again through
-    customer B (made outside the API, as in the dashboard). B's events are applied while A's
-    deletion is still on its way: the row (still saying A is live) must not keep B out."""
+    customer B (made outside the API, as in the dashboard), maybe canceling that too. B's events
+    are applied while A's deletion is still on its way: the row (still saying A is live) must
+    not keep B out, or A's late deletion leaves the user linked to nobody."""
     service, gateway = quiet
     database = service.database
     prices = await setup_catalog(gateway)
@@ -316,13 +318,15 @@ async def test_a_new_customers_events_before_the_old_customers_deletion_still_li
     new, subscription_id = await subscribe(
         service, gateway, prices, "u-moved", "pro_monthly", trial_days=None
     )
+    if new_one_canceled:
+        await gateway.v1.subscriptions.cancel_async(subscription_id)
 
     await deliver_new_events(held_back=deletion)
     row = await account(database, "u-moved")
     assert (row.stripe_customer_id, row.stripe_subscription_id, row.status, row.tier) == (
         new,
         subscription_id,
-        "active",
+        "canceled" if new_one_canceled else "active",
         "pro",
     )
     await deliver_new_events()  # the old customer's deletion arrives at last and changes nothing

@@ -158,7 +158,13 @@ def _parse_jwks(document: Any) -> dict[str | None, RSAPublicKey]:
 class Authenticator:
     """Turns an `Authorization` header into a principal, or raises UNAUTHENTICATED."""
 
-    def __init__(self, settings: Settings, *, jwks: JwksKeys | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        jwks: JwksKeys | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.secret = settings.jwt_secret
         self.issuer = settings.auth_issuer
         self.audience = settings.auth_audience
@@ -168,6 +174,7 @@ class Authenticator:
         # token -> (user, monotonic deadline): a frontend sends the same token with every request
         # until it expires, and decoding and checking it again is most of the cost of auth.
         self._verified: OrderedDict[str, tuple[User, float]] = OrderedDict()
+        self.clock = clock
 
     async def authenticate(self, authorization: str | None) -> Principal | None:
         """None without credentials; a principal for valid ones; UNAUTHENTICATED otherwise."""
@@ -186,12 +193,12 @@ class Authenticator:
             raise unauthenticated("invalid token: too long")
         remembered = self._verified.get(token)
         if remembered is not None:
-            if time.monotonic() < remembered[1]:
+            if self.clock() < remembered[1]:
                 self._verified.move_to_end(token)
                 return remembered[0]
             del self._verified[token]  # verified again below: expired, or checked anew
         user, expires_at = await self._verify(token)
-        deadline = time.monotonic() + min(VERIFIED_FOR, expires_at + CLOCK_SKEW_SECONDS - time.time())
+        deadline = self.clock() + min(VERIFIED_FOR, expires_at + CLOCK_SKEW_SECONDS - time.time())
         self._verified[token] = (user, deadline)
         if len(self._verified) > VERIFIED_TOKENS:
             self._verified.popitem(last=False)

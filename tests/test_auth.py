@@ -25,8 +25,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from billing.settings import DEV_JWT_SECRET
+from billing.errors import BillingError, ErrorCode
+from billing.settings import DEV_JWT_SECRET, Settings
 from db.engine import Database
+from graph.auth import CLOCK_SKEW_SECONDS, VERIFIED_FOR, VERIFIED_TOKENS, Authenticator, User
 from tests.conftest import free_port, serve
 from tests.test_graphql_support import (
     SERVICE_KEY,
@@ -360,3 +362,67 @@ def test_billing_token_is_refused_in_production(tmp_path: Path) -> None:
     assert result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "production" in lines[0], result.stderr
+
+
+# Remembered verifications ----------------------------------------------------------------------
+
+
+class CountingAuthenticator(Authenticator):
+    """Counts the full verifications (signature and claims) it performs."""
+
+    def __init__(self, settings: Settings, clock: Clock) -> None:
+        super().__init__(settings, clock=clock)
+        self.verifications = 0
+
+    async def _verify(self, token: str) -> tuple[User, float]:
+        self.verifications += 1
+        return await super()._verify(token)
+
+
+def counting_authenticator() -> tuple[CountingAuthenticator, Clock]:
+    clock = Clock()
+    return CountingAuthenticator(Settings(auth_jwt_secret=STRONG_SECRET), clock), clock
+
+
+async def test_a_verified_token_is_checked_again_after_a_minute() -> None:
+    auth, clock = counting_authenticator()
+    token = hs256_token("user-1", secret=STRONG_SECRET, ttl=timedelta(hours=1))
+    for _ in range(3):
+        assert (await auth.verify(token)).id == "user-1"
+    assert auth.verifications == 1
+
+    clock.now += VERIFIED_FOR + 1
+    assert (await auth.verify(token)).id == "user-1"
+    assert auth.verifications == 2
+
+
+async def test_a_token_is_never_remembered_past_its_expiry() -> None:
+    auth, clock = counting_authenticator()
+    token = hs256_token("user-1", secret=STRONG_SECRET, ttl=timedelta(seconds=5))
+    await auth.verify(token)
+    clock.now += 5 + CLOCK_SKEW_SECONDS + 1  # well inside the minute, past exp + skew
+    await auth.verify(token)
+    assert auth.verifications == 2
+
+
+async def test_a_refused_token_is_not_remembered() -> None:
+    auth, _ = counting_authenticator()
+    forged = hs256_token("user-1", secret="another-secret-of-at-least-32-bytes!!")
+    for _ in range(2):
+        with pytest.raises(BillingError) as refused:
+            await auth.verify(forged)
+        assert refused.value.code == ErrorCode.UNAUTHENTICATED
+    assert auth.verifications == 2
+
+
+async def test_remembered_tokens_are_bounded_least_recently_used_out() -> None:
+    auth, _ = counting_authenticator()
+    tokens = [hs256_token(f"user-{i}", secret=STRONG_SECRET) for i in range(VERIFIED_TOKENS + 1)]
+    for token in tokens:
+        await auth.verify(token)
+    assert auth.verifications == VERIFIED_TOKENS + 1
+
+    await auth.verify(tokens[-1])  # still remembered
+    assert auth.verifications == VERIFIED_TOKENS + 1
+    await auth.verify(tokens[0])  # the oldest was let go
+    assert auth.verifications == VERIFIED_TOKENS + 2

@@ -78,7 +78,7 @@ _ARGUMENT_RULES: dict[type[ASTValidationRule], type[ASTValidationRule]] = {
 _rules_cache: dict[tuple[type[ASTValidationRule], ...], tuple[type[ASTValidationRule], ...]] = {}
 
 
-def _with_argument_rules(rules: tuple[type[ASTValidationRule], ...]) -> tuple[type[ASTValidationRule], ...]:
+def with_argument_rules(rules: tuple[type[ASTValidationRule], ...]) -> tuple[type[ASTValidationRule], ...]:
     # The same tuple each time, so ValidationCache's key (which includes the rules) keeps hitting.
     replaced = _rules_cache.get(rules)
     if replaced is None:
@@ -97,7 +97,7 @@ class ErrorCodes(SchemaExtension):
 
     def on_operation(self) -> Iterator[None]:
         context = self.execution_context
-        context.validation_rules = _with_argument_rules(context.validation_rules)
+        context.validation_rules = with_argument_rules(context.validation_rules)
         yield
 
     def on_validate(self) -> Iterator[None]:

@@ -309,30 +309,40 @@ class QueryGuard(SchemaExtension):
             result.errors = [self._polished(error) for error in errors]  # type: ignore[attr-defined]
 
     def _polished(self, error: GraphQLError) -> GraphQLError:
-        if isinstance(error, GraphQLSyntaxError):
-            if _TOKEN_FLOOD.search(error.message):
-                maximum = self.limits.max_tokens
-                return too_complex(
-                    f"The query has more than {maximum} tokens; at most {maximum} are allowed.",
-                    "tokens",
-                    maximum,
-                )
-            if _TOO_DEEP_TO_PARSE in error.message:
-                maximum = self.limits.max_depth
-                return too_complex(
-                    f"The query is nested too deeply to parse; at most {maximum} levels are allowed.",
-                    "depth",
-                    maximum,
-                )
-            return error
-        if self.production and "Did you mean" in error.message:
-            return GraphQLError(
-                _SUGGESTION.sub("", error.message),
-                nodes=error.nodes,
-                source=error.source,
-                positions=error.positions,
-                path=error.path,
-                original_error=error.original_error,
-                extensions=error.extensions,
+        return polished(error, self.limits, production=self.production)
+
+
+def polish_errors(errors: list[GraphQLError], limits: QueryLimits, *, production: bool) -> list[GraphQLError]:
+    """What `QueryGuard` does to a result's errors (for a view that executes without it)."""
+    return [polished(error, limits, production=production) for error in errors]
+
+
+def polished(error: GraphQLError, limits: QueryLimits, *, production: bool) -> GraphQLError:
+    """A parser's refusal as QUERY_TOO_COMPLEX; in production, no "Did you mean ...?"."""
+    if isinstance(error, GraphQLSyntaxError):
+        if _TOKEN_FLOOD.search(error.message):
+            maximum = limits.max_tokens
+            return too_complex(
+                f"The query has more than {maximum} tokens; at most {maximum} are allowed.",
+                "tokens",
+                maximum,
+            )
+        if _TOO_DEEP_TO_PARSE in error.message:
+            maximum = limits.max_depth
+            return too_complex(
+                f"The query is nested too deeply to parse; at most {maximum} levels are allowed.",
+                "depth",
+                maximum,
             )
         return error
+    if production and "Did you mean" in error.message:
+        return GraphQLError(
+            _SUGGESTION.sub("", error.message),
+            nodes=error.nodes,
+            source=error.source,
+            positions=error.positions,
+            path=error.path,
+            original_error=error.original_error,
+            extensions=error.extensions,
+        )
+    return error

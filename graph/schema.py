@@ -78,6 +78,10 @@ class Query:
 class BillingSchema(strawberry.Schema):
     """A schema whose every error carries a code (`graph.errors.format_errors`), HTTP and websocket."""
 
+    # True when its extensions are exactly `schema_extensions()`: the HTTP view may then execute
+    # a valid operation without them (graph.view.LeanExecutor).
+    lean_http: bool = False
+
     def process_errors(
         self, errors: list[GraphQLError], execution_context: ExecutionContext | None = None
     ) -> None:
@@ -176,7 +180,7 @@ def build_schema(
     extensions: Sequence[type[SchemaExtension] | Any] = (),
 ) -> BillingSchema:
     """A schema with the billing extensions: caches, error codes, per-operation websocket state."""
-    return BillingSchema(
+    built = BillingSchema(
         query=query,
         mutation=mutation,
         subscription=subscription,
@@ -184,6 +188,8 @@ def build_schema(
         extensions=[*schema_extensions(), *extensions],
         config=StrawberryConfig(scalar_map=SCALARS),
     )
+    built.lean_http = not extensions
+    return built
 
 
 def print_sdl(schema: strawberry.Schema) -> str:

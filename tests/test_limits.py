@@ -265,6 +265,30 @@ async def test_the_limits_follow_the_settings(db: Database) -> None:
     assert refusal(cost, "cost")["extensions"]["maximum"] == 4
 
 
+async def test_a_query_is_checked_once_per_exact_text_and_a_refusal_stays_a_refusal(db: Database) -> None:
+    """The HTTP view keeps each query text's verdict (graph.view.LeanExecutor): a text that
+    differs by one alias, or only by a comment, gets its own, and a refused text is refused
+    again on every request, before any resolver runs."""
+    CALLS.clear()
+    thirty = "{ " + " ".join(f"a{i}: counted" for i in range(30)) + " }"
+    thirty_one = "{ " + " ".join(f"a{i}: counted" for i in range(31)) + " }"
+    commented = thirty + " # the same operation"
+    async with serve_api(db, schema=COUNTED_SCHEMA) as api:
+        first = await fast(api.query(thirty))
+        refused = [await fast(api.query(thirty_one)) for _ in range(2)]
+        again = await fast(api.query(thirty))
+        with_comment = await fast(api.query(commented))
+        documents = api.app.graphql_websocket.lean.documents
+    for allowed in (first, again, with_comment):
+        assert "errors" not in allowed and len(allowed["data"]) == 30, allowed
+    for result in refused:
+        assert refusal(result, "aliases")["message"].startswith("The query uses 31 aliases")
+    assert len(CALLS) == 90  # three allowed requests of 30 fields; the refused ones ran nothing
+    assert documents[thirty] is not None and documents[commented] is not None
+    assert documents[thirty] is not documents[commented]
+    assert documents[thirty_one] is None  # answered by Strawberry's view, with its refusal
+
+
 async def test_limits_apply_on_websockets_too(db: Database) -> None:
     token = hs256_token("ws-limits")
     bomb = "{ " + " ".join(f"a{i}: plans {{ id }}" for i in range(40)) + " }"

@@ -250,13 +250,8 @@ async def sync_customer(
 ) -> SyncResult:
     """Fetch the customer's subscriptions (and the named invoices) and write the account row."""
     async with locks.hold(customer_id):
-        try:
-            customer = await gateway.call(
-                lambda o: gateway.v1.customers.retrieve_async(customer_id, None, o), what="retrieve customer"
-            )
-        except BillingError as exc:
-            if exc.extensions.get("stripe_code") != "resource_missing":
-                raise
+        customer = await _customer(gateway, customer_id)
+        if customer is None:
             return SyncResult(customer_id, None, None, unknown_customer=True)
         if get(customer, "deleted"):
             return await _customer_deleted(database, customer_id, now, dry_run)
@@ -274,6 +269,18 @@ async def sync_customer(
                 for invoice in invoices:
                     await upsert_invoice(conn, database, invoice, now)
         return result
+
+
+async def _customer(gateway: StripeGateway, customer_id: str) -> stripe.Customer | None:
+    """The customer (maybe a deleted one), or None when Stripe has no such customer."""
+    try:
+        return await gateway.call(
+            lambda o: gateway.v1.customers.retrieve_async(customer_id, None, o), what="retrieve customer"
+        )
+    except BillingError as exc:
+        if exc.extensions.get("stripe_code") != "resource_missing":
+            raise
+        return None
 
 
 async def _subscriptions(gateway: StripeGateway, customer_id: str) -> list[stripe.Subscription]:
@@ -345,15 +352,8 @@ async def _stale_link(
     if live_here and SubscriptionStatus(row.status) not in LIVE_STATUSES:
         return None  # the row's own rule moves the account here
     other: str = row.stripe_customer_id
-    try:
-        found = await gateway.call(
-            lambda o: gateway.v1.customers.retrieve_async(other, None, o), what="retrieve customer"
-        )
-    except BillingError as exc:
-        if exc.extensions.get("stripe_code") != "resource_missing":
-            raise
-        return other
-    if get(found, "deleted"):
+    found = await _customer(gateway, other)
+    if found is None or get(found, "deleted"):
         return other
     if not live_here:
         return None

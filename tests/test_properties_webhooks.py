@@ -365,12 +365,15 @@ async def check_final_state(recorded: Recorded, answers: list[tuple[str, httpx.R
         ), invoice_id
 
 
-@settings(
-    max_examples=15,
+# The same examples every run (CI is reproducible); fixtures are reset per example by the test.
+EXAMPLES = settings(
     deadline=None,
     derandomize=True,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+
+
+@settings(EXAMPLES, max_examples=15)
 @given(data=st.data())
 async def test_any_interleaving_with_duplicates_ends_in_the_sandboxs_state(
     recorded: Recorded, data: st.DataObject
@@ -414,12 +417,7 @@ async def live(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Live]:
             await gateway.close()
 
 
-@settings(
-    max_examples=8,
-    deadline=None,
-    derandomize=True,
-    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
-)
+@settings(EXAMPLES, max_examples=8)
 @given(data=st.data())
 async def test_events_held_back_while_the_lifecycle_goes_on_still_end_in_the_sandboxs_state(
     live: Live, data: st.DataObject

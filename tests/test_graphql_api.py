@@ -13,7 +13,7 @@ import pytest
 import strawberry
 from httpx_ws import WebSocketDisconnect, aconnect_ws
 from sqlalchemy import event
-from strawberry.extensions import ParserCache, ValidationCache
+from strawberry.extensions import ParserCache, SchemaExtension, ValidationCache
 from strawberry.tools import merge_types
 
 from billing.plans import load_catalog
@@ -141,6 +141,31 @@ def test_the_schema_runs_the_parser_and_validation_caches() -> None:
     extensions = schema.get_extensions()
     assert any(isinstance(extension, ParserCache) for extension in extensions)
     assert any(isinstance(extension, ValidationCache) for extension in extensions)
+
+
+class _SeesOperations(SchemaExtension):
+    seen: list[str | None] = []
+
+    def on_operation(self) -> Iterator[None]:
+        _SeesOperations.seen.append(self.execution_context.query)
+        yield
+
+
+async def test_a_host_schema_with_its_own_extension_sees_every_request(database: Database) -> None:
+    """Valid POSTs skip Strawberry's per-request machinery only for schemas built without extra
+    extensions (graph.view.LeanExecutor): a host app's extension still runs on each one."""
+    _SeesOperations.seen.clear()
+    host = build_schema(merge_types("Query", (BillingQuery,)), extensions=[_SeesOperations])
+    query = "{ plans { id } }"
+    async with serve_api(database, schema=host) as api:
+        results = [await api.query(query) for _ in range(2)]
+        lean = api.app.graphql_websocket.lean
+    async with serve_api(database) as billing_api:
+        plain = await billing_api.query(query)
+        documents = billing_api.app.graphql_websocket.lean.documents
+    assert lean is None and _SeesOperations.seen == [query, query]
+    assert all(len(result["data"]["plans"]) == 4 for result in [*results, plain])
+    assert documents[query] is not None  # the billing schema's answer came from the lean path
 
 
 def test_no_graphql_type_is_called_subscription() -> None:

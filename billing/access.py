@@ -124,8 +124,7 @@ _BY_USER = select(
 
 async def load_subscription(database: Database, user_id: str) -> SubscriptionState:
     """The user's subscription state in one query; status `none` when they have no account."""
-    async with database.read() as conn:
-        row = (await conn.execute(_BY_USER, {"user_id": user_id})).first()
+    row = await database.first(_BY_USER, {"user_id": user_id})
     return SubscriptionState(user_id=user_id) if row is None else SubscriptionState.from_row(row)
 
 

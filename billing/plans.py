@@ -37,6 +37,7 @@ def tier_rank(tier: Tier) -> int:
 
 # The file's schema ----------------------------------------------------------------------------
 
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -131,6 +132,7 @@ class _PlansFile(_Strict):
 
 
 # The catalog the rest of the code uses -------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Price:
@@ -271,9 +273,7 @@ def _catalog(parsed: _PlansFile) -> Catalog:
             feature: Meter(feature, metered.display_name, metered.event_name)
             for feature, metered in parsed.metered.items()
         },
-        checkout=CheckoutOptions(
-            parsed.checkout.automatic_tax, parsed.checkout.billing_address_collection
-        ),
+        checkout=CheckoutOptions(parsed.checkout.automatic_tax, parsed.checkout.billing_address_collection),
         invoice=InvoiceOptions(
             parsed.invoice.footer,
             tuple((field.name, field.value) for field in parsed.invoice.custom_fields),

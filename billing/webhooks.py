@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import Text, and_, bindparam, cast, or_, select, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.background import poll_until_cancelled
@@ -103,6 +103,7 @@ class Envelope:
     type: str
     created: datetime
     payload: dict[str, Any]
+    raw: str | None = None  # the body as received: stored as it is, not serialised again
 
 
 def parse_event(payload: bytes) -> Envelope:
@@ -121,12 +122,18 @@ def parse_event(payload: bytes) -> Envelope:
         raise InvalidWebhook("event has no valid created time")
     if not isinstance(event.get("data"), dict) or not isinstance(event["data"].get("object"), dict):
         raise InvalidWebhook("event has no data.object")
-    if _holds_nul(event):
+    # A NUL inside a JSON string can only be written as the escape \u0000: without those bytes
+    # the walk through the event is not needed.
+    if b"\\u0000" in payload and _holds_nul(event):
         # PostgreSQL cannot store U+0000 in text or jsonb: refuse it the same way on every database.
         raise InvalidWebhook("event holds a NUL character")
     created_at = stripe_time(created)
     assert created_at is not None
-    return Envelope(event_id, event_type, created_at, event)
+    try:
+        raw: str | None = payload.decode()
+    except UnicodeDecodeError:  # JSON in UTF-16 or UTF-32: stored serialised again
+        raw = None
+    return Envelope(event_id, event_type, created_at, event, raw)
 
 
 def _holds_nul(value: Any) -> bool:
@@ -147,9 +154,16 @@ def _holds_nul(value: Any) -> bool:
 # The inbox -----------------------------------------------------------------------------------
 
 
+# The payload is bound as the text received (jsonb parses it on PostgreSQL; SQLite keeps JSON as
+# text), so the event is not serialised again on the acknowledgement path.
+_PAYLOAD_TEXT = bindparam("payload_text", type_=Text)
 _STORE_EVENT = {
-    dialect: insert(event_table).on_conflict_do_nothing(index_elements=["id"])
-    for dialect, insert in (("postgresql", postgresql.insert), ("sqlite", sqlite.insert))
+    "postgresql": postgresql.insert(event_table)
+    .values(payload=cast(_PAYLOAD_TEXT, postgresql.JSONB))
+    .on_conflict_do_nothing(index_elements=["id"]),
+    "sqlite": sqlite.insert(event_table)
+    .values(payload=type_coerce(_PAYLOAD_TEXT, Text))
+    .on_conflict_do_nothing(index_elements=["id"]),
 }  # built once, so its compiled form is cached; the values come as parameters
 
 
@@ -166,7 +180,7 @@ async def store_event(database: Database, envelope: Envelope, *, now: datetime) 
         "status": EventStatus.PENDING.value,
         "attempts": 0,
         "next_attempt_at": now,
-        "payload": envelope.payload,
+        "payload_text": envelope.raw if envelope.raw is not None else json.dumps(envelope.payload),
     }
     async with database.write_one() as conn:
         result = await conn.execute(_STORE_EVENT[database.engine.dialect.name], values)

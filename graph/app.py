@@ -49,26 +49,34 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
 
 GRAPHQL_PATH = "/graphql"
 GRAPHQL_METHODS = frozenset({"GET", "POST", "OPTIONS"})
+WEBHOOK_PATH = "/webhooks/stripe"
 
 
 class BillingApp(FastAPI):
-    """FastAPI, except that /graphql is answered before FastAPI's middleware stack and router.
+    """FastAPI, except that /graphql and the webhook route are answered before FastAPI's
+    middleware stack and router.
 
     Every request FastAPI serves goes through its middleware stack (server errors, exception
     handlers, body limit, telemetry, an exit stack for dependencies) and then the routes in
-    order. None of it serves GraphQL (Strawberry answers its own errors), and for a small query
-    it is a tenth of the request's CPU (bench/RESULTS.md). So /graphql goes straight to the
-    guarded Strawberry app, as long as no middleware was added to the app: a host app that adds
-    its own still sees /graphql through it (the routes below stay as the way in).
+    order. None of it serves GraphQL (Strawberry answers its own errors) or the webhook route
+    (it answers its own 4xx/5xx), and for a small request it is a tenth of the CPU or more
+    (bench/RESULTS.md). So those two go straight to their endpoints, as long as no middleware
+    was added to the app: a host app that adds its own still sees them through it (the routes
+    below stay as the way in).
     """
 
     graphql_http: ASGIApp | None = None
     graphql_websocket: ASGIApp | None = None
+    stripe_webhook: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope.get("path") == GRAPHQL_PATH and not self.user_middleware:
+        path = scope.get("path")
+        if path in (GRAPHQL_PATH, WEBHOOK_PATH) and not self.user_middleware:
             endpoint = None
-            if scope["type"] == "http" and scope["method"] in GRAPHQL_METHODS:
+            if path == WEBHOOK_PATH:
+                if scope["type"] == "http" and scope["method"] == "POST":
+                    endpoint = self.stripe_webhook
+            elif scope["type"] == "http" and scope["method"] in GRAPHQL_METHODS:
                 endpoint = self.graphql_http
             elif scope["type"] == "websocket":
                 endpoint = self.graphql_websocket
@@ -176,7 +184,9 @@ def create_app(
     app.graphql_http, app.graphql_websocket = guarded, graphql_app
     app.router.routes.append(Route(GRAPHQL_PATH, guarded, methods=sorted(GRAPHQL_METHODS)))
     app.router.routes.append(WebSocketRoute(GRAPHQL_PATH, graphql_app))
-    app.router.routes.append(Route("/webhooks/stripe", stripe_webhook, methods=["POST"]))
+    webhook_route = Route(WEBHOOK_PATH, stripe_webhook, methods=["POST"])
+    app.stripe_webhook = webhook_route.app
+    app.router.routes.append(webhook_route)
     if sandbox_app is not None:
         app.router.routes.append(Mount("/sandbox", app=sandbox_app))
     return app

@@ -99,6 +99,36 @@ async def test_a_conflict_on_the_event_id_is_a_duplicate_but_other_integrity_err
         await store_event(database, broken, now=now)
 
 
+async def test_the_inbox_keeps_the_event_as_received(database: Database) -> None:
+    """Stored from the body's own text: what a reader gets back is the event Stripe sent,
+    including text that merely looks like a NUL escape and characters beyond ASCII."""
+    from datetime import UTC, datetime
+
+    from billing.webhooks import parse_event
+
+    body = (
+        '{"id": "evt_text", "type": "customer.updated", "created": 1700000000, '
+        '"data": {"object": {"id": "cus_1", "name": "Zoë ☃ \\u00e9 \\\\u0000", "metadata": {}}}}'
+    ).encode()
+    envelope = parse_event(body)
+    assert envelope.payload["data"]["object"]["name"] == "Zoë ☃ é \\u0000"
+    now = datetime.now(UTC)
+    assert await store_event(database, envelope, now=now) is True
+    async with database.read() as conn:
+        stored = (
+            await conn.execute(select(event_table.c.payload).where(event_table.c.id == "evt_text"))
+        ).scalar_one()
+    assert stored == envelope.payload
+
+    without_raw = Envelope("evt_dict", "customer.updated", now, {"id": "evt_dict", "n": [1, 2]})
+    assert await store_event(database, without_raw, now=now) is True
+    async with database.read() as conn:
+        stored = (
+            await conn.execute(select(event_table.c.payload).where(event_table.c.id == "evt_dict"))
+        ).scalar_one()
+    assert stored == {"id": "evt_dict", "n": [1, 2]}
+
+
 # Two service processes sharing one PostgreSQL -------------------------------------------------
 
 

@@ -1,6 +1,6 @@
 """The benchmark run behind `bench/run` (issue 12): baselines and scenarios 1-6 on PostgreSQL.
 
-    bench/run                 # full run, about 5 minutes; writes bench/RESULTS.md
+    bench/run                 # full run, about 4 minutes; writes bench/RESULTS.md
     bench/run --quick         # smoke run: 2 s runs, small sizes; writes bench/RESULTS-quick.md
 
 One throw-away PostgreSQL database (`bench_<hex>` on 127.0.0.1:5432) is created, migrated and

@@ -524,7 +524,8 @@ class Bench:
             32,
         )
         assert shared.result
-        shared.note = f"{shared.result.rps / b2.result.rps:.2f} x B2 (information, no target) {shared.note}".strip()
+        ratio_shared = shared.result.rps / b2.result.rps
+        shared.note = f"{ratio_shared:.2f} x B2 (information, no target) {shared.note}".strip()
         await self.drain(service, shared_ids[: shared.result.requests + 64], self.profile.drain_timeout)
         await self.duplicate_storm(service)
 

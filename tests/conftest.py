@@ -271,3 +271,22 @@ async def stripe_gateway(service: Service) -> AsyncIterator[StripeGateway]:
         yield gateway
     finally:
         await gateway.close()
+
+
+# One migrated SQLite database per module, for tests of HTTP-level refusals that need no PostgreSQL.
+
+
+@pytest.fixture(scope="module")
+def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
+    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('sqlite') / 'billing.db'}"
+    upgrade(url)
+    return url
+
+
+@pytest.fixture
+async def db(sqlite_url: str) -> AsyncIterator[Database]:
+    database = Database.from_url(sqlite_url)
+    try:
+        yield database
+    finally:
+        await database.dispose()

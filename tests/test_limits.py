@@ -8,12 +8,11 @@ runs, with `extensions.code` QUERY_TOO_COMPLEX.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 import httpx
-import pytest
 import strawberry
 from graphql import get_introspection_query, parse
 from httpx_ws import aconnect_ws
@@ -21,7 +20,6 @@ from sqlalchemy import insert
 from strawberry.tools import merge_types
 
 from db.engine import Database
-from db.migrate import upgrade
 from db.models import invoice_table
 from graph.limits import QUERY_TOO_COMPLEX, QueryLimits, measure, violations
 from graph.schema import Query as BillingQuery
@@ -41,22 +39,6 @@ INTROSPECTION = get_introspection_query(
 
 async def fast(awaitable: Awaitable[T]) -> T:
     return await asyncio.wait_for(awaitable, FAST)
-
-
-@pytest.fixture(scope="module")
-def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('limits') / 'billing.db'}"
-    upgrade(url)
-    return url
-
-
-@pytest.fixture
-async def db(sqlite_url: str) -> AsyncIterator[Database]:
-    database = Database.from_url(sqlite_url)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 CALLS: list[str] = []

@@ -10,7 +10,6 @@ from httpx_ws import WebSocketUpgradeError, aconnect_ws
 
 from billing.settings import Settings
 from db.engine import Database
-from db.migrate import upgrade
 from tests.test_graphql_support import hs256_token, serve_api
 
 PLANS = {"query": "{ plans { id } }"}
@@ -20,22 +19,6 @@ PRODUCTION = {
     "auth_jwt_secret": "a-production-grade-secret-of-40-characters",
 }
 APP_ORIGIN = "http://app.test"  # the tests' APP_URL
-
-
-@pytest.fixture(scope="module")
-def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('security') / 'billing.db'}"
-    upgrade(url)
-    return url
-
-
-@pytest.fixture
-async def db(sqlite_url: str) -> AsyncIterator[Database]:
-    database = Database.from_url(sqlite_url)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 def code_of(response: httpx.Response) -> str:

@@ -6,7 +6,6 @@ Development keeps them all, so each test asks both.
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -16,7 +15,6 @@ from httpx_ws import aconnect_ws
 from strawberry.tools import merge_types
 
 from db.engine import Database
-from db.migrate import upgrade
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
 from tests.test_graphql_support import hs256_token, only_error, serve_api
@@ -28,22 +26,6 @@ PRODUCTION = {
     "auth_jwt_secret": PRODUCTION_SECRET,
 }
 ENVIRONMENTS = {"development": {}, "production": PRODUCTION}
-
-
-@pytest.fixture(scope="module")
-def sqlite_url(tmp_path_factory: pytest.TempPathFactory) -> str:
-    url = f"sqlite+aiosqlite:///{tmp_path_factory.mktemp('lockdown') / 'billing.db'}"
-    upgrade(url)
-    return url
-
-
-@pytest.fixture
-async def db(sqlite_url: str) -> AsyncIterator[Database]:
-    database = Database.from_url(sqlite_url)
-    try:
-        yield database
-    finally:
-        await database.dispose()
 
 
 async def both(

@@ -92,8 +92,36 @@ async def subscribe(
     return customer_id, subscription
 
 
+# A renewal's invoice is finalized and charged an hour after the period ends, as on Stripe.
+CHARGE_DELAY = 3_600
+
+
 async def advance(service: Service, seconds: int) -> dict[str, Any]:
     return await control(service, "clock/advance", {"seconds": seconds})
+
+
+async def advance_to(service: Service, moment: int) -> dict[str, Any]:
+    """Move the sandbox clock to `moment` (unix seconds); a moment already past moves nothing."""
+    now = int((await advance(service, 0))["now"])
+    return await advance(service, max(0, moment - now))
+
+
+async def period_end(gateway: StripeGateway, subscription_id: str) -> int:
+    """The end of the subscription's current period, as Stripe reports it (its licensed item's)."""
+    subscription = await gateway.v1.subscriptions.retrieve_async(subscription_id)
+    items = subscription["items"].data
+    licensed = [
+        item for item in items if item.price.recurring and item.price.recurring.usage_type == "licensed"
+    ]
+    return int((licensed or items)[0].current_period_end)
+
+
+async def advance_past_renewal(
+    service: Service, gateway: StripeGateway, subscription_id: str, *, margin: int = 60
+) -> dict[str, Any]:
+    """Move the clock `margin` seconds past the renewal's charge (the period's end plus the charge
+    delay): the time the subscription reports, whatever the month's or the year's length."""
+    return await advance_to(service, await period_end(gateway, subscription_id) + CHARGE_DELAY + margin)
 
 
 async def card_fails(service: Service, customer_id: str, fails: bool = True) -> None:

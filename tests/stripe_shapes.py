@@ -1,18 +1,13 @@
-"""Stripe's own example objects (`../shared/stripe/fixtures3.json`), to check the sandbox's shapes."""
+"""Stripe's own example objects (`tests/stripe/fixtures3.json`, MIT), to check the sandbox's shapes."""
 
 from __future__ import annotations
 
 import json
-import os
 from functools import cache
 from pathlib import Path
 from typing import Any
 
-FIXTURES = Path(
-    os.environ.get(
-        "STRIPE_FIXTURES", Path(__file__).resolve().parents[1].parent / "shared" / "stripe" / "fixtures3.json"
-    )
-)
+FIXTURES = Path(__file__).resolve().parent / "stripe" / "fixtures3.json"
 
 
 @cache

@@ -42,7 +42,16 @@ from billing.webhooks import utcnow
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 from db.models import event_table, invoice_table
-from tests.billing_flows import account, advance, card_fails, setup_catalog, subscribe
+from tests.billing_flows import (
+    account,
+    advance,
+    advance_past_renewal,
+    advance_to,
+    card_fails,
+    period_end,
+    setup_catalog,
+    subscribe,
+)
 from tests.conftest import DbTarget, Service, running_service, truncate_all
 from tests.stripe_events import post_event
 
@@ -143,14 +152,14 @@ async def _past_due_recovered_then_canceled(driver: Driver) -> Lifecycle:
     )
     await driver.record(customer_id)
     await card_fails(driver.service, customer_id)
-    await advance(driver.service, 31 * DAY)
+    await advance_past_renewal(driver.service, driver.gateway, subscription_id)
     await driver.record(customer_id)
     await card_fails(driver.service, customer_id, fails=False)
-    await advance(driver.service, 4 * DAY)
+    await advance(driver.service, 4 * DAY)  # the first retry, 3 days after the failure
     await driver.record(customer_id)
     await driver.gateway.v1.subscriptions.update_async(subscription_id, {"cancel_at_period_end": True})
     await driver.record(customer_id)
-    await advance(driver.service, 31 * DAY)
+    await advance_to(driver.service, await period_end(driver.gateway, subscription_id) + 60)
     await driver.record(customer_id)
     return Lifecycle("u-due", customer_id, [])
 

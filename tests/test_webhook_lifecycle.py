@@ -15,7 +15,17 @@ from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.stripe_objects import stripe_time
 from db.engine import Database
 from db.models import invoice_table
-from tests.billing_flows import advance, card_fails, eventually, setup_catalog, subscribe, wait_for_account
+from tests.billing_flows import (
+    advance,
+    advance_past_renewal,
+    advance_to,
+    card_fails,
+    eventually,
+    period_end,
+    setup_catalog,
+    subscribe,
+    wait_for_account,
+)
 from tests.conftest import DbTarget, Service, running_service
 
 DAY = 86_400
@@ -106,11 +116,13 @@ async def test_a_failing_card_goes_past_due_then_canceled(
     live: tuple[Service, StripeGateway, dict[str, str]], recorder: Recorder
 ) -> None:
     service, gateway, prices = live
-    customer_id, _ = await subscribe(service, gateway, prices, "u2", "starter_monthly", trial_days=None)
+    customer_id, subscription_id = await subscribe(
+        service, gateway, prices, "u2", "starter_monthly", trial_days=None
+    )
     await wait_for_account(service.database, "u2", status="active")
     await card_fails(service, customer_id)
 
-    await advance(service, 31 * DAY)
+    await advance_past_renewal(service, gateway, subscription_id)
     await wait_for_account(service.database, "u2", status="past_due", tier="starter")
     await recorder.wait_for(NotificationKind.PAYMENT_FAILED)
 
@@ -129,7 +141,7 @@ async def test_cancel_at_period_end_then_canceled(
     await gateway.v1.subscriptions.update_async(subscription_id, {"cancel_at_period_end": True})
     await wait_for_account(service.database, "u3", status="active", cancel_at_period_end=True)
 
-    await advance(service, 366 * DAY)
+    await advance_to(service, await period_end(gateway, subscription_id) + 60)
     row = await wait_for_account(service.database, "u3", status="canceled")
     final = await gateway.v1.subscriptions.retrieve_async(subscription_id)
     assert row.canceled_at == stripe_time(final.canceled_at)

@@ -85,7 +85,6 @@ import calendar
 import copy
 import importlib
 import json
-import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -2230,9 +2229,8 @@ async def advance_clock(tx: Transaction, config: SandboxConfig, seconds: int) ->
         if not pending:
             break
         step = min(pending)
-        # Events carry the time they happened at (never before the clock's starting point).
-        tx.clock_offset = max(step.at, start) - int(time.time())
-        await _perform(tx, config, step)
+        with tx.at(max(step.at, start)):  # events carry the time they happened at
+            await _perform(tx, config, step)
         steps += 1
         if steps > MAX_CLOCK_STEPS:
             raise StripeError(500, "The sandbox clock did not settle.", type="api_error")

@@ -12,8 +12,8 @@ import json
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 from sqlalchemy import (
@@ -112,10 +112,27 @@ class Transaction:
         self.conn = conn
         self.clock_offset = clock_offset
         self.emitted: list[dict[str, Any]] = []
+        self._began = int(time.time())
+        self._moment: int | None = None
 
     def now(self) -> int:
-        """The sandbox clock (unix seconds): real time plus every `clock/advance` so far."""
-        return int(time.time()) + self.clock_offset
+        """The sandbox clock (unix seconds): real time when this transaction began plus every
+        `clock/advance` so far, or the moment of the scheduled step being performed (`at`).
+
+        One reading per transaction: everything a request creates carries the same time, and a
+        step's events never drift past a second boundary from the step's own time."""
+        if self._moment is not None:
+            return self._moment
+        return self._began + self.clock_offset
+
+    @contextmanager
+    def at(self, moment: int) -> Iterator[None]:
+        """Perform what Stripe does at `moment` (a renewal, a retry) with the clock reading it."""
+        self._moment = moment
+        try:
+            yield
+        finally:
+            self._moment = None
 
     async def find(self, object_id: str) -> dict[str, Any] | None:
         row = (await self.conn.execute(select(objects.c.data).where(objects.c.id == object_id))).first()

@@ -28,19 +28,21 @@ def billing_serve(env: dict[str, str], cwd: Path, *, count: int = 1) -> Iterator
     urls: list[str] = []
     processes: list[subprocess.Popen[bytes]] = []
     try:
-        for _ in range(count):
+        for n in range(count):
             port = free_port()
             url = f"http://127.0.0.1:{port}"
-            processes.append(
-                subprocess.Popen(
-                    [BILLING, "serve", "--port", str(port)],
-                    env={**os.environ, **env, "PUBLIC_BASE_URL": url},
-                    cwd=cwd,
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
+            log = cwd / f"billing-serve-{port}-{n}.log"
+            with log.open("wb") as output:
+                processes.append(
+                    subprocess.Popen(
+                        [BILLING, "serve", "--port", str(port)],
+                        env={**os.environ, **env, "PUBLIC_BASE_URL": url},
+                        cwd=cwd,
+                        stdout=output,
+                        stderr=subprocess.STDOUT,
+                    )
                 )
-            )
-            wait_ready(url)
+            wait_ready(url, processes[-1], log)
             urls.append(url)
         yield urls
     finally:
@@ -50,13 +52,15 @@ def billing_serve(env: dict[str, str], cwd: Path, *, count: int = 1) -> Iterator
             process.wait(timeout=15)
 
 
-def wait_ready(url: str) -> None:
+def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
+    """Until `url` answers /readyz; fails with the process's output if it exits or takes 30 s."""
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and process.poll() is None:
         try:
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                 return
         except httpx.TransportError:
             pass
         time.sleep(0.1)
-    pytest.fail(f"billing serve at {url} did not come up")
+    state = "did not come up in 30 s" if process.poll() is None else f"exited with {process.returncode}"
+    pytest.fail(f"billing serve at {url} {state}; its output:\n{log.read_text(errors='replace')[-4000:]}")

@@ -91,16 +91,16 @@ from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from billing.sandbox.api import SandboxConfig, apply_metadata
-from billing.sandbox.errors import (
+from stripe_sandbox.api import SandboxConfig, apply_metadata
+from stripe_sandbox.errors import (
     StripeError,
     card_declined,
     parameter_invalid,
     parameter_missing,
     resource_missing,
 )
-from billing.sandbox.resources.customers import new_customer
-from billing.sandbox.store import Transaction, new_id
+from stripe_sandbox.resources.customers import new_customer
+from stripe_sandbox.store import Transaction, new_id
 
 Obj = dict[str, Any]
 
@@ -512,7 +512,7 @@ async def create_payment_method(tx: Transaction, customer_id: str, now: int, ema
 async def metered_quantity(tx: Transaction, meter_id: str, customer_id: str, start: int, end: int) -> float:
     """Usage of a meter by a customer in [start, end), from the meters resource when it exists."""
     try:
-        module = importlib.import_module("billing.sandbox.resources.meters")
+        module = importlib.import_module("stripe_sandbox.resources.meters")
     except ModuleNotFoundError:
         return 0.0
     source: Callable[..., Awaitable[Any]] | None = getattr(module, "metered_quantity", None)

@@ -373,7 +373,7 @@ def token(user_id: str, email: str | None, name: str | None, ttl: int) -> None:
 @click.pass_context
 def trigger_command(ctx: click.Context, event_type: str, user_id: str | None) -> None:
     """Make a Stripe event happen in the running service's sandbox (the offline `stripe trigger`)."""
-    from graph.trigger import SUPPORTED, TriggerError, ensure_sandbox, new_user_id, trigger
+    from cli.trigger import SUPPORTED, TriggerError, ensure_sandbox, new_user_id, trigger
 
     if event_type not in SUPPORTED:
         raise click.BadParameter(

@@ -50,7 +50,7 @@ from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import metadata, object_id
-from billing.subscriptions import CustomerLocks, SyncResult, sync_customer
+from billing.sync import CustomerLocks, SyncResult, sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 

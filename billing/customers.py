@@ -19,7 +19,7 @@ The email and name of the user's token are the truth: when they differ from the 
 the Stripe customer and the row are updated (a token without an email or name changes nothing).
 
 Subscription state (status, tier, periods, trial) is never written here: that is
-`billing.subscriptions.sync_customer`'s job alone.
+`billing.sync.sync_customer`'s job alone.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from stripe.params import CustomerCreateParams, CustomerCreateParamsInvoiceSetti
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
-from billing.subscriptions import CustomerLocks, sync_customer
+from billing.sync import CustomerLocks, sync_customer
 from db.engine import Database
 from db.models import account_table, invoice_table
 

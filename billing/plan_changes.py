@@ -57,7 +57,7 @@ from billing.plans import Catalog, plan_of_price, tier_rank
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import metadata, object_id, stripe_time
-from billing.subscriptions import LIVE_STATUSES, CustomerLocks, licensed_item, sync_customer
+from billing.sync import LIVE_STATUSES, CustomerLocks, licensed_item, sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
 from db.models import account_table, quote_table

@@ -1,6 +1,6 @@
 """Real-time billing state: who watches whose subscription, and telling them when it changes.
 
-A write of an account's subscription state (`billing.subscriptions`, the one place that writes
+A write of an account's subscription state (`billing.sync`, the one place that writes
 it) calls `publish_account_change` inside its transaction. The notification carries only the
 account id: whoever receives it reads the state from the database, so it never carries data to
 the wrong user, nor a state older than the database's.

@@ -32,7 +32,7 @@ from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
 from billing.stripe_objects import object_id, stripe_time
-from billing.subscriptions import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
+from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
 from db.engine import Database
 from db.enums import EventStatus
 from db.models import event_table

@@ -37,7 +37,7 @@ from sqlalchemy import select
 from billing.plan_changes import change_plan
 from billing.plans import load_catalog
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.subscriptions import CustomerLocks, sync_customer
+from billing.sync import CustomerLocks, sync_customer
 from billing.webhooks import utcnow
 from db.engine import Database
 from db.enums import BillingInterval, Tier

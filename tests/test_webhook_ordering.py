@@ -14,7 +14,7 @@ from sqlalchemy import delete, select, text
 from billing.plans import plan_of_price
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.stripe_objects import stripe_time
-from billing.subscriptions import licensed_item
+from billing.sync import licensed_item
 from billing.webhooks import requeue, utcnow
 from db.engine import Database
 from db.models import account_table, event_table

@@ -26,9 +26,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import stripe
@@ -36,6 +35,7 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from stripe.params import CustomerCreateParams, CustomerCreateParamsInvoiceSettings, CustomerUpdateParams
 
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
@@ -45,12 +45,7 @@ from db.models import account_table, invoice_table
 
 log = logging.getLogger("billing.customers")
 
-Clock = Callable[[], datetime]
 MAX_INVOICES = 100
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Identity(Protocol):

@@ -52,6 +52,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from stripe import RequestOptions
 
 from billing.access import SubscriptionState, add_months, load_subscription
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog, plan_of_price, tier_rank
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
@@ -64,7 +65,6 @@ from db.models import account_table, quote_table
 
 log = logging.getLogger("billing.plan_changes")
 
-Clock = Callable[[], datetime]
 PlanKey = tuple[Tier, BillingInterval]
 
 QUOTE_TTL = timedelta(minutes=5)
@@ -72,10 +72,6 @@ QUOTE_TTL = timedelta(minutes=5)
 CHANGEABLE_STATUSES = frozenset(
     {SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING, SubscriptionStatus.PAST_DUE}
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class ChangeKind(StrEnum):

@@ -18,15 +18,16 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Text, and_, bindparam, cast, or_, select, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.background import poll_until_cancelled
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
@@ -46,11 +47,6 @@ MAX_CREATED = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetim
 TOLERANCE_SECONDS = 300
 MAX_ATTEMPTS = 12
 LEASE = timedelta(minutes=2)
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # Signature -----------------------------------------------------------------------------------

@@ -15,13 +15,14 @@ import click
 from sqlalchemy.exc import DBAPIError
 
 from billing.catalog import sync_catalog
+from billing.clock import utcnow
 from billing.errors import BillingError, ConfigurationError
 from billing.notifier import LogNotifier
 from billing.plans import PlansFileError, load_catalog
 from billing.reconcile import ReconcileReport, customer_ids, reconcile
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.webhooks import BatchReport, EventProcessor, requeue, utcnow
+from billing.webhooks import BatchReport, EventProcessor, requeue
 from db import migrate as migrations
 from db.engine import Database, DatabaseURLError, create_engine, safe_url
 from db.health import DatabaseNotReady, ensure_ready

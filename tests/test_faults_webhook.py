@@ -36,9 +36,10 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from billing.clock import utcnow
 from billing.settings import DEV_WEBHOOK_SECRET
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.webhooks import Envelope, requeue, store_event, utcnow
+from billing.webhooks import Envelope, requeue, store_event
 from db.engine import Database
 from db.models import event_table, invoice_table
 from tests.billing_flows import account, raw_events, setup_catalog, subscribe

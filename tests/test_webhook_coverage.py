@@ -9,10 +9,10 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from billing.clock import utcnow
 from billing.notifier import Notification, NotificationKind
 from billing.reconcile import customer_ids, reconcile
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.webhooks import utcnow
 from db.engine import Database
 from db.models import account_table, event_table
 from tests.billing_flows import (

@@ -169,10 +169,14 @@ def test_a_sandbox_mode_app_loads_the_sandbox(sqlite_url: str, tmp_path: Path) -
     ("relative", "source"),
     [
         ("db/x.py", "from billing.settings import Settings"),
+        ("db/x.py", "from graph.app import create_app"),
+        ("db/x.py", "import strawberry"),
+        ("db/x.py", "from fastapi import FastAPI"),
         ("db/x.py", "import stripe"),
         ("db/x.py", "import stripe_sandbox"),
         ("db/x.py", "from cli.main import main"),
         ("billing/x.py", "import strawberry"),
+        ("billing/x.py", "from fastapi import FastAPI"),
         ("billing/x.py", "from graph.app import create_app"),
         ("billing/x.py", "from stripe_sandbox.api import router"),
         ("billing/x.py", "def f():\n    from stripe_sandbox import engine"),
@@ -190,6 +194,7 @@ def test_a_sandbox_mode_app_loads_the_sandbox(sqlite_url: str, tmp_path: Path) -
         ("graph/app.py", "import stripe_sandbox.app"),
         ("graph/app.py", "if True:\n    from stripe_sandbox.app import Sandbox"),
         ("graph/app.py", "class A:\n    from stripe_sandbox.app import Sandbox"),
+        ("graph/app.py", "if TYPE_CHECKING:\n    pass\nelse:\n    import stripe_sandbox"),
     ],
 )
 def test_the_checker_catches_a_violation(relative: str, source: str) -> None:

@@ -61,15 +61,6 @@ class Identity(Protocol):
     def name(self) -> str | None: ...
 
 
-@dataclass(frozen=True, slots=True)
-class UserIdentity:
-    """An `Identity` for callers without a token (CLI, tests)."""
-
-    id: str
-    email: str | None = None
-    name: str | None = None
-
-
 # Get or create ------------------------------------------------------------------------------
 
 

@@ -211,7 +211,10 @@ INVOICE_EVENTS = frozenset(
     }
 )
 CUSTOMER_EVENTS = frozenset({"customer.updated", "customer.deleted"})
-HANDLED = SUBSCRIPTION_EVENTS | INVOICE_EVENTS | CUSTOMER_EVENTS | {"checkout.session.completed"}
+CHECKOUT_EVENTS = frozenset({"checkout.session.completed"})
+# The event types the worker acts on; it records every other type as ignored. A webhook endpoint
+# needs to be sent these and no others.
+HANDLED = SUBSCRIPTION_EVENTS | INVOICE_EVENTS | CUSTOMER_EVENTS | CHECKOUT_EVENTS
 
 EVENT_NOTIFICATIONS = {
     "invoice.payment_failed": NotificationKind.PAYMENT_FAILED,
@@ -231,19 +234,20 @@ class Target:
 
 
 def target_of(event_type: str, payload: dict[str, Any]) -> Target | None:
-    """None for events this service does not act on (recorded as ignored)."""
+    """None for events this service does not act on (recorded as ignored): a type outside
+    `HANDLED`, or a checkout that is not for a subscription."""
+    if event_type not in HANDLED:
+        return None
     obj = payload["data"]["object"]
-    if event_type == "checkout.session.completed":
+    if event_type in CHECKOUT_EVENTS:
         if get(obj, "mode") != "subscription":
             return None
         return Target(object_id(get(obj, "customer")), user_id_hint=get(obj, "client_reference_id"))
-    if event_type in SUBSCRIPTION_EVENTS:
-        return Target(object_id(get(obj, "customer")))
     if event_type in INVOICE_EVENTS:
         return Target(object_id(get(obj, "customer")), invoice_id=get(obj, "id"))
     if event_type in CUSTOMER_EVENTS:
         return Target(get(obj, "id"))
-    return None
+    return Target(object_id(get(obj, "customer")))  # SUBSCRIPTION_EVENTS
 
 
 @dataclass

@@ -34,14 +34,13 @@ from stripe.params.checkout import (
 
 from billing.access import SubscriptionState, load_subscription
 from billing.catalog import MANAGED, PAGE
+from billing.clock import Clock, utcnow
 from billing.customers import (
-    Clock,
     Identity,
     get_or_create_customer,
     is_missing,
     linked_customer,
     missing_param,
-    utcnow,
 )
 from billing.customers import existing_customer as existing_customer_of
 from billing.errors import BillingError, ErrorCode
@@ -50,7 +49,7 @@ from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import metadata, object_id
-from billing.subscriptions import CustomerLocks, SyncResult, sync_customer
+from billing.sync import CustomerLocks, SyncResult, sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 

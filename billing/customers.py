@@ -19,16 +19,15 @@ The email and name of the user's token are the truth: when they differ from the 
 the Stripe customer and the row are updated (a token without an email or name changes nothing).
 
 Subscription state (status, tier, periods, trial) is never written here: that is
-`billing.subscriptions.sync_customer`'s job alone.
+`billing.sync.sync_customer`'s job alone.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, Protocol
 
 import stripe
@@ -36,21 +35,17 @@ from sqlalchemy import select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from stripe.params import CustomerCreateParams, CustomerCreateParamsInvoiceSettings, CustomerUpdateParams
 
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
-from billing.subscriptions import CustomerLocks, sync_customer
+from billing.sync import CustomerLocks, sync_customer
 from db.engine import Database
 from db.models import account_table, invoice_table
 
 log = logging.getLogger("billing.customers")
 
-Clock = Callable[[], datetime]
 MAX_INVOICES = 100
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class Identity(Protocol):
@@ -64,15 +59,6 @@ class Identity(Protocol):
 
     @property
     def name(self) -> str | None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class UserIdentity:
-    """An `Identity` for callers without a token (CLI, tests)."""
-
-    id: str
-    email: str | None = None
-    name: str | None = None
 
 
 # Get or create ------------------------------------------------------------------------------

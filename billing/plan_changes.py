@@ -52,19 +52,19 @@ from sqlalchemy.dialects import postgresql, sqlite
 from stripe import RequestOptions
 
 from billing.access import SubscriptionState, add_months, load_subscription
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog, plan_of_price, tier_rank
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import metadata, object_id, stripe_time
-from billing.subscriptions import LIVE_STATUSES, CustomerLocks, licensed_item, sync_customer
+from billing.sync import LIVE_STATUSES, CustomerLocks, licensed_item, sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
 from db.models import account_table, quote_table
 
 log = logging.getLogger("billing.plan_changes")
 
-Clock = Callable[[], datetime]
 PlanKey = tuple[Tier, BillingInterval]
 
 QUOTE_TTL = timedelta(minutes=5)
@@ -72,10 +72,6 @@ QUOTE_TTL = timedelta(minutes=5)
 CHANGEABLE_STATUSES = frozenset(
     {SubscriptionStatus.ACTIVE, SubscriptionStatus.TRIALING, SubscriptionStatus.PAST_DUE}
 )
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 class ChangeKind(StrEnum):

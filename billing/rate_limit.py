@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from sqlalchemy import case
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from db.engine import Database
 from db.models import rate_limit_table
@@ -94,14 +94,10 @@ class RateDecision:
         return max(1, math.ceil((self.resets_at - now).total_seconds()))
 
 
-def utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class RateLimiter:
     """Counts hits per key in the database; see the module docstring for the algorithm."""
 
-    def __init__(self, database: Database, *, clock: Callable[[], datetime] = utcnow) -> None:
+    def __init__(self, database: Database, *, clock: Clock = utcnow) -> None:
         self.database = database
         self.clock = clock
 

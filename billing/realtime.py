@@ -1,6 +1,6 @@
 """Real-time billing state: who watches whose subscription, and telling them when it changes.
 
-A write of an account's subscription state (`billing.subscriptions`, the one place that writes
+A write of an account's subscription state (`billing.sync`, the one place that writes
 it) calls `publish_account_change` inside its transaction. The notification carries only the
 account id: whoever receives it reads the state from the database, so it never carries data to
 the wrong user, nor a state older than the database's.
@@ -32,7 +32,6 @@ import time
 import weakref
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from typing import Any, ClassVar, Protocol, TypeVar
 
 import aiosqlite
@@ -43,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from billing.access import AccessPolicy, SubscriptionState
+from billing.clock import Clock, utcnow
 from db.engine import Database
 from db.enums import Tier
 from db.models import account_table
@@ -54,10 +54,6 @@ CHANNEL = "billing_account_changed"
 LISTENER_APPLICATION_NAME = "billing-realtime"
 # Ids per `IN (...)` query: well below SQLite's and asyncpg's parameter limits.
 QUERY_CHUNK = 500
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # Publishing -----------------------------------------------------------------------------------
@@ -178,7 +174,7 @@ class BillingStateHub:
         database: Database,
         policy: AccessPolicy,
         *,
-        clock: Callable[[], datetime] = utcnow,
+        clock: Clock = utcnow,
         retry_delay: float = 0.5,
         max_retry_delay: float = 10.0,
     ) -> None:

@@ -10,7 +10,7 @@ from sqlalchemy import select
 
 from billing.notifier import Notifier
 from billing.stripe_gateway import StripeGateway
-from billing.subscriptions import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
+from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
 from db.engine import Database
 from db.models import account_table
 

@@ -63,6 +63,7 @@ from billing.access import (
     is_user_id,
     months_since,
 )
+from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from db.engine import Database
@@ -77,10 +78,6 @@ MAX_AGE = timedelta(days=35)  # ... and up to 35 days back
 MAX_KEY_LENGTH = 255
 DEFAULT_PAST_DUE_GRACE = timedelta(days=7)
 HOUR = timedelta(hours=1)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # Recording -----------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ import stripe
 from sqlalchemy import and_, func, or_, select, update
 
 from billing.background import poll_until_cancelled
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
@@ -53,7 +54,6 @@ from db.models import UsageReportStatus, account_table, report_table, usage_tabl
 
 log = logging.getLogger("billing.usage")
 
-Clock = Callable[[], datetime]
 LEASE = timedelta(minutes=5)
 MAX_ATTEMPTS = 12  # refusals; an outage retries until the window closes
 STRIPE_WINDOW = timedelta(days=35)  # meter events older than this are refused
@@ -61,10 +61,6 @@ EXPIRY_MARGIN = timedelta(minutes=10)  # do not send what would arrive out of th
 AT_RISK_AGE = timedelta(days=30)  # unreported this long: listed as at risk
 MAX_BACKOFF_SECONDS = 600
 MINUTE = timedelta(minutes=1)
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 def backoff(attempts: int) -> timedelta:

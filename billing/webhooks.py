@@ -18,21 +18,22 @@ import json
 import logging
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Text, and_, bindparam, cast, or_, select, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.background import poll_until_cancelled
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
 from billing.stripe_objects import object_id, stripe_time
-from billing.subscriptions import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
+from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
 from db.engine import Database
 from db.enums import EventStatus
 from db.models import event_table
@@ -46,11 +47,6 @@ MAX_CREATED = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetim
 TOLERANCE_SECONDS = 300
 MAX_ATTEMPTS = 12
 LEASE = timedelta(minutes=2)
-Clock = Callable[[], datetime]
-
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
 
 
 # Signature -----------------------------------------------------------------------------------
@@ -215,7 +211,10 @@ INVOICE_EVENTS = frozenset(
     }
 )
 CUSTOMER_EVENTS = frozenset({"customer.updated", "customer.deleted"})
-HANDLED = SUBSCRIPTION_EVENTS | INVOICE_EVENTS | CUSTOMER_EVENTS | {"checkout.session.completed"}
+CHECKOUT_EVENTS = frozenset({"checkout.session.completed"})
+# The event types the worker acts on; it records every other type as ignored. A webhook endpoint
+# needs to be sent these and no others.
+HANDLED = SUBSCRIPTION_EVENTS | INVOICE_EVENTS | CUSTOMER_EVENTS | CHECKOUT_EVENTS
 
 EVENT_NOTIFICATIONS = {
     "invoice.payment_failed": NotificationKind.PAYMENT_FAILED,
@@ -235,19 +234,20 @@ class Target:
 
 
 def target_of(event_type: str, payload: dict[str, Any]) -> Target | None:
-    """None for events this service does not act on (recorded as ignored)."""
+    """None for events this service does not act on (recorded as ignored): a type outside
+    `HANDLED`, or a checkout that is not for a subscription."""
+    if event_type not in HANDLED:
+        return None
     obj = payload["data"]["object"]
-    if event_type == "checkout.session.completed":
+    if event_type in CHECKOUT_EVENTS:
         if get(obj, "mode") != "subscription":
             return None
         return Target(object_id(get(obj, "customer")), user_id_hint=get(obj, "client_reference_id"))
-    if event_type in SUBSCRIPTION_EVENTS:
-        return Target(object_id(get(obj, "customer")))
     if event_type in INVOICE_EVENTS:
         return Target(object_id(get(obj, "customer")), invoice_id=get(obj, "id"))
     if event_type in CUSTOMER_EVENTS:
         return Target(get(obj, "id"))
-    return None
+    return Target(object_id(get(obj, "customer")))  # SUBSCRIPTION_EVENTS
 
 
 @dataclass

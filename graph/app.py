@@ -6,7 +6,7 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator, Coroutine
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
@@ -19,8 +19,6 @@ from billing.errors import BillingError, ErrorCode
 from billing.notifier import LogNotifier, Notifier
 from billing.plans import Catalog, load_catalog
 from billing.realtime import Realtime
-from billing.sandbox.api import SandboxConfig
-from billing.sandbox.app import Sandbox
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.usage_reporting import UsageReporter
@@ -33,10 +31,16 @@ from graph.security import protect_graphql
 from graph.view import BillingGraphQL
 from graph.webhooks import stripe_webhook
 
+if TYPE_CHECKING:
+    from stripe_sandbox.api import SandboxConfig
+    from stripe_sandbox.app import Sandbox
+
 log = logging.getLogger("billing.app")
 
 
 def sandbox_config(settings: Settings) -> SandboxConfig:
+    from stripe_sandbox.api import SandboxConfig
+
     url, schema_name = settings.sandbox_database()
     return SandboxConfig(
         database_url=url,
@@ -101,11 +105,16 @@ def create_app(
     configuration; host apps pass a `notifier` to send emails, and may pass their own `schema`
     (built with `graph.schema.build_schema`, merging the billing `Query` with theirs) to serve
     it at /graphql instead of the billing one. In sandbox mode (no `STRIPE_SECRET_KEY`) the
-    Stripe sandbox is mounted at `/sandbox` and the SDK points at it.
+    Stripe sandbox is mounted at `/sandbox` and the SDK points at it; `stripe_sandbox` is
+    imported only then, so a production process never loads the emulator.
     """
     settings = settings or load_settings()
     catalog = load_catalog(settings.billing_plans_file)
-    sandbox_app = Sandbox(sandbox or sandbox_config(settings)) if settings.sandbox_mode else None
+    sandbox_app: Sandbox | None = None
+    if settings.sandbox_mode:
+        from stripe_sandbox.app import Sandbox
+
+        sandbox_app = Sandbox(sandbox or sandbox_config(settings))
     background: set[asyncio.Task[None]] = set()
 
     def start_background(job: Coroutine[Any, Any, None]) -> None:

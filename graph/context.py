@@ -28,7 +28,7 @@ from billing.plans import Catalog
 from billing.realtime import BillingStateHub
 from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway
-from billing.subscriptions import CustomerLocks
+from billing.sync import CustomerLocks
 from db.engine import Database
 from graph.auth import Authenticator, Principal, ServicePrincipal, User
 

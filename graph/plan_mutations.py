@@ -6,12 +6,13 @@ and portal mutations. Every field needs a user token and acts on that user's sub
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 import strawberry
 
 from billing import plan_changes
+from billing.clock import utcnow
 from db.enums import BillingInterval, Tier
 from graph.context import context_of
 from graph.rate_limit import signed_in_stripe_call
@@ -74,10 +75,6 @@ class PlanChangePreview:
         )
 
 
-def _clock() -> datetime:
-    return datetime.now(UTC)
-
-
 @strawberry.type
 class PlanMutation:
     @strawberry.mutation(
@@ -98,7 +95,7 @@ class PlanMutation:
             database=context.database,
             gateway=gateway,
             catalog=context.catalog,
-            clock=_clock,
+            clock=utcnow,
             user_id=user.id,
             tier=tier,
             interval=interval,
@@ -125,7 +122,7 @@ class PlanMutation:
             gateway=gateway,
             locks=locks,
             catalog=context.catalog,
-            clock=_clock,
+            clock=utcnow,
             user_id=user.id,
             tier=tier,
             interval=interval,
@@ -149,7 +146,7 @@ class PlanMutation:
             database=context.database,
             gateway=gateway,
             locks=locks,
-            clock=_clock,
+            clock=utcnow,
             user_id=user.id,
             at_period_end=at_period_end,
         )
@@ -167,6 +164,6 @@ class PlanMutation:
         user = await context.user()
         gateway, locks = context.stripe()
         state = await plan_changes.resume_subscription(
-            database=context.database, gateway=gateway, locks=locks, clock=_clock, user_id=user.id
+            database=context.database, gateway=gateway, locks=locks, clock=utcnow, user_id=user.id
         )
         return BillingSubscription.from_model(state, context.policy, context.now)

@@ -23,9 +23,9 @@ from billing.access import check_user_id
 from graph.context import OperationScope, context_of
 from graph.errors import ErrorCodes, format_errors
 from graph.limits import QueryGuard
+from graph.live import Subscription
 from graph.mutations import Mutation as BillingMutation
 from graph.permissions import IsAuthenticated, IsService, PermissionExtension
-from graph.subscriptions import Subscription
 from graph.types import AccessDecision, BillingSubscription, Plan, Viewer
 from graph.usage import SCALARS, UsageMutation, quota_access
 

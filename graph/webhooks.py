@@ -13,7 +13,8 @@ from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from billing.webhooks import InvalidWebhook, parse_event, store_event, utcnow, verify_signature
+from billing.clock import utcnow
+from billing.webhooks import InvalidWebhook, parse_event, store_event, verify_signature
 
 log = logging.getLogger("billing.webhooks")
 

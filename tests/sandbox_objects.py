@@ -8,8 +8,8 @@ from typing import Any
 
 import httpx
 
-from billing.sandbox.store import new_id
 from billing.stripe_gateway import StripeGateway
+from stripe_sandbox.store import new_id
 from tests.conftest import Service
 
 DAY = 86_400

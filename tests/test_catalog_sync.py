@@ -5,11 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 from billing.catalog import sync_catalog
+from billing.clock import utcnow
 from billing.notifier import LogNotifier
 from billing.plans import Catalog, load_catalog, plan_of_price
 from billing.reconcile import customer_ids, reconcile
 from billing.stripe_gateway import StripeGateway
-from billing.webhooks import utcnow
 from db.enums import BillingInterval, Tier
 from tests.billing_flows import account, setup_catalog, subscribe, wait_for_account
 from tests.conftest import Service

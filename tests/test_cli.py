@@ -49,7 +49,7 @@ def sqlite_env(tmp_path: Path) -> dict[str, str]:
 
 
 def test_help_lists_every_command() -> None:
-    from graph.cli import main
+    from cli.main import main
 
     result = run("--help")
     assert result.returncode == 0

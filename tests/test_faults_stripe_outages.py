@@ -35,15 +35,15 @@ from typing import Any
 import pytest
 from sqlalchemy import Table, select
 
+from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.notifier import LogNotifier
 from billing.reconcile import customer_ids, reconcile
-from billing.sandbox.store import Store, faults, idempotency
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.usage_reporting import UsageReporter
-from billing.webhooks import utcnow
 from db.engine import Database
 from db.models import account_table
+from stripe_sandbox.store import Store, faults, idempotency
 from tests.billing_flows import setup_catalog, subscribe
 from tests.conftest import DbTarget, Service, running_service
 from tests.db_snapshot import STATE_TABLES, unchanged

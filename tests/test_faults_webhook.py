@@ -20,7 +20,7 @@ Rows, and where each is tested:
 | duplicates in parallel | `test_webhook_idempotency.py::test_ten_parallel_copies_cause_one_effect` |
 | duplicates sent to two service processes | `test_webhook_idempotency.py::test_copies_sent_to_two_processes_cause_one_effect` (PostgreSQL) |
 | out-of-order permutations | `test_webhook_ordering.py::test_every_permutation_with_stale_duplicates_ends_in_stripes_state`, `::test_an_update_before_its_create_still_converges`; random interleavings of generated lifecycles: `test_properties_webhooks.py` |
-| a user's new customer (active, or canceled too) applied before the deletion of her old one | here: `test_a_new_customers_events_before_the_old_customers_deletion_still_link_the_new_one` (found by this matrix and `test_properties_webhooks.py`: the new customer was refused while the row still said the old one was live, and the late deletion then left the user linked to nobody; `billing.subscriptions` now asks Stripe about the old customer in that case) |
+| a user's new customer (active, or canceled too) applied before the deletion of her old one | here: `test_a_new_customers_events_before_the_old_customers_deletion_still_link_the_new_one` (while the row still names the old customer as live, `billing.sync` asks Stripe about it, so the new customer is linked and the late deletion leaves it linked) |
 | database error mid-handler: failure recorded, nothing half-applied, replay fixes it | `test_webhook_ordering.py::test_a_database_error_mid_handler_is_recorded_and_replay_fixes_it` (the account insert fails); here: the invoice write fails after the account was written in the same transaction, so neither is kept, and a replay writes both (`test_a_failure_after_the_account_write_keeps_neither_and_replay_writes_both`) |
 | database down when the event arrives | `test_webhook_idempotency.py::test_a_database_outage_answers_503_so_stripe_retries_and_nothing_is_lost` |
 | unknown customer | `test_webhook_coverage.py::test_an_unknown_customer_is_recorded_then_fixed_by_billing_sync` (known to Stripe, not to us); here: a customer Stripe does not know either, recorded `ignored` with its reason and nothing else written (the same test) |
@@ -36,9 +36,10 @@ import httpx
 import pytest
 from sqlalchemy import select, text
 
+from billing.clock import utcnow
 from billing.settings import DEV_WEBHOOK_SECRET
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.webhooks import Envelope, requeue, store_event, utcnow
+from billing.webhooks import Envelope, requeue, store_event
 from db.engine import Database
 from db.models import event_table, invoice_table
 from tests.billing_flows import account, raw_events, setup_catalog, subscribe

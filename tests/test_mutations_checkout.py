@@ -15,10 +15,10 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
-from billing.sandbox import engine
 from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from db.models import account_table, event_table, invoice_table, usage_table
+from stripe_sandbox import engine
 from tests.billing_flows import account, control, raw_events, setup_catalog, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
 from tests.db_snapshot import Snapshot

@@ -17,10 +17,10 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from billing.sandbox import engine
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
 from db.models import account_table, quote_table
+from stripe_sandbox import engine
 from tests.billing_flows import (
     advance,
     card_fails,

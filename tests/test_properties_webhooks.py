@@ -34,11 +34,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import select
 
+from billing.clock import utcnow
 from billing.plan_changes import change_plan
 from billing.plans import load_catalog
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.subscriptions import CustomerLocks, sync_customer
-from billing.webhooks import utcnow
+from billing.sync import CustomerLocks, sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 from db.models import event_table, invoice_table

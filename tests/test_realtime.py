@@ -72,7 +72,7 @@ async def test_one_user_on_two_sockets_gets_the_change_on_both(database: Databas
             assert (await first.next_state())[1] == NEVER_SUBSCRIBED
             assert (await second.next_state("7"))[1] == NEVER_SUBSCRIBED
             # A row written without a notification is picked up by the next change signal only;
-            # the one write path that publishes is billing.subscriptions (tested end to end above).
+            # the one write path that publishes is billing.sync (tested end to end above).
             from billing.realtime import publish_account_change
             from tests.billing_flows import account
 

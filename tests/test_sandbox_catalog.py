@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 import stripe
 
-from billing.sandbox.resources.meters import metered_quantity
-from billing.sandbox.store import Store
 from billing.stripe_gateway import StripeGateway
+from stripe_sandbox.resources.meters import metered_quantity
+from stripe_sandbox.store import Store
 from tests.conftest import Service
 from tests.stripe_shapes import missing_keys
 

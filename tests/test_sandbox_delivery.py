@@ -15,12 +15,12 @@ import pytest
 import stripe
 from sqlalchemy import select
 
-from billing.sandbox.api import SandboxConfig
-from billing.sandbox.app import Sandbox
-from billing.sandbox.delivery import Deliverer
-from billing.sandbox.store import Store, events
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from db.engine import Database
+from stripe_sandbox.api import SandboxConfig
+from stripe_sandbox.app import Sandbox
+from stripe_sandbox.delivery import Deliverer
+from stripe_sandbox.store import Store, events
 from tests.conftest import DbTarget, free_port, serve, service_settings
 from tests.webhook_receiver import Delivery, WebhookReceiver, run_receiver
 

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 import stripe
 
-from billing.sandbox import engine
 from billing.stripe_gateway import StripeGateway
+from stripe_sandbox import engine
 from tests.conftest import Service
 from tests.sandbox_objects import (
     DAY,

@@ -24,10 +24,10 @@ from sqlalchemy import select
 from strawberry.tools import merge_types
 
 from billing.stripe_gateway import GatewayConfig, StripeGateway
+from cli.main import main
 from db.engine import Database
 from db.migrate import upgrade
 from db.models import event_table
-from graph.cli import main
 from graph.context import context_of
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema

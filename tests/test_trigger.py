@@ -20,9 +20,9 @@ from typing import Any
 import pytest
 from sqlalchemy import select
 
+from cli.trigger import SUPPORTED
 from db.engine import Database
 from db.models import account_table, event_table
-from graph.trigger import SUPPORTED
 from tests.conftest import free_port
 from tests.processes import BILLING, billing_serve
 

@@ -17,7 +17,6 @@ import pytest
 from sqlalchemy import func, select, update
 
 from billing.plans import load_catalog
-from billing.sandbox.store import Store
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.usage import UsageInput, add_months, record_usage
 from billing.usage_reporting import (
@@ -29,6 +28,7 @@ from billing.usage_reporting import (
 )
 from db.engine import Database
 from db.models import account_table, report_table, usage_table
+from stripe_sandbox.store import Store
 from tests.billing_flows import advance, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
 from tests.test_graphql_support import SERVICE_KEY

@@ -9,10 +9,11 @@ import httpx
 import pytest
 from sqlalchemy import select, update
 
+from billing.clock import utcnow
 from billing.notifier import Notification, NotificationKind
 from billing.reconcile import customer_ids, reconcile
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.webhooks import utcnow
+from billing.webhooks import HANDLED, target_of
 from db.engine import Database
 from db.models import account_table, event_table
 from tests.billing_flows import (
@@ -67,6 +68,14 @@ async def test_an_unknown_event_type_is_acknowledged_and_recorded_as_ignored(liv
         response = await post_event(client, service.url, evt)
     assert response.status_code == 200
     assert (await event_status(service.database, evt["id"]))[0] == "ignored"
+
+
+def test_the_worker_acts_on_exactly_the_handled_event_types() -> None:
+    obj = {"id": "obj_1", "object": "any", "customer": "cus_1", "mode": "subscription"}
+    for event_type in HANDLED:
+        assert target_of(event_type, {"data": {"object": obj}}) is not None, event_type
+    for event_type in ("charge.succeeded", "customer.created", "payment_intent.succeeded"):
+        assert target_of(event_type, {"data": {"object": obj}}) is None, event_type
 
 
 async def test_checkout_links_the_customer_to_the_user_by_client_reference_id(live: Live) -> None:

@@ -11,11 +11,12 @@ import httpx
 import pytest
 from sqlalchemy import delete, select, text
 
+from billing.clock import utcnow
 from billing.plans import plan_of_price
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.stripe_objects import stripe_time
-from billing.subscriptions import licensed_item
-from billing.webhooks import requeue, utcnow
+from billing.sync import licensed_item
+from billing.webhooks import requeue
 from db.engine import Database
 from db.models import account_table, event_table
 from tests.billing_flows import account, advance, raw_events, setup_catalog, subscribe

@@ -7,7 +7,7 @@ A resource module declares its endpoints with the `endpoint` decorator:
         ...
 
 The handler runs inside one sandbox transaction (`call.tx`) with parameters already validated
-against the SDK's typed params. The app (`billing.sandbox.app`) adds what every Stripe request
+against the SDK's typed params. The app (`stripe_sandbox.app`) adds what every Stripe request
 gets: API-key auth, fault injection, `Idempotency-Key` replay, `expand[]`, `Request-Id`.
 """
 
@@ -21,8 +21,8 @@ from typing import Any, Protocol
 from starlette.requests import Request
 from starlette.responses import Response
 
-from billing.sandbox.errors import StripeError, parameter_invalid, resource_missing
-from billing.sandbox.store import Transaction
+from stripe_sandbox.errors import StripeError, parameter_invalid, resource_missing
+from stripe_sandbox.store import Transaction
 
 
 @dataclass(frozen=True)

@@ -12,9 +12,9 @@ from stripe.params import (
     InvoiceRetrieveParams,
 )
 
-from billing.sandbox import engine
-from billing.sandbox.api import Call, created_filter, endpoint, paginate
-from billing.sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox import engine
+from stripe_sandbox.api import Call, created_filter, endpoint, paginate
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
 
 
 @endpoint("GET", "/v1/invoices", InvoiceListParams)

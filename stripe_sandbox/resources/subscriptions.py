@@ -2,7 +2,7 @@
 and migrate (`classic` -> `flexible` billing mode; there is no way back, as on Stripe).
 
 Subscriptions are created by completing a Checkout Session (`engine.complete_checkout`); the
-billing logic lives in `billing.sandbox.engine`.
+billing logic lives in `stripe_sandbox.engine`.
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ from stripe.params import (
     SubscriptionUpdateParams,
 )
 
-from billing.sandbox import engine
-from billing.sandbox.api import (
+from stripe_sandbox import engine
+from stripe_sandbox.api import (
     Call,
     created_filter,
     endpoint,
@@ -29,7 +29,7 @@ from billing.sandbox.api import (
     search_matcher,
     search_result,
 )
-from billing.sandbox.errors import StripeError, parameter_invalid
+from stripe_sandbox.errors import StripeError, parameter_invalid
 
 
 @endpoint("GET", "/v1/subscriptions/{id}", SubscriptionRetrieveParams)

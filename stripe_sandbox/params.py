@@ -19,7 +19,7 @@ from typing import Any, Literal, Union, get_args, get_origin
 
 from typing_extensions import is_typeddict
 
-from billing.sandbox.errors import parameter_invalid, parameter_missing, parameter_unknown
+from stripe_sandbox.errors import parameter_invalid, parameter_missing, parameter_unknown
 
 # Client-side options of the SDK that never travel as request parameters.
 REQUEST_OPTION_KEYS = frozenset(

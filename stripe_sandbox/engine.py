@@ -83,24 +83,23 @@ from __future__ import annotations
 
 import calendar
 import copy
-import importlib
 import json
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-from billing.sandbox.api import SandboxConfig, apply_metadata
-from billing.sandbox.errors import (
+from stripe_sandbox.api import SandboxConfig, apply_metadata
+from stripe_sandbox.errors import (
     StripeError,
     card_declined,
     parameter_invalid,
     parameter_missing,
     resource_missing,
 )
-from billing.sandbox.resources.customers import new_customer
-from billing.sandbox.store import Transaction, new_id
+from stripe_sandbox.resources.customers import new_customer
+from stripe_sandbox.resources.meters import metered_quantity
+from stripe_sandbox.store import Transaction, new_id
 
 Obj = dict[str, Any]
 
@@ -504,21 +503,6 @@ async def create_payment_method(tx: Transaction, customer_id: str, now: int, ema
     await tx.insert(method)
     await emit(tx, "payment_method.attached", method)
     return method
-
-
-# Meters --------------------------------------------------------------------------------------
-
-
-async def metered_quantity(tx: Transaction, meter_id: str, customer_id: str, start: int, end: int) -> float:
-    """Usage of a meter by a customer in [start, end), from the meters resource when it exists."""
-    try:
-        module = importlib.import_module("billing.sandbox.resources.meters")
-    except ModuleNotFoundError:
-        return 0.0
-    source: Callable[..., Awaitable[Any]] | None = getattr(module, "metered_quantity", None)
-    if source is None:
-        return 0.0
-    return float(await source(tx, meter_id, customer_id, start, end))
 
 
 # Invoice lines -------------------------------------------------------------------------------

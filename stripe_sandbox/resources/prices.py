@@ -20,7 +20,7 @@ from stripe.params import (
     PriceUpdateParams,
 )
 
-from billing.sandbox.api import (
+from stripe_sandbox.api import (
     Call,
     apply_metadata,
     created_filter,
@@ -29,9 +29,9 @@ from billing.sandbox.api import (
     search_matcher,
     search_result,
 )
-from billing.sandbox.errors import StripeError, parameter_invalid, parameter_missing
-from billing.sandbox.resources.products import new_product, referenced
-from billing.sandbox.store import Transaction, new_id
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.resources.products import new_product, referenced
+from stripe_sandbox.store import Transaction, new_id
 
 # The longest interval Stripe allows: three years.
 MAX_INTERVAL_COUNT = {"day": 1095, "week": 156, "month": 36, "year": 3}

@@ -1,2 +1,2 @@
 """Control routes under `/sandbox/_control` for tests and demos; each module registers its own
-with `billing.sandbox.api.control`. Not part of Stripe's API."""
+with `stripe_sandbox.api.control`. Not part of Stripe's API."""

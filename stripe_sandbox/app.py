@@ -21,14 +21,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import BaseRoute, Route
 from starlette.types import Receive, Scope, Send
 
-from billing.sandbox import control, resources
-from billing.sandbox.api import CONTROL_ROUTES, ENDPOINTS, Call, Endpoint, SandboxConfig, expand
-from billing.sandbox.delivery import Deliverer
-from billing.sandbox.errors import StripeError, card_declined
-from billing.sandbox.params import parse_form, validate
-from billing.sandbox.store import Store, Transaction, faults, idempotency, new_id
+from stripe_sandbox import control, resources
+from stripe_sandbox.api import CONTROL_ROUTES, ENDPOINTS, Call, Endpoint, SandboxConfig, expand
+from stripe_sandbox.delivery import Deliverer
+from stripe_sandbox.errors import StripeError, card_declined
+from stripe_sandbox.params import parse_form, validate
+from stripe_sandbox.store import Store, Transaction, faults, idempotency, new_id
 
-log = logging.getLogger("billing.sandbox")
+log = logging.getLogger("stripe_sandbox")
 
 IDEMPOTENCY_TTL_SECONDS = 24 * 3600
 DEFAULT_TIMEOUT_FAULT_SECONDS = 30.0

@@ -6,7 +6,7 @@
 - `POST /_control/customers/{customer_id}/payment_method` `{"fails": true|false}`: whether
   charges to this customer fail from now on.
 - `POST /_control/clock/advance` `{"seconds": N}`: moves the sandbox clock forward and does
-  what Stripe would meanwhile, in time order (see `billing.sandbox.engine` for trials,
+  what Stripe would meanwhile, in time order (see `stripe_sandbox.engine` for trials,
   renewals, the dunning schedule — retries 3, 5 and 7 days after the first failed attempt —
   cancellations and schedule phases). Answers `{"now", "advanced_by", "events": [...]}`.
 - `GET /_control/clock`: `{"now": <sandbox time>}`.
@@ -20,9 +20,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from billing.sandbox import engine
-from billing.sandbox.api import SandboxHost, control
-from billing.sandbox.errors import parameter_invalid, parameter_missing
+from stripe_sandbox import engine
+from stripe_sandbox.api import SandboxHost, control
+from stripe_sandbox.errors import parameter_invalid, parameter_missing
 
 
 async def _body(request: Request) -> dict[str, Any]:

@@ -12,9 +12,9 @@ from typing import Any
 from sqlalchemy import select
 from stripe.params import EventListParams, EventRetrieveParams
 
-from billing.sandbox.api import Call, created_filter, endpoint, paginate
-from billing.sandbox.errors import parameter_invalid, resource_missing
-from billing.sandbox.store import Transaction, events
+from stripe_sandbox.api import Call, created_filter, endpoint, paginate
+from stripe_sandbox.errors import parameter_invalid, resource_missing
+from stripe_sandbox.store import Transaction, events
 
 RETENTION_SECONDS = 30 * 86400
 MAX_TYPES = 20

@@ -35,7 +35,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
-from billing.sandbox.errors import resource_missing
+from stripe_sandbox.errors import resource_missing
 
 metadata = MetaData(
     naming_convention={

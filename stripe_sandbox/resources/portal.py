@@ -18,10 +18,10 @@ from stripe.params.billing_portal import (
 )
 from stripe.params.billing_portal import SessionCreateParams as PortalSessionCreateParams
 
-from billing.sandbox.api import Call, apply_metadata, endpoint, paginate
-from billing.sandbox.errors import StripeError, parameter_invalid, parameter_missing
-from billing.sandbox.resources.products import referenced
-from billing.sandbox.store import Transaction, new_id
+from stripe_sandbox.api import Call, apply_metadata, endpoint, paginate
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.resources.products import referenced
+from stripe_sandbox.store import Transaction, new_id
 
 _CONFIGURATION = "billing_portal.configuration"
 # Not returned unless expanded (Stripe: "This field is not included by default").

@@ -17,10 +17,10 @@ from stripe.params import (
     SubscriptionScheduleUpdateParams,
 )
 
-from billing.sandbox import engine
-from billing.sandbox.api import Call, apply_metadata, created_filter, endpoint, paginate
-from billing.sandbox.errors import StripeError, parameter_invalid, parameter_missing
-from billing.sandbox.store import Transaction, new_id
+from stripe_sandbox import engine
+from stripe_sandbox.api import Call, apply_metadata, created_filter, endpoint, paginate
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.store import Transaction, new_id
 
 _PHASE_KEYS = {
     "items",

@@ -24,10 +24,10 @@ from stripe.params.billing import (
     MeterUpdateParams,
 )
 
-from billing.sandbox.api import Call, endpoint, paginate
-from billing.sandbox.errors import StripeError, parameter_invalid, parameter_missing
-from billing.sandbox.resources.products import referenced
-from billing.sandbox.store import Transaction, new_id
+from stripe_sandbox.api import Call, endpoint, paginate
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.resources.products import referenced
+from stripe_sandbox.store import Transaction, new_id
 
 FORMULAS = ("count", "last", "sum")
 DAY = 86400

@@ -39,10 +39,10 @@ from typing import Any
 import httpx
 from sqlalchemy import func, select, update
 
-from billing.sandbox.api import SandboxConfig
-from billing.sandbox.store import Store, events
+from stripe_sandbox.api import SandboxConfig
+from stripe_sandbox.store import Store, events
 
-log = logging.getLogger("billing.sandbox.delivery")
+log = logging.getLogger("stripe_sandbox.delivery")
 
 ORDERED = "ordered"
 SHUFFLED_DUPLICATED = "shuffled_duplicated"

@@ -18,10 +18,10 @@ from stripe.params.checkout import (
     SessionRetrieveParams,
 )
 
-from billing.sandbox import engine
-from billing.sandbox.api import Call, created_filter, endpoint, paginate
-from billing.sandbox.errors import StripeError, parameter_invalid, parameter_missing
-from billing.sandbox.store import new_id
+from stripe_sandbox import engine
+from stripe_sandbox.api import Call, created_filter, endpoint, paginate
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.store import new_id
 
 # Parameters of a session that the sandbox cannot honour: refused rather than ignored.
 _UNSUPPORTED = (

@@ -32,10 +32,10 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from billing.sandbox import engine
-from billing.sandbox.api import SandboxConfig, SandboxHost, control
-from billing.sandbox.errors import StripeError
-from billing.sandbox.store import Transaction
+from stripe_sandbox import engine
+from stripe_sandbox.api import SandboxConfig, SandboxHost, control
+from stripe_sandbox.errors import StripeError
+from stripe_sandbox.store import Transaction
 
 Obj = dict[str, Any]
 

@@ -12,8 +12,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from billing.sandbox.api import SandboxHost, control
-from billing.sandbox.delivery import MODE_STATE_KEY, MODES, Deliverer
+from stripe_sandbox.api import SandboxHost, control
+from stripe_sandbox.delivery import MODE_STATE_KEY, MODES, Deliverer
 
 MAX_FLUSH_SECONDS = 120.0
 

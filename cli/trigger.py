@@ -29,15 +29,12 @@ from billing.plans import load_catalog
 from billing.settings import Settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from db.enums import BillingInterval, Tier
+from stripe_sandbox.engine import DAY, FINALIZE_DELAY, LIVE_STATUSES, TRIAL_WILL_END_NOTICE
 
 T = TypeVar("T")
 Echo = Callable[[str], None]
 
-DAY = 86_400
-TRIAL_WILL_END_NOTICE = 3 * DAY  # Stripe sends it three days before the trial ends
-FINALIZE_DELAY = 3_600  # a renewal invoice is finalized and charged an hour after the period ends
 DELIVERY_TIMEOUT_SECONDS = 20.0
-ENDED = ("canceled", "incomplete_expired")
 
 
 class TriggerError(Exception):
@@ -269,7 +266,7 @@ class Trigger:
             "list subscriptions",
             lambda o: self.gateway.v1.subscriptions.list_async({"customer": customer_id, "limit": 10}, o),
         )
-        live = [s for s in page.data if s.status not in ENDED]
+        live = [s for s in page.data if s.status in LIVE_STATUSES]
         if live:
             self.echo(f"- using subscription {live[0].id} ({live[0].status})")
             return live[0]

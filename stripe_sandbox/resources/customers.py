@@ -13,7 +13,7 @@ from stripe.params import (
     CustomerUpdateParams,
 )
 
-from billing.sandbox.api import (
+from stripe_sandbox.api import (
     Call,
     apply_metadata,
     created_filter,
@@ -22,8 +22,8 @@ from billing.sandbox.api import (
     search_matcher,
     search_result,
 )
-from billing.sandbox.errors import resource_missing
-from billing.sandbox.store import new_id
+from stripe_sandbox.errors import resource_missing
+from stripe_sandbox.store import new_id
 
 # Fields the sandbox stores as given when a create or update names them.
 _PLAIN_FIELDS = ("description", "email", "name", "phone", "preferred_locales", "tax_exempt")
@@ -120,7 +120,7 @@ async def update_customer(call: Call) -> dict[str, Any]:
 @endpoint("DELETE", "/v1/customers/{id}", CustomerDeleteParams)
 async def delete_customer(call: Call) -> dict[str, Any]:
     """Deleting a customer cancels its subscriptions at once, as Stripe does."""
-    from billing.sandbox import engine  # the billing engine imports this module's helpers
+    from stripe_sandbox import engine  # the billing engine imports this module's helpers
 
     customer = await live_customer(call, call.path["id"])
     live = await call.tx.all(

@@ -15,13 +15,14 @@ import click
 from sqlalchemy.exc import DBAPIError
 
 from billing.catalog import sync_catalog
+from billing.clock import utcnow
 from billing.errors import BillingError, ConfigurationError
 from billing.notifier import LogNotifier
 from billing.plans import PlansFileError, load_catalog
 from billing.reconcile import ReconcileReport, customer_ids, reconcile
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.webhooks import BatchReport, EventProcessor, requeue, utcnow
+from billing.webhooks import BatchReport, EventProcessor, requeue
 from db import migrate as migrations
 from db.engine import Database, DatabaseURLError, create_engine, safe_url
 from db.health import DatabaseNotReady, ensure_ready
@@ -373,7 +374,7 @@ def token(user_id: str, email: str | None, name: str | None, ttl: int) -> None:
 @click.pass_context
 def trigger_command(ctx: click.Context, event_type: str, user_id: str | None) -> None:
     """Make a Stripe event happen in the running service's sandbox (the offline `stripe trigger`)."""
-    from graph.trigger import SUPPORTED, TriggerError, ensure_sandbox, new_user_id, trigger
+    from cli.trigger import SUPPORTED, TriggerError, ensure_sandbox, new_user_id, trigger
 
     if event_type not in SUPPORTED:
         raise click.BadParameter(

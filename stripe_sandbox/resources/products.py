@@ -13,7 +13,7 @@ from stripe.params import (
     ProductUpdateParams,
 )
 
-from billing.sandbox.api import (
+from stripe_sandbox.api import (
     Call,
     apply_metadata,
     created_filter,
@@ -22,8 +22,8 @@ from billing.sandbox.api import (
     search_matcher,
     search_result,
 )
-from billing.sandbox.errors import StripeError, parameter_invalid, resource_missing
-from billing.sandbox.store import Transaction, new_id
+from stripe_sandbox.errors import StripeError, parameter_invalid, resource_missing
+from stripe_sandbox.store import Transaction, new_id
 
 # Fields whose empty value ('' where the API allows it) reads back as null.
 _NULLABLE_FIELDS = ("description", "statement_descriptor", "tax_code", "unit_label", "url")
@@ -105,7 +105,7 @@ def _apply(product: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
 
 @endpoint("POST", "/v1/products", ProductCreateParams)
 async def create_product(call: Call) -> dict[str, Any]:
-    from billing.sandbox.resources.prices import new_price
+    from stripe_sandbox.resources.prices import new_price
 
     tx = call.tx
     if "id" in call.params and await tx.find(call.params["id"]) is not None:

@@ -1,0 +1,1 @@
+"""The `billing` command line (`cli.main:main`), above the GraphQL layer it serves."""

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from billing.settings import Settings
@@ -22,23 +24,30 @@ async def client_for(app: FastAPI) -> AsyncIterator[httpx.AsyncClient]:
             yield client
 
 
-async def test_healthz_answers_without_touching_the_database() -> None:
-    app = create_app(Settings(), database=Database.from_url("postgresql+asyncpg://x@127.0.0.1:1/none"))
+@pytest.fixture
+def settings(tmp_path: Path) -> Settings:
+    """The defaults, except that nothing is read from `.env` or written to the working directory
+    (the sandbox's database lives beside the service's)."""
+    return Settings(_env_file=None, database_url=f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}")
+
+
+async def test_healthz_answers_without_touching_the_database(settings: Settings) -> None:
+    app = create_app(settings, database=Database.from_url("postgresql+asyncpg://x@127.0.0.1:1/none"))
     async with client_for(app) as client:
         response = await client.get("/healthz")
     assert response.status_code == 200
     assert response.json() == {"status": "ok"}
 
 
-async def test_readyz_is_ready_on_a_migrated_database(database: Database) -> None:
-    async with client_for(create_app(Settings(), database=database)) as client:
+async def test_readyz_is_ready_on_a_migrated_database(database: Database, settings: Settings) -> None:
+    async with client_for(create_app(settings, database=database)) as client:
         response = await client.get("/readyz")
     assert response.status_code == 200
     assert response.json() == {"status": "ready"}
 
 
-async def test_readyz_is_503_on_an_unmigrated_database(blank_db: DbTarget) -> None:
-    async with client_for(create_app(Settings(), database=blank_db.database())) as client:
+async def test_readyz_is_503_on_an_unmigrated_database(blank_db: DbTarget, settings: Settings) -> None:
+    async with client_for(create_app(settings, database=blank_db.database())) as client:
         response = await client.get("/readyz")
     assert response.status_code == 503
     assert response.json() == {
@@ -47,8 +56,8 @@ async def test_readyz_is_503_on_an_unmigrated_database(blank_db: DbTarget) -> No
     }
 
 
-async def test_readyz_is_503_when_the_database_is_unreachable() -> None:
-    app = create_app(Settings(), database=Database.from_url("postgresql+asyncpg://x:pw@127.0.0.1:1/none"))
+async def test_readyz_is_503_when_the_database_is_unreachable(settings: Settings) -> None:
+    app = create_app(settings, database=Database.from_url("postgresql+asyncpg://x:pw@127.0.0.1:1/none"))
     async with client_for(app) as client:
         response = await client.get("/readyz")
     body = response.json()

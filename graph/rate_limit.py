@@ -22,6 +22,7 @@ from strawberry.extensions.field_extension import AsyncExtensionResolver
 from billing.errors import BillingError, ErrorCode
 from billing.rate_limit import RateLimiter
 from graph.context import context_of
+from graph.permissions import IsAuthenticated, PermissionExtension
 
 STRIPE_BUCKET = "stripe-mutations"
 
@@ -59,6 +60,4 @@ def signed_in_stripe_call() -> list[Any]:
 
     Field extensions run last-first, so the permission is checked before the budget is counted.
     """
-    from graph.permissions import IsAuthenticated, PermissionExtension
-
     return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated()])]

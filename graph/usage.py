@@ -1,12 +1,10 @@
-"""Usage metering in GraphQL: the recording mutations, the usage types and `WithinQuota`.
+"""Usage metering in GraphQL: the recording mutations and the usage types.
 
 Resolvers stay thin: they read the context and call `billing.usage`.
 
 - `recordUsage` / `recordUsageBatch` (service key only): idempotent per user and key, all or
   nothing, refusals coded with `extensions.index` naming the item.
 - `Viewer.usage(feature)` and `Viewer.entitlements` (types here, fields on `graph.types.Viewer`).
-- `WithinQuota("feature")`: a permission for host apps' fields, QUOTA_EXCEEDED once the quota
-  window's usage reached the plan's limit.
 """
 
 from __future__ import annotations
@@ -20,7 +18,6 @@ from strawberry.types.scalar import ScalarDefinition
 
 from billing.access import AccessDecision as AccessDecisionModel
 from billing.access import SubscriptionState
-from billing.errors import BillingError, ErrorCode
 from billing.usage import DailyUsage as DailyUsageModel
 from billing.usage import Entitlement as EntitlementModel
 from billing.usage import (
@@ -33,7 +30,7 @@ from billing.usage import (
 )
 from billing.usage import UsageSummary as UsageSummaryModel
 from graph.context import Context, context_of
-from graph.permissions import IsService, PermissionExtension, _BillingPermission
+from graph.permissions import IsService, PermissionExtension
 
 BigInt = NewType("BigInt", int)
 
@@ -247,42 +244,6 @@ async def viewer_entitlements(info: strawberry.Info[Any, Any], user_id: str) -> 
     state = await context.subscription(user_id)
     found = await entitlements(context.database, context.policy, state, context.now)
     return [Entitlement.from_model(entitlement) for entitlement in found]
-
-
-# The quota permission ------------------------------------------------------------------------
-
-
-class WithinQuota(_BillingPermission):
-    """The viewer's plan includes `feature` and the quota window's usage is below its limit.
-
-    Refuses with QUOTA_EXCEEDED once usage reached the limit (exactly at the limit too), with
-    `limit`, `used` and `resetsAt` (the window's end) in `extensions`; a plan without the
-    feature is FEATURE_NOT_IN_PLAN, as `RequiresFeature`. A feature without a limit passes
-    without reading usage. The check reads usage once; uses admitted concurrently just under the
-    limit may all be recorded (see `billing.usage` for the bound).
-    """
-
-    code = ErrorCode.FEATURE_NOT_IN_PLAN
-
-    def __init__(self, feature: str) -> None:
-        self.feature = feature
-        self.message: str = f"the quota of {feature!r} is used up for this period"
-
-    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
-        context = context_of(info)
-        _user, state = await context.viewer()
-        check = await quota_check(context.database, context.policy, state, self.feature, context.now)
-        decision = check.decision
-        if decision.allowed:
-            return True
-        error: BillingError
-        if check.used is not None:  # refused by the quota itself
-            error = decision.error(ErrorCode.QUOTA_EXCEEDED, self.message)
-            error.extensions.update(limit=check.limit, used=check.used, resetsAt=check.window.end.isoformat())
-        else:
-            error = decision.error(self.code, f"the current plan does not include {self.feature!r}")
-        error.extensions["feature"] = self.feature
-        raise error
 
 
 async def quota_access(context: Context, state: SubscriptionState, feature: str) -> AccessDecisionModel:

@@ -1,60 +1,37 @@
-"""Usage metering in GraphQL: the recording mutations and the usage types.
+"""Usage metering in GraphQL: the recording mutations, the usage types and their resolvers.
 
 Resolvers stay thin: they read the context and call `billing.usage`.
 
 - `recordUsage` / `recordUsageBatch` (service key only): idempotent per user and key, all or
   nothing, refusals coded with `extensions.index` naming the item.
-- `Viewer.usage(feature)` and `Viewer.entitlements` (types here, fields on `graph.types.Viewer`).
+- `Viewer.usage(feature)` and `Viewer.entitlements`: the fields are on `graph.viewer.Viewer`,
+  their types and resolvers here.
 """
 
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, NewType
+from typing import Any
 
 import strawberry
-from graphql import IntValueNode, ValueNode
-from strawberry.types.scalar import ScalarDefinition
 
-from billing.access import AccessDecision as AccessDecisionModel
-from billing.access import SubscriptionState
 from billing.usage import DailyUsage as DailyUsageModel
 from billing.usage import Entitlement as EntitlementModel
 from billing.usage import (
     RecordedUsage,
     UsageInput,
     entitlements,
-    quota_check,
     record_usage,
     usage_summary,
 )
 from billing.usage import UsageSummary as UsageSummaryModel
+from graph.common import BigInt
 from graph.context import Context, context_of
 from graph.permissions import IsService, PermissionExtension
-
-BigInt = NewType("BigInt", int)
-
-
-def _parse_big_int_literal(node: ValueNode, _variables: Any = None) -> int:
-    if not isinstance(node, IntValueNode):
-        raise ValueError("BigInt must be a whole number")
-    return int(node.value)
 
 
 def _big(value: int | None) -> BigInt | None:
     return None if value is None else BigInt(value)
-
-
-# For `StrawberryConfig.scalar_map` (graph.schema.build_schema passes it).
-SCALARS: dict[object, ScalarDefinition] = {
-    BigInt: strawberry.scalar(
-        name="BigInt",
-        description="A whole number that may not fit GraphQL's 32-bit Int (a JSON number, exact up to 2^53).",
-        serialize=int,
-        parse_value=int,
-        parse_literal=_parse_big_int_literal,
-    )
-}
 
 
 # Recording -----------------------------------------------------------------------------------
@@ -244,9 +221,3 @@ async def viewer_entitlements(info: strawberry.Info[Any, Any], user_id: str) -> 
     state = await context.subscription(user_id)
     found = await entitlements(context.database, context.policy, state, context.now)
     return [Entitlement.from_model(entitlement) for entitlement in found]
-
-
-async def quota_access(context: Context, state: SubscriptionState, feature: str) -> AccessDecisionModel:
-    """`access(feature)`: feature access, refused with QUOTA_EXCEEDED once the quota is used up."""
-    check = await quota_check(context.database, context.policy, state, feature, context.now)
-    return check.decision

@@ -1,7 +1,6 @@
 """Plan changes, cancellation and resumption: thin resolvers over `billing.plan_changes`.
 
-`graph.mutations.Mutation` inherits `PlanMutation`, so these fields are served with the checkout
-and portal mutations. Every field needs a user token and acts on that user's subscription.
+Every field needs a user token and acts on that user's subscription.
 """
 
 from __future__ import annotations
@@ -14,9 +13,9 @@ import strawberry
 from billing import plan_changes
 from billing.clock import utcnow
 from db.enums import BillingInterval, Tier
+from graph.common import BillingSubscription
 from graph.context import context_of
 from graph.rate_limit import signed_in_stripe_call
-from graph.types import BillingSubscription
 
 
 @strawberry.type(description="One line of a previewed invoice.")
@@ -76,7 +75,7 @@ class PlanChangePreview:
 
 
 @strawberry.type
-class PlanMutation:
+class PlanChangeMutation:
     @strawberry.mutation(
         description=(
             "What changing to `tier` at `interval` charges now and next, in cents. The proration "

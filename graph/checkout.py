@@ -56,11 +56,10 @@ class CheckoutMutation:
     ) -> CheckoutSession:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         session = await create_checkout_session(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
+            gateway=context.gateway,
+            locks=context.locks,
             catalog=context.catalog,
             settings=context.services.settings,
             user=user,
@@ -83,11 +82,10 @@ class CheckoutMutation:
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await confirm_checkout_session(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
+            gateway=context.gateway,
+            locks=context.locks,
             user_id=user.id,
             session_id=str(session_id),
         )
@@ -103,8 +101,7 @@ class CheckoutMutation:
     async def create_portal_session(self, info: strawberry.Info[Any, Any]) -> PortalSession:
         context = context_of(info)
         user = await context.user()
-        gateway, _locks = context.stripe()
         session = await create_portal_session(
-            database=context.database, gateway=gateway, settings=context.services.settings, user=user
+            database=context.database, gateway=context.gateway, settings=context.services.settings, user=user
         )
         return PortalSession.from_model(session)

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from datetime import UTC, datetime
 from typing import Any
 
 import strawberry
@@ -35,4 +34,4 @@ class LiveSubscription:
             raise BillingError("real-time updates are not running", code=ErrorCode.INTERNAL_ERROR)
         async with aclosing(hub.watch(user.id)) as states:
             async for state in states:
-                yield BillingSubscription.from_model(state, context.policy, datetime.now(UTC))
+                yield BillingSubscription.from_model(state, context.policy, context.clock())

@@ -11,7 +11,6 @@ from typing import Any
 import strawberry
 
 from billing import plan_changes
-from billing.clock import utcnow
 from db.enums import BillingInterval, Tier
 from graph.common import BillingSubscription
 from graph.context import context_of
@@ -89,12 +88,11 @@ class PlanChangeMutation:
     ) -> PlanChangePreview:
         context = context_of(info)
         user = await context.user()
-        gateway, _locks = context.stripe()
         preview = await plan_changes.preview_plan_change(
             database=context.database,
-            gateway=gateway,
+            gateway=context.gateway,
             catalog=context.catalog,
-            clock=utcnow,
+            clock=context.clock,
             user_id=user.id,
             tier=tier,
             interval=interval,
@@ -115,13 +113,12 @@ class PlanChangeMutation:
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await plan_changes.change_plan(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
+            gateway=context.gateway,
+            locks=context.locks,
             catalog=context.catalog,
-            clock=utcnow,
+            clock=context.clock,
             user_id=user.id,
             tier=tier,
             interval=interval,
@@ -140,12 +137,11 @@ class PlanChangeMutation:
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await plan_changes.cancel_subscription(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
-            clock=utcnow,
+            gateway=context.gateway,
+            locks=context.locks,
+            clock=context.clock,
             user_id=user.id,
             at_period_end=at_period_end,
         )
@@ -161,8 +157,11 @@ class PlanChangeMutation:
     async def resume_subscription(self, info: strawberry.Info[Any, Any]) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await plan_changes.resume_subscription(
-            database=context.database, gateway=gateway, locks=locks, clock=utcnow, user_id=user.id
+            database=context.database,
+            gateway=context.gateway,
+            locks=context.locks,
+            clock=context.clock,
+            user_id=user.id,
         )
         return BillingSubscription.from_model(state, context.policy, context.now)

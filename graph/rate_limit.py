@@ -40,7 +40,7 @@ class RateLimited(FieldExtension):
         rate = context.services.settings.stripe_mutations_rate
         if rate is not None:
             user = await context.user()
-            limiter = RateLimiter(context.database)
+            limiter = RateLimiter(context.database, clock=context.clock)
             decision = await limiter.hit(f"{self.bucket}:{user.id}", rate)
             if not decision.allowed:
                 retry_after = decision.retry_after(limiter.clock())

@@ -95,17 +95,10 @@ async def _record(context: Context, inputs: list[RecordUsageInput]) -> list[Usag
         max_quantity=settings.usage_max_quantity,
         past_due_grace=context.policy.past_due_grace,
     )
-    _kick_reporter(context)
+    reporter = context.reporter
+    if reporter is not None:
+        reporter.kick()  # nothing to wait for: it runs on its own, a kick only makes it sooner
     return [UsageRecord.from_model(record) for record in records]
-
-
-def _kick_reporter(context: Context) -> None:
-    """Nothing to wait for: the reporter runs on its own; a kick only makes it sooner."""
-    app = getattr(context.request, "app", None)
-    reporter = getattr(getattr(app, "state", None), "usage_reporter", None)
-    kick = getattr(reporter, "kick", None)
-    if callable(kick):
-        kick()
 
 
 def _service_only() -> list[Any]:

@@ -6,7 +6,9 @@ subscription is loaded at most once per request (concurrent fields share one que
 permission class and the resolver it guards cost a single round trip together.
 
 Host apps with their own GraphQL view build the context with `Context(request, response,
-services)` so the permission classes of `graph.permissions` work on their fields.
+services)` so the permission classes of `graph.permissions` work on their fields; `services` is
+then the app's `app.state.graphql`, whose running services `graph.app.create_app` binds at
+start-up.
 """
 
 from __future__ import annotations

@@ -131,14 +131,17 @@ def create_app(
         await app.state.realtime.start()
         graphql_services.realtime = app.state.realtime.hub
         app.state.stripe = StripeGateway(GatewayConfig.from_settings(settings))
+        graphql_services.gateway = app.state.stripe
         app.state.events = EventProcessor(
             database=app.state.database, gateway=app.state.stripe, notifier=notifier or LogNotifier()
         )
+        graphql_services.locks = app.state.events.locks
         if settings.webhook_worker:
             start_background(app.state.events.run())
         app.state.usage_reporter = UsageReporter(
             database=app.state.database, gateway=app.state.stripe, catalog=catalog
         )
+        graphql_services.reporter = app.state.usage_reporter
         if settings.usage_reporter:
             start_background(app.state.usage_reporter.run())
         app.state.catalog_synced = asyncio.Event()

@@ -18,7 +18,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -26,6 +26,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 
 from billing.access import is_plain_text, is_user_id
+from billing.clock import utcnow
 from billing.errors import BillingError, ConfigurationError, ErrorCode
 from billing.settings import Settings
 
@@ -288,7 +289,7 @@ def issue_dev_token(
         raise ConfigurationError(
             "AUTH_JWT_SECRET is not set: with AUTH_JWKS_URL, user tokens come from the identity provider"
         )
-    issued = now or datetime.now(UTC)
+    issued = now or utcnow()
     claims: dict[str, Any] = {"sub": user_id, "iat": issued, "nbf": issued, "exp": issued + ttl}
     if email is not None:
         claims["email"] = email

@@ -6,7 +6,9 @@ subscription is loaded at most once per request (concurrent fields share one que
 permission class and the resolver it guards cost a single round trip together.
 
 Host apps with their own GraphQL view build the context with `Context(request, response,
-services)` so the permission classes of `graph.permissions` work on their fields.
+services)` so the permission classes of `graph.permissions` work on their fields; `services` is
+then the app's `app.state.graphql`, whose running services `graph.app.create_app` binds at
+start-up.
 """
 
 from __future__ import annotations
@@ -16,39 +18,57 @@ import re
 import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import datetime
+from typing import Any, TypeVar
 
 import strawberry
 from strawberry.extensions import SchemaExtension
 
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
+from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.realtime import BillingStateHub
 from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway
 from billing.sync import CustomerLocks
+from billing.usage_reporting import UsageReporter
 from db.engine import Database
 from graph.auth import Authenticator, Principal, ServicePrincipal, User
 
 REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
+T = TypeVar("T")
+
 
 @dataclass(slots=True)
 class GraphQLServices:
-    """What every request shares: built once per app; the database is bound at start-up."""
+    """What every request shares: built once per app.
+
+    The running services are bound by the app factory at start-up (graph.app.create_app): the
+    database, the real-time hub, the Stripe gateway with the per-customer locks its webhook
+    worker uses too, and the usage reporter.
+    """
 
     settings: Settings
     catalog: Catalog
     policy: AccessPolicy
     authenticator: Authenticator
     database: Database | None = None
-    realtime: BillingStateHub | None = None  # real-time updates (billing.realtime), bound at start-up
+    realtime: BillingStateHub | None = None
+    gateway: StripeGateway | None = None
+    locks: CustomerLocks | None = None
+    reporter: UsageReporter | None = None
+    clock: Clock = utcnow
 
     @classmethod
     def create(
-        cls, settings: Settings, catalog: Catalog, *, database: Database | None = None
+        cls,
+        settings: Settings,
+        catalog: Catalog,
+        *,
+        database: Database | None = None,
+        clock: Clock = utcnow,
     ) -> GraphQLServices:
         return cls(
             settings=settings,
@@ -56,6 +76,7 @@ class GraphQLServices:
             policy=AccessPolicy.from_settings(catalog, settings),
             authenticator=Authenticator(settings),
             database=database,
+            clock=clock,
         )
 
 
@@ -93,21 +114,25 @@ class Context:
 
     @property
     def database(self) -> Database:
-        database = self.services.database
-        if database is None:
-            raise RuntimeError("GraphQLServices.database is not bound (the app has not started)")
-        return database
+        return _bound(self.services.database, "database")
 
-    def stripe(self) -> tuple[StripeGateway, CustomerLocks]:
-        """The app's Stripe gateway and the per-customer locks its webhook worker uses too."""
-        state = self.request.app.state
-        gateway, events = getattr(state, "stripe", None), getattr(state, "events", None)
-        locks = getattr(events, "locks", None)
-        if not isinstance(gateway, StripeGateway) or not isinstance(locks, CustomerLocks):
-            raise RuntimeError(
-                "the billing mutations need the app built by graph.app.create_app (not started?)"
-            )
-        return gateway, locks
+    @property
+    def gateway(self) -> StripeGateway:
+        return _bound(self.services.gateway, "gateway")
+
+    @property
+    def locks(self) -> CustomerLocks:
+        """The per-customer locks, shared with the webhook worker so syncs never interleave."""
+        return _bound(self.services.locks, "locks")
+
+    @property
+    def reporter(self) -> UsageReporter | None:
+        """The usage reporter, kicked after usage is recorded; None when none is bound."""
+        return self.services.reporter
+
+    @property
+    def clock(self) -> Clock:
+        return self.services.clock
 
     @property
     def is_websocket(self) -> bool:
@@ -119,7 +144,7 @@ class Context:
     def now(self) -> datetime:
         """One instant per request, so every access decision of a request agrees."""
         if self._now is None:
-            self._now = datetime.now(UTC)
+            self._now = self.services.clock()
         return self._now
 
     @property
@@ -191,6 +216,14 @@ class Context:
     async def viewer(self) -> tuple[User, SubscriptionState]:
         user = await self.user()
         return user, await self.subscription(user.id)
+
+
+def _bound(service: T | None, name: str) -> T:
+    if service is None:
+        raise RuntimeError(
+            f"GraphQLServices.{name} is not bound: the app has not started (graph.app.create_app)"
+        )
+    return service
 
 
 def context_of(info: strawberry.Info[Any, Any]) -> Context:

@@ -1,25 +1,22 @@
-"""GraphQL subscriptions: the viewer's billing state, live (`billing.realtime` does the work).
-
-The root type is `BillingUpdates` in the schema, not `Subscription`: in this API a subscription
-is what a user pays for (`BillingSubscription`), and no GraphQL type is called `Subscription`.
+"""GraphQL subscriptions over websockets: the viewer's billing state, live (`billing.realtime`
+does the work). `graph.schema.Subscription` serves them as the root type `BillingUpdates`.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
 from contextlib import aclosing
-from datetime import UTC, datetime
 from typing import Any
 
 import strawberry
 
 from billing.errors import BillingError, ErrorCode
+from graph.common import BillingSubscription
 from graph.context import context_of
-from graph.types import BillingSubscription
 
 
-@strawberry.type(name="BillingUpdates", description="Real-time updates, over graphql-transport-ws.")
-class Subscription:
+@strawberry.type
+class LiveSubscription:
     @strawberry.subscription(
         description=(
             "The viewer's subscription now, then again each time it changes (webhooks, mutations, "
@@ -37,4 +34,4 @@ class Subscription:
             raise BillingError("real-time updates are not running", code=ErrorCode.INTERNAL_ERROR)
         async with aclosing(hub.watch(user.id)) as states:
             async for state in states:
-                yield BillingSubscription.from_model(state, context.policy, datetime.now(UTC))
+                yield BillingSubscription.from_model(state, context.policy, context.clock())

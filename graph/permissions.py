@@ -29,18 +29,16 @@ error themselves, so `fail_silently=True` does not apply to them.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import strawberry
 from strawberry.permission import BasePermission, PermissionExtension
 
 from billing.errors import BillingError, ErrorCode
 from billing.plans import tier_rank
+from billing.usage import quota_check
 from db.enums import Tier
 from graph.context import context_of
-
-if TYPE_CHECKING:
-    from graph.usage import WithinQuota
 
 log = logging.getLogger("billing.graphql")
 
@@ -141,10 +139,34 @@ class RequiresFeature(_BillingPermission):
         return True
 
 
-def __getattr__(name: str) -> Any:
-    # `WithinQuota` lives with the usage code (graph.usage), which builds on this module.
-    if name == "WithinQuota":
-        from graph.usage import WithinQuota
+class WithinQuota(_BillingPermission):
+    """The viewer's plan includes `feature` and the quota window's usage is below its limit.
 
-        return WithinQuota
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    Refuses with QUOTA_EXCEEDED once usage reached the limit (exactly at the limit too), with
+    `limit`, `used` and `resetsAt` (the window's end) in `extensions`; a plan without the
+    feature is FEATURE_NOT_IN_PLAN, as `RequiresFeature`. A feature without a limit passes
+    without reading usage. The check reads usage once; uses admitted concurrently just under the
+    limit may all be recorded (see `billing.usage` for the bound).
+    """
+
+    code = ErrorCode.FEATURE_NOT_IN_PLAN
+
+    def __init__(self, feature: str) -> None:
+        self.feature = feature
+        self.message: str = f"the quota of {feature!r} is used up for this period"
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        context = context_of(info)
+        _user, state = await context.viewer()
+        check = await quota_check(context.database, context.policy, state, self.feature, context.now)
+        decision = check.decision
+        if decision.allowed:
+            return True
+        error: BillingError
+        if check.used is not None:  # refused by the quota itself
+            error = decision.error(ErrorCode.QUOTA_EXCEEDED, self.message)
+            error.extensions.update(limit=check.limit, used=check.used, resetsAt=check.window.end.isoformat())
+        else:
+            error = decision.error(self.code, f"the current plan does not include {self.feature!r}")
+        error.extensions["feature"] = self.feature
+        raise error

@@ -22,6 +22,7 @@ from strawberry.extensions.field_extension import AsyncExtensionResolver
 from billing.errors import BillingError, ErrorCode
 from billing.rate_limit import RateLimiter
 from graph.context import context_of
+from graph.permissions import IsAuthenticated, PermissionExtension
 
 STRIPE_BUCKET = "stripe-mutations"
 
@@ -39,7 +40,7 @@ class RateLimited(FieldExtension):
         rate = context.services.settings.stripe_mutations_rate
         if rate is not None:
             user = await context.user()
-            limiter = RateLimiter(context.database)
+            limiter = RateLimiter(context.database, clock=context.clock)
             decision = await limiter.hit(f"{self.bucket}:{user.id}", rate)
             if not decision.allowed:
                 retry_after = decision.retry_after(limiter.clock())
@@ -59,6 +60,4 @@ def signed_in_stripe_call() -> list[Any]:
 
     Field extensions run last-first, so the permission is checked before the budget is counted.
     """
-    from graph.permissions import IsAuthenticated, PermissionExtension
-
     return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated()])]

@@ -1,63 +1,37 @@
-"""Usage metering in GraphQL: the recording mutations, the usage types and `WithinQuota`.
+"""Usage metering in GraphQL: the recording mutations, the usage types and their resolvers.
 
 Resolvers stay thin: they read the context and call `billing.usage`.
 
 - `recordUsage` / `recordUsageBatch` (service key only): idempotent per user and key, all or
   nothing, refusals coded with `extensions.index` naming the item.
-- `Viewer.usage(feature)` and `Viewer.entitlements` (types here, fields on `graph.types.Viewer`).
-- `WithinQuota("feature")`: a permission for host apps' fields, QUOTA_EXCEEDED once the quota
-  window's usage reached the plan's limit.
+- `Viewer.usage(feature)` and `Viewer.entitlements`: the fields are on `graph.viewer.Viewer`,
+  their types and resolvers here.
 """
 
 from __future__ import annotations
 
 from datetime import date, datetime
-from typing import Any, NewType
+from typing import Any
 
 import strawberry
-from graphql import IntValueNode, ValueNode
-from strawberry.types.scalar import ScalarDefinition
 
-from billing.access import AccessDecision as AccessDecisionModel
-from billing.access import SubscriptionState
-from billing.errors import BillingError, ErrorCode
 from billing.usage import DailyUsage as DailyUsageModel
 from billing.usage import Entitlement as EntitlementModel
 from billing.usage import (
     RecordedUsage,
     UsageInput,
     entitlements,
-    quota_check,
     record_usage,
     usage_summary,
 )
 from billing.usage import UsageSummary as UsageSummaryModel
+from graph.common import BigInt
 from graph.context import Context, context_of
-from graph.permissions import IsService, PermissionExtension, _BillingPermission
-
-BigInt = NewType("BigInt", int)
-
-
-def _parse_big_int_literal(node: ValueNode, _variables: Any = None) -> int:
-    if not isinstance(node, IntValueNode):
-        raise ValueError("BigInt must be a whole number")
-    return int(node.value)
+from graph.permissions import IsService, PermissionExtension
 
 
 def _big(value: int | None) -> BigInt | None:
     return None if value is None else BigInt(value)
-
-
-# For `StrawberryConfig.scalar_map` (graph.schema.build_schema passes it).
-SCALARS: dict[object, ScalarDefinition] = {
-    BigInt: strawberry.scalar(
-        name="BigInt",
-        description="A whole number that may not fit GraphQL's 32-bit Int (a JSON number, exact up to 2^53).",
-        serialize=int,
-        parse_value=int,
-        parse_literal=_parse_big_int_literal,
-    )
-}
 
 
 # Recording -----------------------------------------------------------------------------------
@@ -121,17 +95,10 @@ async def _record(context: Context, inputs: list[RecordUsageInput]) -> list[Usag
         max_quantity=settings.usage_max_quantity,
         past_due_grace=context.policy.past_due_grace,
     )
-    _kick_reporter(context)
+    reporter = context.reporter
+    if reporter is not None:
+        reporter.kick()  # nothing to wait for: it runs on its own, a kick only makes it sooner
     return [UsageRecord.from_model(record) for record in records]
-
-
-def _kick_reporter(context: Context) -> None:
-    """Nothing to wait for: the reporter runs on its own; a kick only makes it sooner."""
-    app = getattr(context.request, "app", None)
-    reporter = getattr(getattr(app, "state", None), "usage_reporter", None)
-    kick = getattr(reporter, "kick", None)
-    if callable(kick):
-        kick()
 
 
 def _service_only() -> list[Any]:
@@ -247,45 +214,3 @@ async def viewer_entitlements(info: strawberry.Info[Any, Any], user_id: str) -> 
     state = await context.subscription(user_id)
     found = await entitlements(context.database, context.policy, state, context.now)
     return [Entitlement.from_model(entitlement) for entitlement in found]
-
-
-# The quota permission ------------------------------------------------------------------------
-
-
-class WithinQuota(_BillingPermission):
-    """The viewer's plan includes `feature` and the quota window's usage is below its limit.
-
-    Refuses with QUOTA_EXCEEDED once usage reached the limit (exactly at the limit too), with
-    `limit`, `used` and `resetsAt` (the window's end) in `extensions`; a plan without the
-    feature is FEATURE_NOT_IN_PLAN, as `RequiresFeature`. A feature without a limit passes
-    without reading usage. The check reads usage once; uses admitted concurrently just under the
-    limit may all be recorded (see `billing.usage` for the bound).
-    """
-
-    code = ErrorCode.FEATURE_NOT_IN_PLAN
-
-    def __init__(self, feature: str) -> None:
-        self.feature = feature
-        self.message: str = f"the quota of {feature!r} is used up for this period"
-
-    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
-        context = context_of(info)
-        _user, state = await context.viewer()
-        check = await quota_check(context.database, context.policy, state, self.feature, context.now)
-        decision = check.decision
-        if decision.allowed:
-            return True
-        error: BillingError
-        if check.used is not None:  # refused by the quota itself
-            error = decision.error(ErrorCode.QUOTA_EXCEEDED, self.message)
-            error.extensions.update(limit=check.limit, used=check.used, resetsAt=check.window.end.isoformat())
-        else:
-            error = decision.error(self.code, f"the current plan does not include {self.feature!r}")
-        error.extensions["feature"] = self.feature
-        raise error
-
-
-async def quota_access(context: Context, state: SubscriptionState, feature: str) -> AccessDecisionModel:
-    """`access(feature)`: feature access, refused with QUOTA_EXCEEDED once the quota is used up."""
-    check = await quota_check(context.database, context.policy, state, feature, context.now)
-    return check.decision

@@ -104,13 +104,14 @@ async def keys_of(service: Service, kind: str) -> list[str]:
 
 @asynccontextmanager
 async def serving(service: Service, gateway: StripeGateway) -> AsyncIterator[StripeGateway]:
-    """The service answers with `gateway` as its Stripe gateway for the block."""
-    original = service.app.state.stripe
-    service.app.state.stripe = gateway
+    """The service's GraphQL mutations call Stripe through `gateway` for the block."""
+    services = service.app.state.graphql
+    original = services.gateway
+    services.gateway = gateway
     try:
         yield gateway
     finally:
-        service.app.state.stripe = original
+        services.gateway = original
         await gateway.close()
 
 

@@ -1,9 +1,4 @@
-"""The billing mutations. Resolvers stay thin: they read the context and call `billing.checkout`.
-
-`Mutation` is what the schema serves: the checkout and portal mutations here and the plan-change
-mutations of `graph.plan_mutations` (previewPlanChange, changePlan, cancelSubscription,
-resumeSubscription).
-"""
+"""Checkout and the customer portal: thin resolvers over `billing.checkout`."""
 
 from __future__ import annotations
 
@@ -11,13 +6,38 @@ from typing import Any
 
 import strawberry
 
-from billing.checkout import confirm_checkout_session, create_checkout_session, create_portal_session
+from billing.checkout import (
+    CheckoutSessionInfo,
+    PortalSessionInfo,
+    confirm_checkout_session,
+    create_checkout_session,
+    create_portal_session,
+)
 from db.enums import BillingInterval, Tier
-from graph.billing_types import CheckoutSession, PortalSession
+from graph.common import BillingSubscription
 from graph.context import context_of
-from graph.plan_mutations import PlanMutation
 from graph.rate_limit import signed_in_stripe_call
-from graph.types import BillingSubscription
+
+
+@strawberry.type(description="A Stripe Checkout Session: send the user to `url` to pay.")
+class CheckoutSession:
+    id: strawberry.ID = strawberry.field(
+        description="The session id; the success page passes it to `confirmCheckoutSession`."
+    )
+    url: str = strawberry.field(description="Stripe's hosted checkout page.")
+
+    @classmethod
+    def from_model(cls, session: CheckoutSessionInfo) -> CheckoutSession:
+        return cls(id=strawberry.ID(session.id), url=session.url)
+
+
+@strawberry.type(description="A Stripe customer-portal session: send the user to `url`.")
+class PortalSession:
+    url: str = strawberry.field(description="Stripe's hosted portal; it returns to the app's /billing.")
+
+    @classmethod
+    def from_model(cls, session: PortalSessionInfo) -> PortalSession:
+        return cls(url=session.url)
 
 
 @strawberry.type
@@ -36,11 +56,10 @@ class CheckoutMutation:
     ) -> CheckoutSession:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         session = await create_checkout_session(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
+            gateway=context.gateway,
+            locks=context.locks,
             catalog=context.catalog,
             settings=context.services.settings,
             user=user,
@@ -63,11 +82,10 @@ class CheckoutMutation:
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await confirm_checkout_session(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
+            gateway=context.gateway,
+            locks=context.locks,
             user_id=user.id,
             session_id=str(session_id),
         )
@@ -83,13 +101,7 @@ class CheckoutMutation:
     async def create_portal_session(self, info: strawberry.Info[Any, Any]) -> PortalSession:
         context = context_of(info)
         user = await context.user()
-        gateway, _locks = context.stripe()
         session = await create_portal_session(
-            database=context.database, gateway=gateway, settings=context.services.settings, user=user
+            database=context.database, gateway=context.gateway, settings=context.services.settings, user=user
         )
         return PortalSession.from_model(session)
-
-
-@strawberry.type
-class Mutation(PlanMutation, CheckoutMutation):
-    """Every billing mutation: plan changes (graph.plan_mutations), checkout and portal (here)."""

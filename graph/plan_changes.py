@@ -1,7 +1,6 @@
 """Plan changes, cancellation and resumption: thin resolvers over `billing.plan_changes`.
 
-`graph.mutations.Mutation` inherits `PlanMutation`, so these fields are served with the checkout
-and portal mutations. Every field needs a user token and acts on that user's subscription.
+Every field needs a user token and acts on that user's subscription.
 """
 
 from __future__ import annotations
@@ -12,11 +11,10 @@ from typing import Any
 import strawberry
 
 from billing import plan_changes
-from billing.clock import utcnow
 from db.enums import BillingInterval, Tier
+from graph.common import BillingSubscription
 from graph.context import context_of
 from graph.rate_limit import signed_in_stripe_call
-from graph.types import BillingSubscription
 
 
 @strawberry.type(description="One line of a previewed invoice.")
@@ -76,7 +74,7 @@ class PlanChangePreview:
 
 
 @strawberry.type
-class PlanMutation:
+class PlanChangeMutation:
     @strawberry.mutation(
         description=(
             "What changing to `tier` at `interval` charges now and next, in cents. The proration "
@@ -90,12 +88,11 @@ class PlanMutation:
     ) -> PlanChangePreview:
         context = context_of(info)
         user = await context.user()
-        gateway, _locks = context.stripe()
         preview = await plan_changes.preview_plan_change(
             database=context.database,
-            gateway=gateway,
+            gateway=context.gateway,
             catalog=context.catalog,
-            clock=utcnow,
+            clock=context.clock,
             user_id=user.id,
             tier=tier,
             interval=interval,
@@ -116,13 +113,12 @@ class PlanMutation:
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await plan_changes.change_plan(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
+            gateway=context.gateway,
+            locks=context.locks,
             catalog=context.catalog,
-            clock=utcnow,
+            clock=context.clock,
             user_id=user.id,
             tier=tier,
             interval=interval,
@@ -141,12 +137,11 @@ class PlanMutation:
     ) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await plan_changes.cancel_subscription(
             database=context.database,
-            gateway=gateway,
-            locks=locks,
-            clock=utcnow,
+            gateway=context.gateway,
+            locks=context.locks,
+            clock=context.clock,
             user_id=user.id,
             at_period_end=at_period_end,
         )
@@ -162,8 +157,11 @@ class PlanMutation:
     async def resume_subscription(self, info: strawberry.Info[Any, Any]) -> BillingSubscription:
         context = context_of(info)
         user = await context.user()
-        gateway, locks = context.stripe()
         state = await plan_changes.resume_subscription(
-            database=context.database, gateway=gateway, locks=locks, clock=utcnow, user_id=user.id
+            database=context.database,
+            gateway=context.gateway,
+            locks=context.locks,
+            clock=context.clock,
+            user_id=user.id,
         )
         return BillingSubscription.from_model(state, context.policy, context.now)

@@ -1,4 +1,6 @@
-"""GraphQL types. Separate from the tables: each is built from domain values by `from_model()`."""
+"""The viewer and the plans: `plans`, `viewer` (with invoices, usage and entitlements), `access`,
+and `userSubscription` for the host app's backend.
+"""
 
 from __future__ import annotations
 
@@ -8,25 +10,17 @@ from typing import Any
 import strawberry
 
 from billing.access import AccessDecision as AccessDecisionModel
-from billing.access import AccessPolicy, AccessReason, SubscriptionState
-from billing.customers import list_invoices
+from billing.access import AccessPolicy, AccessReason, SubscriptionState, check_user_id
+from billing.customers import InvoiceRecord, list_invoices
 from billing.plans import Catalog, Price
 from billing.plans import Plan as PlanModel
-from db.enums import BillingInterval, SubscriptionStatus, Tier
+from billing.usage import quota_check
+from db.enums import BillingInterval, Tier
 from graph.auth import User
-from graph.billing_types import Invoice
+from graph.common import BillingSubscription
 from graph.context import context_of
+from graph.permissions import IsAuthenticated, IsService, PermissionExtension
 from graph.usage import Entitlement, UsageSummary, viewer_entitlements, viewer_usage
-
-# The domain's enums, registered under their GraphQL names (members by name: NONE, STARTER, PRO).
-strawberry.enum(Tier, name="Tier", description="A plan level; NONE means no paid plan.")
-strawberry.enum(BillingInterval, name="BillingInterval")
-strawberry.enum(
-    SubscriptionStatus,
-    name="SubscriptionStatus",
-    description="Stripe's subscription status, or NONE for a user who never subscribed.",
-)
-strawberry.enum(AccessReason, name="AccessReason", description="Why access is refused.")
 
 
 @strawberry.type(description="A monthly limit of a plan.")
@@ -72,60 +66,36 @@ class Plan:
         ]
 
 
-@strawberry.type(description="A plan change scheduled for the end of the current period (a downgrade).")
-class PendingPlanChange:
-    tier: Tier
-    interval: BillingInterval
-    effective_at: datetime | None = strawberry.field(description="When the new plan starts.")
+@strawberry.type(description="An invoice of the viewer's Stripe customer (kept in step by the webhooks).")
+class Invoice:
+    id: strawberry.ID = strawberry.field(description="Stripe's invoice id.")
+    number: str | None
+    status: str = strawberry.field(description="Stripe's status: open, paid, uncollectible or void.")
+    amount_due: int = strawberry.field(description="In the currency's smallest unit (cents).")
+    amount_paid: int = strawberry.field(description="In the currency's smallest unit (cents).")
+    total: int = strawberry.field(description="In the currency's smallest unit (cents).")
+    currency: str = strawberry.field(description="ISO 4217, lower case.")
+    hosted_invoice_url: str | None = strawberry.field(description="Stripe's page to view and pay it.")
+    invoice_pdf: str | None
+    period_start: datetime | None
+    period_end: datetime | None
+    created: datetime
 
     @classmethod
-    def from_model(cls, state: SubscriptionState) -> PendingPlanChange | None:
-        if state.pending_tier is None or state.pending_interval is None:
-            return None
+    def from_model(cls, invoice: InvoiceRecord) -> Invoice:
         return cls(
-            tier=state.pending_tier, interval=state.pending_interval, effective_at=state.pending_change_at
-        )
-
-
-@strawberry.type(description="A user's subscription as the database knows it (kept in step by webhooks).")
-class BillingSubscription:
-    status: SubscriptionStatus
-    tier: Tier = strawberry.field(description="The subscribed tier, whether or not it grants access now.")
-    effective_tier: Tier = strawberry.field(
-        description="The tier the user may use now: `tier` while the status grants access, else NONE."
-    )
-    has_access: bool = strawberry.field(
-        description="Active, trialing, or past due within the grace period (PAST_DUE_GRACE_DAYS)."
-    )
-    interval: BillingInterval | None
-    price_id: str | None = strawberry.field(description="The Stripe price being paid.")
-    current_period_start: datetime | None
-    current_period_end: datetime | None
-    trial_end: datetime | None
-    cancel_at_period_end: bool
-    canceled_at: datetime | None
-    trial_used: bool = strawberry.field(description="True once the user has had a free trial.")
-    pending_change: PendingPlanChange | None = strawberry.field(
-        default=None, description="A downgrade that starts at the period end (`changePlan`); null if none."
-    )
-
-    @classmethod
-    def from_model(cls, state: SubscriptionState, policy: AccessPolicy, now: datetime) -> BillingSubscription:
-        effective = policy.effective_tier(state, now)
-        return cls(
-            status=state.status,
-            tier=state.tier,
-            effective_tier=effective,
-            has_access=effective is not Tier.NONE,
-            interval=state.interval,
-            price_id=state.price_id,
-            current_period_start=state.current_period_start,
-            current_period_end=state.current_period_end,
-            trial_end=state.trial_end,
-            cancel_at_period_end=state.cancel_at_period_end,
-            canceled_at=state.canceled_at,
-            trial_used=state.trial_used,
-            pending_change=PendingPlanChange.from_model(state),
+            id=strawberry.ID(invoice.id),
+            number=invoice.number,
+            status=invoice.status,
+            amount_due=invoice.amount_due,
+            amount_paid=invoice.amount_paid,
+            total=invoice.total,
+            currency=invoice.currency,
+            hosted_invoice_url=invoice.hosted_invoice_url,
+            invoice_pdf=invoice.invoice_pdf,
+            period_start=invoice.period_start,
+            period_end=invoice.period_end,
+            created=invoice.created,
         )
 
 
@@ -189,3 +159,46 @@ class AccessDecision:
             effective_tier=decision.effective_tier,
             required_tier=decision.required_tier,
         )
+
+
+@strawberry.type
+class ViewerQuery:
+    @strawberry.field(description="The plans on sale, one per tier and interval. Public.")
+    def plans(self, info: strawberry.Info[Any, Any]) -> list[Plan]:
+        return Plan.all_from_catalog(context_of(info).catalog)
+
+    @strawberry.field(
+        description="The signed-in user and their subscription. UNAUTHENTICATED without a user token.",
+        extensions=[PermissionExtension(permissions=[IsAuthenticated()])],
+    )
+    async def viewer(self, info: strawberry.Info[Any, Any]) -> Viewer:
+        context = context_of(info)
+        user, state = await context.viewer()
+        return Viewer.from_model(user, state, context.policy, context.now)
+
+    @strawberry.field(
+        description=(
+            "May the viewer use `feature`? For frontends gating pages. Without a token the answer "
+            "is not allowed, reason UNAUTHENTICATED; QUOTA_EXCEEDED once this window's usage of a "
+            "limited feature reached the plan's limit."
+        )
+    )
+    async def access(self, info: strawberry.Info[Any, Any], feature: str) -> AccessDecision:
+        context = context_of(info)
+        if await context.principal() is None:
+            return AccessDecision.from_model(context.policy.anonymous_feature_access(feature))
+        _user, state = await context.viewer()
+        check = await quota_check(context.database, context.policy, state, feature, context.now)
+        return AccessDecision.from_model(check.decision)
+
+    @strawberry.field(
+        description="One user's subscription, for the host app's backend (service key only).",
+        extensions=[PermissionExtension(permissions=[IsService()])],
+    )
+    async def user_subscription(
+        self, info: strawberry.Info[Any, Any], user_id: strawberry.ID
+    ) -> BillingSubscription:
+        context = context_of(info)
+        check_user_id(str(user_id))
+        state = await context.subscription(str(user_id))
+        return BillingSubscription.from_model(state, context.policy, context.now)

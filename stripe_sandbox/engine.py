@@ -1741,6 +1741,35 @@ async def update_subscription(
     return await tx.get("subscription", subscription_id)
 
 
+async def final_invoice(
+    tx: Transaction, subscription: Obj, at: int, *, finalize_at: int | None
+) -> Obj | None:
+    """The draft invoice of a subscription ending at `at`: its pending invoice items and the
+    metered usage of the unfinished period (None when there is nothing to bill)."""
+    customer_id = str(subscription["customer"])
+    lines = await pending_lines(tx, subscription["id"])
+    lines += [
+        await usage_line(tx, item, customer_id, (item_period(item)[0], at))
+        for item in items_of(subscription)
+        if is_metered(item["price"])
+    ]
+    if not lines:
+        return None
+    invoice = await create_invoice(
+        tx,
+        customer_id=customer_id,
+        subscription=subscription,
+        lines=lines,
+        billing_reason="subscription_cycle",
+        period=(min(item_period(item)[0] for item in items_of(subscription)), at),
+        now=at,
+        finalize_at=finalize_at,
+    )
+    subscription["latest_invoice"] = invoice["id"]
+    await tx.save(subscription)
+    return invoice
+
+
 async def cancel_subscription(
     tx: Transaction,
     config: SandboxConfig,
@@ -1765,25 +1794,8 @@ async def cancel_subscription(
                 if line.amount:
                     await create_invoice_item(tx, customer_id, line, now)
     if invoice_now and billed:
-        start = min(item_period(item)[0] for item in items_of(subscription))
-        lines = await pending_lines(tx, subscription["id"])
-        lines += [
-            await usage_line(tx, item, customer_id, (item_period(item)[0], now))
-            for item in items_of(subscription)
-            if is_metered(item["price"])
-        ]
-        if lines:
-            invoice = await create_invoice(
-                tx,
-                customer_id=customer_id,
-                subscription=subscription,
-                lines=lines,
-                billing_reason="subscription_cycle",
-                period=(start, now),
-                now=now,
-            )
-            subscription["latest_invoice"] = invoice["id"]
-            await tx.save(subscription)
+        invoice = await final_invoice(tx, subscription, now, finalize_at=None)
+        if invoice is not None:
             await finalize_invoice(tx, config, invoice, now)
             await attempt_payment(tx, invoice, now)
             subscription = await _reload(tx, subscription)
@@ -2172,27 +2184,7 @@ async def _perform(tx: Transaction, config: SandboxConfig, due: Due) -> None:
 
 async def _cancel_at_period_end(tx: Transaction, config: SandboxConfig, subscription: Obj, at: int) -> None:
     """A subscription set to cancel ends; metered usage and pending items get a final invoice."""
-    start = min(item_period(item)[0] for item in items_of(subscription))
-    customer_id = str(subscription["customer"])
-    lines = await pending_lines(tx, subscription["id"])
-    lines += [
-        await usage_line(tx, item, customer_id, (item_period(item)[0], at))
-        for item in items_of(subscription)
-        if is_metered(item["price"])
-    ]
-    if lines:
-        invoice = await create_invoice(
-            tx,
-            customer_id=customer_id,
-            subscription=subscription,
-            lines=lines,
-            billing_reason="subscription_cycle",
-            period=(start, at),
-            now=at,
-            finalize_at=at + FINALIZE_DELAY,
-        )
-        subscription["latest_invoice"] = invoice["id"]
-        await tx.save(subscription)
+    await final_invoice(tx, subscription, at, finalize_at=at + FINALIZE_DELAY)
     await cancel_subscription(tx, config, subscription, at, reason="cancellation_requested")
 
 

@@ -96,6 +96,7 @@ from stripe_sandbox.errors import (
     parameter_invalid,
     parameter_missing,
     resource_missing,
+    unsupported,
 )
 from stripe_sandbox.resources.customers import new_customer
 from stripe_sandbox.resources.meters import metered_quantity
@@ -115,11 +116,6 @@ TIMES = "\u00d7"  # the multiplication sign of Stripe's line descriptions ("2 x 
 
 LIVE_STATUSES = ("trialing", "active", "past_due", "unpaid", "paused", "incomplete")
 BILLED_STATUSES = ("active", "past_due", "unpaid")
-
-
-def unsupported(param: str, what: str = "") -> StripeError:
-    detail = f" ({what})" if what else ""
-    return StripeError(400, f"The Stripe sandbox does not support `{param}`{detail}.", param=param)
 
 
 # Time ----------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from stripe.params.checkout import (
 
 from stripe_sandbox import engine
 from stripe_sandbox.api import Call, created_filter, endpoint, paginate
-from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing, unsupported
 from stripe_sandbox.store import new_id
 
 # Parameters of a session that the sandbox cannot honour: refused rather than ignored.
@@ -64,7 +64,7 @@ async def _line_items(call: Call) -> tuple[list[dict[str, Any]], int, str]:
         name = f"line_items[{index}]"
         for key in ("price_data", "adjustable_quantity", "tax_rates"):
             if key in spec:
-                raise engine.unsupported(f"{name}[{key}]")
+                raise unsupported(f"{name}[{key}]")
         if "price" not in spec:
             raise parameter_missing(f"{name}[price]")
         price = await engine.get_price(call.tx, spec["price"], f"{name}[price]", recurring=False)
@@ -111,16 +111,16 @@ async def create_session(call: Call) -> dict[str, Any]:
     if mode is None:
         raise parameter_missing("mode")
     if mode != "subscription":
-        raise engine.unsupported("mode", "the sandbox emulates Checkout in `subscription` mode")
+        raise unsupported("mode", "the sandbox emulates Checkout in `subscription` mode")
     for key in _UNSUPPORTED:
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     data = params.get("subscription_data") or {}
     for key in _UNSUPPORTED_SUBSCRIPTION_DATA:
         if key in data:
-            raise engine.unsupported(f"subscription_data[{key}]")
+            raise unsupported(f"subscription_data[{key}]")
     if params.get("ui_mode", "hosted_page") != "hosted_page":
-        raise engine.unsupported("ui_mode", "only `hosted_page`")
+        raise unsupported("ui_mode", "only `hosted_page`")
     if "success_url" not in params:
         raise parameter_missing("success_url")
     customer_id = params.get("customer")
@@ -247,7 +247,7 @@ async def list_sessions(call: Call) -> dict[str, Any]:
     params = call.params
     for key in ("customer_account", "customer_details", "payment_intent", "payment_link"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     in_range = created_filter(params)
 
     def wanted(session: dict[str, Any]) -> bool:

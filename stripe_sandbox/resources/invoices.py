@@ -14,7 +14,7 @@ from stripe.params import (
 
 from stripe_sandbox import engine
 from stripe_sandbox.api import Call, created_filter, endpoint, paginate
-from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing, unsupported
 
 
 @endpoint("GET", "/v1/invoices", InvoiceListParams)
@@ -22,7 +22,7 @@ async def list_invoices(call: Call) -> dict[str, Any]:
     params = call.params
     for key in ("due_date", "customer_account"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     in_range = created_filter(params)
 
     def wanted(invoice: dict[str, Any]) -> bool:
@@ -53,7 +53,7 @@ async def list_invoice_lines(call: Call) -> dict[str, Any]:
 async def pay_invoice(call: Call) -> dict[str, Any]:
     for key in call.params:
         if key not in ("expand", "off_session"):
-            raise engine.unsupported(key)
+            raise unsupported(key)
     invoice = await call.tx.get("invoice", call.path["id"])
     return await engine.pay_invoice(call.tx, call.config, invoice, call.tx.now())
 
@@ -74,11 +74,11 @@ async def create_preview(call: Call) -> dict[str, Any]:
     params = call.params
     for key in params:
         if key not in ("customer", "subscription", "subscription_details", "expand", "preview_mode"):
-            raise engine.unsupported(key)
+            raise unsupported(key)
     details = params.get("subscription_details") or {}
     for key in details:
         if key not in _PREVIEW_DETAILS:
-            raise engine.unsupported(f"subscription_details[{key}]")
+            raise unsupported(f"subscription_details[{key}]")
     now = tx.now()
     subscription_id = params.get("subscription")
     if subscription_id is None:
@@ -87,7 +87,7 @@ async def create_preview(call: Call) -> dict[str, Any]:
             raise parameter_missing("customer")
         await tx.get("customer", customer_id, param="customer")
         if details.get("items"):
-            raise engine.unsupported(
+            raise unsupported(
                 "subscription_details[items]", "previews of new subscriptions: pass `subscription`"
             )
         live = await tx.all(

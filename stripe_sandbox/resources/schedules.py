@@ -19,7 +19,7 @@ from stripe.params import (
 
 from stripe_sandbox import engine
 from stripe_sandbox.api import Call, apply_metadata, created_filter, endpoint, paginate
-from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing, unsupported
 from stripe_sandbox.store import Transaction, new_id
 
 _PHASE_KEYS = {
@@ -89,7 +89,7 @@ async def create_schedule(call: Call) -> dict[str, Any]:
     params = call.params
     source = params.get("from_subscription")
     if source is None:
-        raise engine.unsupported("customer", "the sandbox creates schedules with `from_subscription` only")
+        raise unsupported("customer", "the sandbox creates schedules with `from_subscription` only")
     for key in params:
         if key not in ("from_subscription", "expand"):
             raise StripeError(
@@ -171,7 +171,7 @@ async def list_schedules(call: Call) -> dict[str, Any]:
     params = call.params
     for key in ("canceled_at", "completed_at", "released_at", "customer_account"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     in_range = created_filter(params)
 
     def wanted(schedule: dict[str, Any]) -> bool:
@@ -206,7 +206,7 @@ async def _resolve_phases(
         name = f"phases[{index}]"
         for key in spec:
             if key not in _PHASE_KEYS:
-                raise engine.unsupported(f"{name}[{key}]")
+                raise unsupported(f"{name}[{key}]")
         given = spec.get("start_date")
         if given is not None:
             given = now if given == "now" else int(given)
@@ -228,7 +228,7 @@ async def _resolve_phases(
             item_name = f"{name}[items][{number}]"
             for key in item:
                 if key not in ("price", "plan", "quantity", "metadata"):
-                    raise engine.unsupported(f"{item_name}[{key}]")
+                    raise unsupported(f"{item_name}[{key}]")
             price_id = item.get("price") or item.get("plan")
             if not price_id:
                 raise parameter_missing(f"{item_name}[price]")
@@ -286,7 +286,7 @@ async def update_schedule(call: Call) -> dict[str, Any]:
     _ensure_open(schedule, "update")
     for key in ("default_settings", "pause_schedules"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     now = tx.now()
     previous: dict[str, Any] = {}
     if "metadata" in params:
@@ -294,7 +294,7 @@ async def update_schedule(call: Call) -> dict[str, Any]:
         schedule["metadata"] = apply_metadata(schedule["metadata"], params["metadata"])
     if "end_behavior" in params:
         if params["end_behavior"] not in ("release", "cancel"):
-            raise engine.unsupported("end_behavior", "only `release` or `cancel`")
+            raise unsupported("end_behavior", "only `release` or `cancel`")
         previous["end_behavior"] = schedule["end_behavior"]
         schedule["end_behavior"] = params["end_behavior"]
     if "phases" in params:

@@ -29,7 +29,7 @@ from stripe_sandbox.api import (
     search_matcher,
     search_result,
 )
-from stripe_sandbox.errors import StripeError, parameter_invalid
+from stripe_sandbox.errors import StripeError, parameter_invalid, unsupported
 
 
 @endpoint("GET", "/v1/subscriptions/{id}", SubscriptionRetrieveParams)
@@ -117,7 +117,7 @@ async def resume_subscription(call: Call) -> dict[str, Any]:
     subscription = await call.tx.get("subscription", call.path["id"])
     for key in ("proration_behavior", "proration_date"):
         if key in call.params:
-            raise engine.unsupported(key, "resuming always starts a new period now")
+            raise unsupported(key, "resuming always starts a new period now")
     return await engine.resume_subscription(call.tx, call.config, subscription, call.tx.now(), call.params)
 
 

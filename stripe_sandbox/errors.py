@@ -61,3 +61,8 @@ def parameter_invalid(param: str, message: str, code: str = "parameter_invalid")
 
 def card_declined(message: str = "Your card was declined.") -> StripeError:
     return StripeError(402, message, type="card_error", code="card_declined", decline_code="generic_decline")
+
+
+def unsupported(param: str, what: str = "") -> StripeError:
+    detail = f" ({what})" if what else ""
+    return StripeError(400, f"The Stripe sandbox does not support `{param}`{detail}.", param=param)

@@ -20,8 +20,8 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from stripe_sandbox import engine
 from stripe_sandbox.api import SandboxHost, control
+from stripe_sandbox.engine import clock, creation, payments
 from stripe_sandbox.errors import parameter_invalid, parameter_missing
 
 
@@ -43,7 +43,7 @@ async def complete_checkout(sandbox: SandboxHost, request: Request) -> Response:
     body = await _body(request)
     outcome = str(body.get("outcome", "paid"))
     async with sandbox.transaction() as tx:
-        result = await engine.complete_checkout(
+        result = await creation.complete_checkout(
             tx,
             sandbox.config,
             request.path_params["session_id"],
@@ -63,7 +63,7 @@ async def set_payment_method(sandbox: SandboxHost, request: Request) -> Response
         raise parameter_invalid("fails", "fails must be true or false")
     customer_id = request.path_params["customer_id"]
     async with sandbox.transaction() as tx:
-        await engine.set_payment_method_fails(tx, customer_id, body["fails"])
+        await payments.set_payment_method_fails(tx, customer_id, body["fails"])
     return JSONResponse({"customer": customer_id, "fails": body["fails"]})
 
 
@@ -77,7 +77,7 @@ async def advance_clock(sandbox: SandboxHost, request: Request) -> Response:
     except (TypeError, ValueError):
         raise parameter_invalid("seconds", "seconds must be an integer") from None
     async with sandbox.transaction() as tx:
-        summary = await engine.advance_clock(tx, sandbox.config, seconds)
+        summary = await clock.advance_clock(tx, sandbox.config, seconds)
     return JSONResponse(summary)
 
 

@@ -32,8 +32,8 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from stripe_sandbox import engine
 from stripe_sandbox.api import SandboxConfig, SandboxHost, control
+from stripe_sandbox.engine import changes, creation, invoicing, payments, periods
 from stripe_sandbox.errors import StripeError
 from stripe_sandbox.store import Transaction
 
@@ -78,14 +78,14 @@ def moment(ts: int) -> str:
 
 
 def money(amount: object, currency: object) -> str:
-    return engine.format_amount(int(str(amount or 0)), str(currency or "usd"))
+    return periods.format_amount(int(str(amount or 0)), str(currency or "usd"))
 
 
 def interval_label(price: Obj) -> str:
     recurring = price.get("recurring")
     if not recurring:
         return "one time"
-    interval, count = engine.interval_of(price)
+    interval, count = periods.interval_of(price)
     return f"per {interval}" if count == 1 else f"every {count} {interval}s"
 
 
@@ -205,23 +205,23 @@ async def checkout_view(tx: Transaction, session_id: str) -> CheckoutView | None
     if session is None:
         return None
     now = tx.now()
-    request: Obj = json.loads(await tx.get_state(engine.checkout_request_key(session_id), "{}"))
+    request: Obj = json.loads(await tx.get_state(creation.checkout_request_key(session_id), "{}"))
     lines = []
     for spec in request.get("line_items", []):
         price = await tx.get("price", spec["price"])
         quantity = spec.get("quantity")
         amount = (
             "metered usage"
-            if engine.is_metered(price)
-            else money(engine.price_amount(price, int(quantity or 1)), price.get("currency"))
+            if periods.is_metered(price)
+            else money(periods.price_amount(price, int(quantity or 1)), price.get("currency"))
         )
-        name = await engine.product_name(tx, price)
+        name = await periods.product_name(tx, price)
         lines.append(CheckoutLine(name, quantity, amount, interval_label(price)))
     data = request.get("subscription_data") or {}
     trial_end = int(data["trial_end"]) if data.get("trial_end") is not None else None
     trial_days = int(data["trial_period_days"]) if data.get("trial_period_days") else None
     if trial_end is not None and trial_days is None:
-        trial_days = max(1, math.ceil((trial_end - now) / engine.DAY))
+        trial_days = max(1, math.ceil((trial_end - now) / periods.DAY))
     customer_id = session.get("customer")
     customer = None if not customer_id else await _find(tx, "customer", str(customer_id))
     return CheckoutView(session, customer, lines, trial_days, trial_end, now)
@@ -311,7 +311,7 @@ async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
             if session is None:
                 return missing("checkout session", session_id)
             email = None if session.get("customer") else (fields.get("email") or "").strip() or None
-            result = await engine.complete_checkout(
+            result = await creation.complete_checkout(
                 tx, sandbox.config, session_id, outcome="paid", email=email
             )
     except StripeError as exc:
@@ -332,7 +332,7 @@ async def checkout_decline(sandbox: SandboxHost, request: Request) -> Response:
     status = 402
     async with sandbox.transaction() as tx:
         try:
-            await engine.complete_checkout(tx, sandbox.config, session_id, outcome="declined")
+            await creation.complete_checkout(tx, sandbox.config, session_id, outcome="declined")
         except StripeError as exc:
             if exc.status == 404:
                 return missing("checkout session", session_id)
@@ -378,13 +378,13 @@ class PortalView:
 
 async def _subscription_view(tx: Transaction, subscription: Obj) -> PortalSubscription:
     names, prices = [], []
-    for item in engine.items_of(subscription):
+    for item in periods.items_of(subscription):
         price = item["price"]
-        names.append(await engine.product_name(tx, price))
-        if engine.is_metered(price):
+        names.append(await periods.product_name(tx, price))
+        if periods.is_metered(price):
             prices.append("metered usage")
         else:
-            amount = engine.price_amount(price, int(item.get("quantity") or 1))
+            amount = periods.price_amount(price, int(item.get("quantity") or 1))
             prices.append(f"{money(amount, price.get('currency'))} {interval_label(price)}")
     return PortalSubscription(subscription, " + ".join(names), " + ".join(prices))
 
@@ -414,7 +414,7 @@ async def portal_view(tx: Transaction, session_id: str) -> PortalView | None:
         subscriptions=[await _subscription_view(tx, s) for s in subscriptions],
         invoices=invoices,
         card=card,
-        card_fails=await engine.payment_method_fails(tx, customer_id),
+        card_fails=await payments.payment_method_fails(tx, customer_id),
         now=tx.now(),
         features=configuration.get("features") or {},
     )
@@ -423,7 +423,7 @@ async def portal_view(tx: Transaction, session_id: str) -> PortalView | None:
 def _subscription_card(base: str, view: PortalView, item: PortalSubscription) -> str:
     subscription = item.subscription
     status = str(subscription["status"])
-    period_end = engine.period_of(subscription)[1]
+    period_end = periods.period_of(subscription)[1]
     lines = [
         f'<h2>{esc(item.plan)} <span class="status {esc(status)}">{esc(status.replace("_", " "))}'
         "</span></h2>",
@@ -583,7 +583,7 @@ async def cancel_from_portal(
         details["feedback"] = feedback
     if cancel.get("mode") == "immediately":
         behavior = str(cancel.get("proration_behavior") or "none")
-        await engine.cancel_subscription(
+        await invoicing.cancel_subscription(
             tx,
             config,
             subscription,
@@ -596,7 +596,7 @@ async def cancel_from_portal(
     params: Obj = {"cancel_at_period_end": True}
     if details:
         params["cancellation_details"] = details
-    await engine.update_subscription(tx, config, subscription_id, params)
+    await changes.update_subscription(tx, config, subscription_id, params)
     return "canceled"
 
 
@@ -609,7 +609,7 @@ async def resume_from_portal(
         raise PortalRefusal("This subscription has already ended.", 409)
     if not (subscription.get("cancel_at_period_end") or subscription.get("cancel_at")):
         raise PortalRefusal("This subscription is not set to cancel.", 409)
-    await engine.update_subscription(tx, config, subscription_id, {"cancel_at_period_end": False})
+    await changes.update_subscription(tx, config, subscription_id, {"cancel_at_period_end": False})
     return "resumed"
 
 
@@ -624,13 +624,13 @@ async def update_payment_method(tx: Transaction, config: SandboxConfig, session_
         raise PortalRefusal("Updating the payment method is not enabled in this portal's configuration.", 403)
     customer_id = str(session["customer"])
     customer = await tx.get("customer", customer_id)
-    method = await engine.create_payment_method(tx, customer_id, tx.now(), customer.get("email"))
+    method = await payments.create_payment_method(tx, customer_id, tx.now(), customer.get("email"))
     settings = dict(customer.get("invoice_settings") or {})
     previous = {"invoice_settings": copy.deepcopy(settings)}
     settings["default_payment_method"] = method["id"]
     customer["invoice_settings"] = settings
     await tx.save(customer)
-    await engine.emit(tx, "customer.updated", customer, previous)
+    await payments.emit(tx, "customer.updated", customer, previous)
     subscriptions = await tx.all(
         "subscription",
         lambda s: (
@@ -640,10 +640,10 @@ async def update_payment_method(tx: Transaction, config: SandboxConfig, session_
         ),
     )
     for subscription in subscriptions:
-        await engine.update_subscription(
+        await changes.update_subscription(
             tx, config, subscription["id"], {"default_payment_method": method["id"]}
         )
-    await engine.set_payment_method_fails(tx, customer_id, fails)
+    await payments.set_payment_method_fails(tx, customer_id, fails)
     return "card_fails" if fails else "card_works"
 
 
@@ -784,8 +784,8 @@ async def invoice_pay(sandbox: SandboxHost, request: Request) -> Response:
                 error=f"This invoice is {invoice['status']}: nothing to pay.",
                 status=409,
             )
-        paid = await engine.attempt_payment(tx, invoice, now, succeed=True)
-        await engine.settle_subscription(tx, sandbox.config, invoice, paid, now)
+        paid = await payments.attempt_payment(tx, invoice, now, succeed=True)
+        await invoicing.settle_subscription(tx, sandbox.config, invoice, paid, now)
     return see_other(f"{root(request)}/invoices/{invoice_id}?notice=paid")
 
 

@@ -1,8 +1,8 @@
 """Checkout Sessions in subscription mode: create, retrieve, list, expire, line items.
 
 The customer's side of Checkout (paying, or having the card declined) is
-`engine.complete_checkout`, reached through `POST /_control/checkout/{id}/complete` or a
-hosted page; this module is the merchant's API.
+`engine.creation.complete_checkout`, reached through `POST /_control/checkout/{id}/complete` or
+a hosted page; this module is the merchant's API.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from stripe.params.checkout import (
     SessionRetrieveParams,
 )
 
-from stripe_sandbox import engine
 from stripe_sandbox.api import Call, created_filter, endpoint, paginate
-from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.engine import creation, periods
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing, unsupported
 from stripe_sandbox.store import new_id
 
 # Parameters of a session that the sandbox cannot honour: refused rather than ignored.
@@ -64,12 +64,12 @@ async def _line_items(call: Call) -> tuple[list[dict[str, Any]], int, str]:
         name = f"line_items[{index}]"
         for key in ("price_data", "adjustable_quantity", "tax_rates"):
             if key in spec:
-                raise engine.unsupported(f"{name}[{key}]")
+                raise unsupported(f"{name}[{key}]")
         if "price" not in spec:
             raise parameter_missing(f"{name}[price]")
-        price = await engine.get_price(call.tx, spec["price"], f"{name}[price]", recurring=False)
+        price = await periods.get_price(call.tx, spec["price"], f"{name}[price]", recurring=False)
         quantity = spec.get("quantity")
-        if engine.is_metered(price):
+        if periods.is_metered(price):
             if quantity is not None:
                 raise parameter_invalid(
                     f"{name}[quantity]", "Quantity should not be specified where usage_type is `metered`."
@@ -82,9 +82,9 @@ async def _line_items(call: Call) -> tuple[list[dict[str, Any]], int, str]:
         if price.get("recurring"):
             recurring_prices.append(price)
             if not trial:
-                total += engine.price_amount(price, int(quantity or 0))
+                total += periods.price_amount(price, int(quantity or 0))
         else:
-            total += engine.price_amount(price, int(quantity or 1))
+            total += periods.price_amount(price, int(quantity or 1))
         item: dict[str, Any] = {"price": price["id"], "quantity": quantity}
         if spec.get("metadata"):
             item["metadata"] = spec["metadata"]
@@ -96,10 +96,10 @@ async def _line_items(call: Call) -> tuple[list[dict[str, Any]], int, str]:
         )
     if len(currencies) > 1:
         raise parameter_invalid("line_items", "All prices must be in the same currency.")
-    mode = engine.billing_mode_param(
+    mode = periods.billing_mode_param(
         (call.params.get("subscription_data") or {}).get("billing_mode"), "subscription_data[billing_mode]"
     )
-    engine.check_compatible(recurring_prices, "line_items", billing_mode=mode)
+    periods.check_compatible(recurring_prices, "line_items", billing_mode=mode)
     return validated, total, currencies.pop()
 
 
@@ -111,16 +111,16 @@ async def create_session(call: Call) -> dict[str, Any]:
     if mode is None:
         raise parameter_missing("mode")
     if mode != "subscription":
-        raise engine.unsupported("mode", "the sandbox emulates Checkout in `subscription` mode")
+        raise unsupported("mode", "the sandbox emulates Checkout in `subscription` mode")
     for key in _UNSUPPORTED:
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     data = params.get("subscription_data") or {}
     for key in _UNSUPPORTED_SUBSCRIPTION_DATA:
         if key in data:
-            raise engine.unsupported(f"subscription_data[{key}]")
+            raise unsupported(f"subscription_data[{key}]")
     if params.get("ui_mode", "hosted_page") != "hosted_page":
-        raise engine.unsupported("ui_mode", "only `hosted_page`")
+        raise unsupported("ui_mode", "only `hosted_page`")
     if "success_url" not in params:
         raise parameter_missing("success_url")
     customer_id = params.get("customer")
@@ -134,7 +134,7 @@ async def create_session(call: Call) -> dict[str, Any]:
         raise parameter_invalid("customer_update", "customer_update can only be used with customer.")
     now = tx.now()
     trial_end = data.get("trial_end")
-    if trial_end is not None and int(trial_end) < now + 2 * engine.DAY:
+    if trial_end is not None and int(trial_end) < now + 2 * periods.DAY:
         raise parameter_invalid(
             "subscription_data[trial_end]", "The `trial_end` date has to be at least 2 days in the future."
         )
@@ -144,8 +144,8 @@ async def create_session(call: Call) -> dict[str, Any]:
             "subscription_data[trial_period_days]", "trial_period_days must be between 1 and 730."
         )
     line_items, total, currency = await _line_items(call)
-    expires_at = int(params.get("expires_at") or now + engine.CHECKOUT_LIFETIME)
-    if not now + 30 * engine.MINUTE <= expires_at <= now + engine.CHECKOUT_LIFETIME:
+    expires_at = int(params.get("expires_at") or now + creation.CHECKOUT_LIFETIME)
+    if not now + 30 * periods.MINUTE <= expires_at <= now + creation.CHECKOUT_LIFETIME:
         raise parameter_invalid(
             "expires_at", "The `expires_at` timestamp must be between 30 minutes and 24 hours from now."
         )
@@ -230,7 +230,7 @@ async def create_session(call: Call) -> dict[str, Any]:
         "automatic_tax": params.get("automatic_tax") or {},
         "customer_update": params.get("customer_update") or {},
     }
-    await tx.set_state(engine.checkout_request_key(session_id), json.dumps(request))
+    await tx.set_state(creation.checkout_request_key(session_id), json.dumps(request))
     return session
 
 
@@ -247,7 +247,7 @@ async def list_sessions(call: Call) -> dict[str, Any]:
     params = call.params
     for key in ("customer_account", "customer_details", "payment_intent", "payment_link"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     in_range = created_filter(params)
 
     def wanted(session: dict[str, Any]) -> bool:
@@ -264,7 +264,7 @@ async def list_sessions(call: Call) -> dict[str, Any]:
 @endpoint("POST", "/v1/checkout/sessions/{id}/expire", SessionExpireParams)
 async def expire_session(call: Call) -> dict[str, Any]:
     session = await call.tx.get("checkout.session", call.path["id"])
-    return await engine.expire_checkout(call.tx, session, call.tx.now())
+    return await creation.expire_checkout(call.tx, session, call.tx.now())
 
 
 @endpoint("GET", "/v1/checkout/sessions/{id}/line_items", SessionListLineItemsParams)
@@ -275,7 +275,7 @@ async def list_session_line_items(call: Call) -> dict[str, Any]:
 
 
 async def _line_item_list(call: Call, session: dict[str, Any]) -> dict[str, Any]:
-    request = json.loads(await call.tx.get_state(engine.checkout_request_key(session["id"]), "{}"))
+    request = json.loads(await call.tx.get_state(creation.checkout_request_key(session["id"]), "{}"))
     trial = bool((request.get("subscription_data") or {}).get("trial_period_days")) or bool(
         (request.get("subscription_data") or {}).get("trial_end")
     )
@@ -283,7 +283,7 @@ async def _line_item_list(call: Call, session: dict[str, Any]) -> dict[str, Any]
     for index, spec in enumerate(request.get("line_items", [])):
         price = await call.tx.get("price", spec["price"])
         quantity = spec.get("quantity")
-        amount = 0 if trial and price.get("recurring") else engine.price_amount(price, int(quantity or 0))
+        amount = 0 if trial and price.get("recurring") else periods.price_amount(price, int(quantity or 0))
         items.append(
             {
                 "id": f"li_{session['id'][-20:]}{index:04d}",
@@ -294,10 +294,10 @@ async def _line_item_list(call: Call, session: dict[str, Any]) -> dict[str, Any]
                 "amount_tax": 0,
                 "amount_total": amount,
                 "currency": price.get("currency"),
-                "description": await engine.product_name(call.tx, price),
+                "description": await periods.product_name(call.tx, price),
                 "discounts": [],
                 "metadata": spec.get("metadata") or {},
-                "price": engine.embedded_price(price),
+                "price": periods.embedded_price(price),
                 "quantity": quantity,
                 "taxes": [],
             }

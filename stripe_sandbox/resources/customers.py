@@ -120,7 +120,7 @@ async def update_customer(call: Call) -> dict[str, Any]:
 @endpoint("DELETE", "/v1/customers/{id}", CustomerDeleteParams)
 async def delete_customer(call: Call) -> dict[str, Any]:
     """Deleting a customer cancels its subscriptions at once, as Stripe does."""
-    from stripe_sandbox import engine  # the billing engine imports this module's helpers
+    from stripe_sandbox.engine import invoicing  # the billing engine imports this module's helpers
 
     customer = await live_customer(call, call.path["id"])
     live = await call.tx.all(
@@ -130,7 +130,7 @@ async def delete_customer(call: Call) -> dict[str, Any]:
         ),
     )
     for subscription in live:
-        await engine.cancel_subscription(call.tx, call.config, subscription, call.tx.now())
+        await invoicing.cancel_subscription(call.tx, call.config, subscription, call.tx.now())
     await call.tx.emit("customer.deleted", customer)
     await call.tx.save({**customer, "deleted": True})
     return {"id": customer["id"], "object": "customer", "deleted": True}

@@ -12,9 +12,9 @@ from stripe.params import (
     InvoiceRetrieveParams,
 )
 
-from stripe_sandbox import engine
 from stripe_sandbox.api import Call, created_filter, endpoint, paginate
-from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.engine import changes, invoicing, payments, periods
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing, unsupported
 
 
 @endpoint("GET", "/v1/invoices", InvoiceListParams)
@@ -22,7 +22,7 @@ async def list_invoices(call: Call) -> dict[str, Any]:
     params = call.params
     for key in ("due_date", "customer_account"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     in_range = created_filter(params)
 
     def wanted(invoice: dict[str, Any]) -> bool:
@@ -30,7 +30,7 @@ async def list_invoices(call: Call) -> dict[str, Any]:
             in_range(invoice)
             and params.get("customer") in (None, invoice.get("customer"))
             and params.get("status") in (None, invoice.get("status"))
-            and params.get("subscription") in (None, engine.subscription_of(invoice))
+            and params.get("subscription") in (None, payments.subscription_of(invoice))
             and params.get("collection_method") in (None, invoice.get("collection_method"))
         )
 
@@ -53,9 +53,9 @@ async def list_invoice_lines(call: Call) -> dict[str, Any]:
 async def pay_invoice(call: Call) -> dict[str, Any]:
     for key in call.params:
         if key not in ("expand", "off_session"):
-            raise engine.unsupported(key)
+            raise unsupported(key)
     invoice = await call.tx.get("invoice", call.path["id"])
-    return await engine.pay_invoice(call.tx, call.config, invoice, call.tx.now())
+    return await invoicing.pay_invoice(call.tx, call.config, invoice, call.tx.now())
 
 
 _PREVIEW_DETAILS = {
@@ -74,11 +74,11 @@ async def create_preview(call: Call) -> dict[str, Any]:
     params = call.params
     for key in params:
         if key not in ("customer", "subscription", "subscription_details", "expand", "preview_mode"):
-            raise engine.unsupported(key)
+            raise unsupported(key)
     details = params.get("subscription_details") or {}
     for key in details:
         if key not in _PREVIEW_DETAILS:
-            raise engine.unsupported(f"subscription_details[{key}]")
+            raise unsupported(f"subscription_details[{key}]")
     now = tx.now()
     subscription_id = params.get("subscription")
     if subscription_id is None:
@@ -87,12 +87,12 @@ async def create_preview(call: Call) -> dict[str, Any]:
             raise parameter_missing("customer")
         await tx.get("customer", customer_id, param="customer")
         if details.get("items"):
-            raise engine.unsupported(
+            raise unsupported(
                 "subscription_details[items]", "previews of new subscriptions: pass `subscription`"
             )
         live = await tx.all(
             "subscription",
-            lambda s: s.get("customer") == customer_id and s.get("status") in engine.LIVE_STATUSES,
+            lambda s: s.get("customer") == customer_id and s.get("status") in periods.LIVE_STATUSES,
         )
         if not live:
             raise StripeError(
@@ -100,7 +100,7 @@ async def create_preview(call: Call) -> dict[str, Any]:
                 f"No upcoming invoices for customer: {customer_id}",
                 code="invoice_upcoming_none",
             )
-        subscription = min(live, key=lambda s: engine.period_of(s)[1])
+        subscription = min(live, key=lambda s: periods.period_of(s)[1])
     else:
         subscription = await tx.get("subscription", subscription_id, param="subscription")
         if params.get("customer") not in (None, subscription["customer"]):
@@ -120,14 +120,14 @@ async def create_preview(call: Call) -> dict[str, Any]:
                 "subscription_details[proration_date]",
                 "proration_date cannot be set when proration_behavior is `none`.",
             )
-        items = await engine.resolve_items(
+        items = await changes.resolve_items(
             tx,
             subscription,
             details.get("items") or [],
             now,
             param="subscription_details[items]",
         )
-        change = await engine.plan_change(
+        change = await changes.plan_change(
             tx,
             subscription,
             items,
@@ -142,4 +142,4 @@ async def create_preview(call: Call) -> dict[str, Any]:
             f"No upcoming invoices for subscription: {subscription['id']} (it ends at the period end).",
             code="invoice_upcoming_none",
         )
-    return await engine.preview_change(tx, subscription, change, now)
+    return await changes.preview_change(tx, subscription, change, now)

@@ -1,6 +1,6 @@
 """Subscription schedules made `from_subscription`: create, retrieve, list, update, release, cancel.
 
-The clock (`engine.advance_clock`) starts each next phase when the current one ends.
+The clock (`engine.clock.advance_clock`) starts each next phase when the current one ends.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from stripe.params import (
     SubscriptionScheduleUpdateParams,
 )
 
-from stripe_sandbox import engine
 from stripe_sandbox.api import Call, apply_metadata, created_filter, endpoint, paginate
-from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing
+from stripe_sandbox.engine import clock, invoicing, payments, periods
+from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing, unsupported
 from stripe_sandbox.store import Transaction, new_id
 
 _PHASE_KEYS = {
@@ -89,7 +89,7 @@ async def create_schedule(call: Call) -> dict[str, Any]:
     params = call.params
     source = params.get("from_subscription")
     if source is None:
-        raise engine.unsupported("customer", "the sandbox creates schedules with `from_subscription` only")
+        raise unsupported("customer", "the sandbox creates schedules with `from_subscription` only")
     for key in params:
         if key not in ("from_subscription", "expand"):
             raise StripeError(
@@ -113,8 +113,10 @@ async def create_schedule(call: Call) -> dict[str, Any]:
             param="from_subscription",
         )
     now = tx.now()
-    start, end = engine.period_of(subscription)
-    items = [_phase_item(item["price"]["id"], item.get("quantity")) for item in engine.items_of(subscription)]
+    start, end = periods.period_of(subscription)
+    items = [
+        _phase_item(item["price"]["id"], item.get("quantity")) for item in periods.items_of(subscription)
+    ]
     trial_end = subscription.get("trial_end") if subscription["status"] == "trialing" else None
     phase = _phase(
         start, end, items, currency=str(subscription.get("currency") or "usd"), trial_end=trial_end
@@ -154,10 +156,10 @@ async def create_schedule(call: Call) -> dict[str, Any]:
         "test_clock": None,
     }
     await tx.insert(schedule)
-    await engine.emit(tx, "subscription_schedule.created", schedule)
+    await payments.emit(tx, "subscription_schedule.created", schedule)
     subscription["schedule"] = schedule["id"]
     await tx.save(subscription)
-    await engine.emit(tx, "customer.subscription.updated", subscription, {"schedule": None})
+    await payments.emit(tx, "customer.subscription.updated", subscription, {"schedule": None})
     return schedule
 
 
@@ -171,7 +173,7 @@ async def list_schedules(call: Call) -> dict[str, Any]:
     params = call.params
     for key in ("canceled_at", "completed_at", "released_at", "customer_account"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     in_range = created_filter(params)
 
     def wanted(schedule: dict[str, Any]) -> bool:
@@ -206,7 +208,7 @@ async def _resolve_phases(
         name = f"phases[{index}]"
         for key in spec:
             if key not in _PHASE_KEYS:
-                raise engine.unsupported(f"{name}[{key}]")
+                raise unsupported(f"{name}[{key}]")
         given = spec.get("start_date")
         if given is not None:
             given = now if given == "now" else int(given)
@@ -228,13 +230,13 @@ async def _resolve_phases(
             item_name = f"{name}[items][{number}]"
             for key in item:
                 if key not in ("price", "plan", "quantity", "metadata"):
-                    raise engine.unsupported(f"{item_name}[{key}]")
+                    raise unsupported(f"{item_name}[{key}]")
             price_id = item.get("price") or item.get("plan")
             if not price_id:
                 raise parameter_missing(f"{item_name}[price]")
-            price = await engine.get_price(tx, str(price_id), f"{item_name}[price]")
+            price = await periods.get_price(tx, str(price_id), f"{item_name}[price]")
             quantity = item.get("quantity")
-            if engine.is_metered(price):
+            if periods.is_metered(price):
                 if quantity is not None:
                     raise parameter_invalid(
                         f"{item_name}[quantity]",
@@ -244,18 +246,18 @@ async def _resolve_phases(
                 quantity = 1 if quantity is None else int(quantity)
             prices.append(price)
             items.append(_phase_item(price["id"], quantity, item.get("metadata")))
-        mode = str((schedule.get("billing_mode") or {}).get("type") or engine.DEFAULT_BILLING_MODE)
-        engine.check_compatible(prices, f"{name}[items]", billing_mode=mode)
+        mode = str((schedule.get("billing_mode") or {}).get("type") or periods.DEFAULT_BILLING_MODE)
+        periods.check_compatible(prices, f"{name}[items]", billing_mode=mode)
         if spec.get("end_date") is not None:
             end = now if spec["end_date"] == "now" else int(spec["end_date"])
         elif spec.get("duration") is not None:
             duration = spec["duration"]
-            end = engine.add_intervals(
+            end = periods.add_intervals(
                 start, duration["interval"], int(duration.get("interval_count") or 1), 1
             )
         else:
             # One billing period; with mixed intervals (flexible mode) the longest one.
-            end = max(engine.add_intervals(start, *engine.interval_of(price), 1) for price in prices)
+            end = max(periods.add_intervals(start, *periods.interval_of(price), 1) for price in prices)
         if end <= start:
             raise parameter_invalid(
                 f"{name}[end_date]", "The end date of a phase must be after its start date."
@@ -286,7 +288,7 @@ async def update_schedule(call: Call) -> dict[str, Any]:
     _ensure_open(schedule, "update")
     for key in ("default_settings", "pause_schedules"):
         if key in params:
-            raise engine.unsupported(key)
+            raise unsupported(key)
     now = tx.now()
     previous: dict[str, Any] = {}
     if "metadata" in params:
@@ -294,7 +296,7 @@ async def update_schedule(call: Call) -> dict[str, Any]:
         schedule["metadata"] = apply_metadata(schedule["metadata"], params["metadata"])
     if "end_behavior" in params:
         if params["end_behavior"] not in ("release", "cancel"):
-            raise engine.unsupported("end_behavior", "only `release` or `cancel`")
+            raise unsupported("end_behavior", "only `release` or `cancel`")
         previous["end_behavior"] = schedule["end_behavior"]
         schedule["end_behavior"] = params["end_behavior"]
     if "phases" in params:
@@ -307,19 +309,19 @@ async def update_schedule(call: Call) -> dict[str, Any]:
         current = dict(phases[0])
         if "proration_behavior" in params:
             current["proration_behavior"] = params["proration_behavior"]
-        await engine.apply_phase(tx, call.config, schedule, current, now)
+        await clock.apply_phase(tx, call.config, schedule, current, now)
         schedule = await tx.get("subscription_schedule", schedule["id"])
     changed = {key: value for key, value in previous.items() if schedule.get(key) != value}
     await tx.save(schedule)
     if changed:
-        await engine.emit(tx, "subscription_schedule.updated", schedule, changed)
+        await payments.emit(tx, "subscription_schedule.updated", schedule, changed)
     return schedule
 
 
 @endpoint("POST", "/v1/subscription_schedules/{id}/release", SubscriptionScheduleReleaseParams)
 async def release_schedule(call: Call) -> dict[str, Any]:
     schedule = await call.tx.get("subscription_schedule", call.path["id"])
-    return await engine.release_schedule(call.tx, schedule, call.tx.now())
+    return await clock.release_schedule(call.tx, schedule, call.tx.now())
 
 
 @endpoint("POST", "/v1/subscription_schedules/{id}/cancel", SubscriptionScheduleCancelParams)
@@ -330,7 +332,7 @@ async def cancel_schedule(call: Call) -> dict[str, Any]:
     now = tx.now()
     subscription = await tx.find(str(schedule.get("subscription")))
     if subscription is not None and subscription["status"] != "canceled":
-        await engine.cancel_subscription(
+        await invoicing.cancel_subscription(
             tx,
             call.config,
             subscription,
@@ -343,5 +345,5 @@ async def cancel_schedule(call: Call) -> dict[str, Any]:
     schedule["canceled_at"] = now
     schedule["current_phase"] = None
     await tx.save(schedule)
-    await engine.emit(tx, "subscription_schedule.canceled", schedule)
+    await payments.emit(tx, "subscription_schedule.canceled", schedule)
     return schedule

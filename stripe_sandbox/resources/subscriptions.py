@@ -1,8 +1,8 @@
 """Subscriptions: retrieve, list, search, update (plan changes with proration), cancel, resume,
 and migrate (`classic` -> `flexible` billing mode; there is no way back, as on Stripe).
 
-Subscriptions are created by completing a Checkout Session (`engine.complete_checkout`); the
-billing logic lives in `stripe_sandbox.engine`.
+Subscriptions are created by completing a Checkout Session
+(`engine.creation.complete_checkout`); the billing logic lives in `stripe_sandbox.engine`.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from stripe.params import (
     SubscriptionUpdateParams,
 )
 
-from stripe_sandbox import engine
 from stripe_sandbox.api import (
     Call,
     created_filter,
@@ -29,7 +28,8 @@ from stripe_sandbox.api import (
     search_matcher,
     search_result,
 )
-from stripe_sandbox.errors import StripeError, parameter_invalid
+from stripe_sandbox.engine import changes, invoicing, payments, periods
+from stripe_sandbox.errors import StripeError, parameter_invalid, unsupported
 
 
 @endpoint("GET", "/v1/subscriptions/{id}", SubscriptionRetrieveParams)
@@ -67,12 +67,14 @@ async def list_subscriptions(call: Call) -> dict[str, Any]:
     price = params.get("price") or params.get("plan")
 
     def wanted(subscription: dict[str, Any]) -> bool:
-        start, end = engine.period_of(subscription)
+        start, end = periods.period_of(subscription)
         return (
             in_range(subscription)
             and params.get("customer") in (None, subscription.get("customer"))
             and _status_matches(params.get("status"), subscription["status"])
-            and (price is None or any(item["price"]["id"] == price for item in engine.items_of(subscription)))
+            and (
+                price is None or any(item["price"]["id"] == price for item in periods.items_of(subscription))
+            )
             and params.get("collection_method") in (None, subscription.get("collection_method"))
             and _period_filter(params.get("current_period_start"), start)
             and _period_filter(params.get("current_period_end"), end)
@@ -89,7 +91,7 @@ async def search_subscriptions(call: Call) -> dict[str, Any]:
 
 @endpoint("POST", "/v1/subscriptions/{id}", SubscriptionUpdateParams)
 async def update_subscription(call: Call) -> dict[str, Any]:
-    return await engine.update_subscription(call.tx, call.config, call.path["id"], call.params)
+    return await changes.update_subscription(call.tx, call.config, call.path["id"], call.params)
 
 
 @endpoint("DELETE", "/v1/subscriptions/{id}", SubscriptionCancelParams)
@@ -101,7 +103,7 @@ async def cancel_subscription(call: Call) -> dict[str, Any]:
             f"This subscription has already been canceled: {subscription['id']}.",
             param="subscription",
         )
-    return await engine.cancel_subscription(
+    return await invoicing.cancel_subscription(
         call.tx,
         call.config,
         subscription,
@@ -117,8 +119,8 @@ async def resume_subscription(call: Call) -> dict[str, Any]:
     subscription = await call.tx.get("subscription", call.path["id"])
     for key in ("proration_behavior", "proration_date"):
         if key in call.params:
-            raise engine.unsupported(key, "resuming always starts a new period now")
-    return await engine.resume_subscription(call.tx, call.config, subscription, call.tx.now(), call.params)
+            raise unsupported(key, "resuming always starts a new period now")
+    return await changes.resume_subscription(call.tx, call.config, subscription, call.tx.now(), call.params)
 
 
 @endpoint("POST", "/v1/subscriptions/{id}/migrate", SubscriptionMigrateParams)
@@ -126,13 +128,13 @@ async def migrate_subscription(call: Call) -> dict[str, Any]:
     """`classic` -> `flexible` billing mode (then prices of different intervals may be mixed)."""
     tx = call.tx
     subscription = await tx.get("subscription", call.path["id"])
-    mode = engine.billing_mode_param(call.params.get("billing_mode") or {}, "billing_mode")
+    mode = periods.billing_mode_param(call.params.get("billing_mode") or {}, "billing_mode")
     if mode != "flexible":
         raise parameter_invalid("billing_mode[type]", "Subscriptions can only be migrated to `flexible`.")
-    if engine.billing_mode_of(subscription) == "flexible":
+    if periods.billing_mode_of(subscription) == "flexible":
         return subscription
     previous = {"billing_mode": copy.deepcopy(subscription["billing_mode"])}
-    subscription["billing_mode"] = engine.billing_mode_object("flexible", tx.now())
+    subscription["billing_mode"] = periods.billing_mode_object("flexible", tx.now())
     await tx.save(subscription)
-    await engine.emit(tx, "customer.subscription.updated", subscription, previous)
+    await payments.emit(tx, "customer.subscription.updated", subscription, previous)
     return subscription

@@ -16,7 +16,6 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Select, event
@@ -158,8 +157,8 @@ class Database:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
-    async def first(self, statement: Select[Any], parameters: Mapping[str, Any]) -> Any | None:
-        """The first row of `statement` (attributes named as its columns), or None.
+    async def first(self, statement: Select[Any], parameters: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The first row of `statement` as a dict keyed by its column names, or None.
 
         On PostgreSQL the statement is compiled once and run by asyncpg itself on a connection
         of the pool, outside any transaction (as `read()`), with SQLAlchemy's bind and result
@@ -180,7 +179,8 @@ class Database:
                     self._raw_reads[statement] = raw
         if raw is None:
             async with self.read() as conn:
-                return (await conn.execute(statement, dict(parameters))).first()
+                row = (await conn.execute(statement, dict(parameters))).mappings().first()
+            return None if row is None else dict(row)
         values = [
             parameters[name] if default is _REQUIRED else parameters.get(name, default)
             for name, _process, default in raw.parameters
@@ -199,12 +199,10 @@ class Database:
                 raise
         if record is None:
             return None
-        return SimpleNamespace(
-            **{
-                key: value if process is None else process(value)
-                for (key, process), value in zip(raw.columns, record, strict=True)
-            }
-        )
+        return {
+            key: value if process is None else process(value)
+            for (key, process), value in zip(raw.columns, record, strict=True)
+        }
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:

@@ -195,7 +195,8 @@ class BillingGraphQL(GraphQL[Context, None]):
         self.services = services
         self.max_connections = services.settings.ws_max_connections
         self.connections = 0  # open websockets of this app (one process)
-        self.lean = LeanExecutor(schema, services) if LeanExecutor.serves(schema) else None
+        serves = services.settings.fast_paths and LeanExecutor.serves(schema)
+        self.lean = LeanExecutor(schema, services) if serves else None
         if self._stream_transport_map:  # HTTP streaming protocols: Strawberry's view decides
             self.lean = None
 

@@ -1,17 +1,23 @@
 """The fast paths behind `FAST_PATHS`: asyncpg one-row reads (db/fast_read.py) give what
-SQLAlchemy gives, and the setting turns them off."""
+SQLAlchemy gives, the lean executor (graph/lean_executor.py) answers what Strawberry's view
+answers, and the one setting turns both on or off."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import bindparam, event, select
+from strawberry.extensions import SchemaExtension
+from strawberry.tools import merge_types
 
 from db.engine import Database
 from db.models import account_table
 from db.types import UTCDateTime
-from tests.test_graphql_support import insert_account
+from graph.schema import Query as BillingQuery
+from graph.schema import build_schema
+from tests.test_graphql_support import error_codes, hs256_token, insert_account, serve_api
 
 c = account_table.c
 ONE_ACCOUNT = select(
@@ -71,3 +77,51 @@ async def test_an_expanding_parameter_is_left_to_sqlalchemy(database: Database) 
     statement = select(c.user_id).where(c.user_id.in_(bindparam("users", expanding=True)))
     assert (await database.first(statement, {"users": ["listed", "other"]})) == {"user_id": "listed"}
     assert database.fast_reads.compiled[statement] is None
+
+
+# The lean executor, and the rules on every path -------------------------------------------------
+
+VIEWER = "{ viewer { subscription { status tier } } }"
+
+
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["on", "off"])
+async def test_fast_paths_setting_turns_both_on_or_off(database: Database, fast_paths: bool) -> None:
+    await insert_account(database, "switch")
+    async with serve_api(database, fast_paths=fast_paths) as api:
+        answer = await api.query(VIEWER, token=hs256_token("switch"))
+        lean = api.app.graphql_websocket.lean
+    assert answer == {"data": {"viewer": {"subscription": {"status": "ACTIVE", "tier": "PRO"}}}}
+    assert (lean is not None) is fast_paths
+    assert (database.fast_reads is not None) is (fast_paths and database.is_postgres)
+
+
+class _SeesOperations(SchemaExtension):
+    seen: list[str | None] = []
+
+    def on_operation(self) -> Iterator[None]:
+        _SeesOperations.seen.append(self.execution_context.query)
+        yield
+
+
+async def test_strawberrys_path_applies_the_same_rules(db: Database) -> None:
+    """A schema with an extension of its own is served by Strawberry's view whatever the
+    setting: the view still refuses over the limits, codes every error, and the refused
+    documents never reach the schema (its extension sees only the operation that ran)."""
+    _SeesOperations.seen.clear()
+    host = build_schema(merge_types("Query", (BillingQuery,)), extensions=[_SeesOperations])
+    aliases = "{ " + " ".join(f"a{i}: plans {{ id }}" for i in range(3)) + " }"
+    async with serve_api(db, schema=host, graphql_max_aliases=2) as api:
+        assert api.app.graphql_websocket.lean is None
+        over = await api.query(aliases)
+        unparsed = await api.query("{ plans { id }")
+        unknown = await api.query("{ plans { nope } }")
+        bad_argument = await api.query("{ access(feature: 42) { allowed } }")
+        accepted = await api.query("{ plans { id } }")
+    assert [error["extensions"] for error in over["errors"]] == [
+        {"code": "QUERY_TOO_COMPLEX", "limit": "aliases", "maximum": 2}
+    ]
+    assert error_codes(unparsed) == ["GRAPHQL_PARSE_FAILED"]
+    assert error_codes(unknown) == ["GRAPHQL_VALIDATION_FAILED"]
+    assert error_codes(bad_argument) == ["BAD_USER_INPUT"]
+    assert len(accepted["data"]["plans"]) == 4
+    assert _SeesOperations.seen == ["{ plans { id } }"]

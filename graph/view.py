@@ -124,12 +124,13 @@ class OperationRules:
         return verdict
 
     def refusal(
-        self, query: str | None, operation_name: object, allowed: Collection[StrawberryOperationType]
+        self, query: object, operation_name: object, allowed: Collection[StrawberryOperationType]
     ) -> list[GraphQLError] | None:
         """The errors that refuse `query`, or None when Strawberry may take it: an accepted
-        document, or one Strawberry refuses itself before validating it (no query, an operation
-        it cannot find or of a type the transport does not allow: its own answer, 400 on HTTP)."""
-        if not query:
+        document, or one Strawberry refuses itself before validating it (no query or not a
+        string, an operation it cannot find or of a type the transport does not allow: its own
+        answer, 400 on HTTP)."""
+        if not query or not isinstance(query, str):
             return None
         verdict = self.check(query)
         if not verdict.errors:

@@ -7,7 +7,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 
+import httpx
 import pytest
+from httpx_ws import aconnect_ws
 from sqlalchemy import bindparam, event, select
 from strawberry.extensions import SchemaExtension
 from strawberry.tools import merge_types
@@ -125,3 +127,22 @@ async def test_strawberrys_path_applies_the_same_rules(db: Database) -> None:
     assert error_codes(bad_argument) == ["BAD_USER_INPUT"]
     assert len(accepted["data"]["plans"]) == 4
     assert _SeesOperations.seen == ["{ plans { id } }"]
+
+
+async def test_a_websocket_operation_whose_query_is_not_text_is_left_to_strawberry(db: Database) -> None:
+    """The view checks text only: anything else gets Strawberry's own answer, and the
+    connection goes on serving."""
+    token = hs256_token("not-text")
+    async with (
+        serve_api(db) as api,
+        httpx.AsyncClient() as client,
+        aconnect_ws(api.endpoint, client, subprotocols=["graphql-transport-ws"]) as ws,
+    ):
+        await ws.send_json({"type": "connection_init", "payload": {"Authorization": f"Bearer {token}"}})
+        assert (await ws.receive_json(timeout=5))["type"] == "connection_ack"
+        await ws.send_json({"id": "1", "type": "subscribe", "payload": {"query": {"not": "text"}}})
+        ended = await ws.receive_json(timeout=5)
+        await ws.send_json({"id": "2", "type": "subscribe", "payload": {"query": "{ plans { id } }"}})
+        answer = await ws.receive_json(timeout=5)
+    assert ended["id"] == "1" and ended["type"] in {"error", "complete"}, ended
+    assert answer["id"] == "2" and len(answer["payload"]["data"]["plans"]) == 4, answer

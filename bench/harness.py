@@ -731,12 +731,22 @@ class Bench:
         while server.process.poll() is None:  # noqa: ASYNC110 (polling a child process)
             await asyncio.sleep(1)
 
-    async def compare_trees(self, trees: list[Path], rounds: int = 3) -> str:
-        """`--ab`: the same requests against the service of each source tree, in turns, on one database."""
+    async def compare_trees(
+        self, trees: list[Path], settings: list[dict[str, str]] | None = None, rounds: int = 3
+    ) -> str:
+        """`--ab`: the same requests against the service of each source tree (with its settings of
+        `--ab-env`, if any), in turns, on one database."""
         await self.prepare()
+        settings = settings or [{} for _ in trees]
         services = [
-            self.start(f"tree{n}", "graph.app:create_app", factory=True, ready="/healthz", cwd=tree)
-            for n, tree in enumerate(trees)
+            self.start(
+                f"tree{n}", "graph.app:create_app", factory=True, ready="/healthz", cwd=tree, settings=env
+            )
+            for n, (tree, env) in enumerate(zip(trees, settings, strict=True))
+        ]
+        names = [
+            f"{tree}{' ' + ' '.join(f'{k}={v}' for k, v in env.items()) if env else ''}"
+            for tree, env in zip(trees, settings, strict=True)
         ]
         for service in services:
             self.check_graphql(service, VIEWER, self.tokens[0])
@@ -765,9 +775,8 @@ class Bench:
                         templates, events, _ = self.event_files(f"ab{n}t{index}", 60_000)
                         args = [templates, events, "2"]
                     path = "/webhooks/stripe" if script == "webhook.lua" else "/graphql"
-                    row = self.measure(
-                        "ab", f"{trees[index]}: {what}", service, path, script, args, connections
-                    )
+                    what_here = f"{names[index]}: {what}"
+                    row = self.measure("ab", what_here, service, path, script, args, connections)
                     rows.setdefault((what, index), []).append(row)
         lines = [
             f"A/B of {rounds} rounds, in turns, {self.profile.seconds:g} s runs; load {load()} at the end",
@@ -779,7 +788,7 @@ class Bench:
             rps = statistics.median(r.result.rps for r in measured if r.result)
             p50 = statistics.median(r.result.p50_ms for r in measured if r.result)
             cpu = statistics.median(r.cpu_ms for r in measured if r.cpu_ms is not None)
-            lines.append(f"| {what} | `{trees[index]}` | {rps:,.0f} | {p50:.2f} | {cpu:.3f} |")
+            lines.append(f"| {what} | `{names[index]}` | {rps:,.0f} | {p50:.2f} | {cpu:.3f} |")
         return "\n".join(lines) + "\n"
 
     async def cleanup(self) -> None:
@@ -787,6 +796,21 @@ class Bench:
         with contextlib.suppress(Exception):
             await seed.drop_database(self.database_name)
             print(f"==> dropped database {self.database_name}", flush=True)
+
+
+def ab_settings(given: list[str] | None, trees: int) -> list[dict[str, str]] | None:
+    """`--ab-env`'s settings, one dict per tree."""
+    if given is None:
+        return None
+    if len(given) != trees:
+        raise SystemExit(f"--ab-env: {len(given)} settings for {trees} trees (one per tree, '-' for none)")
+    settings = []
+    for spec in given:
+        pairs = [] if spec == "-" else [pair.split("=", 1) for pair in spec.split(",")]
+        if any(len(pair) != 2 or not pair[0] for pair in pairs):
+            raise SystemExit(f"--ab-env: {spec!r} is not KEY=VALUE[,KEY=VALUE] or -")
+        settings.append({key: value for key, value in pairs})
+    return settings
 
 
 def versions() -> dict[str, str]:
@@ -908,6 +932,14 @@ def _main() -> None:
         metavar="TREE",
         help="compare the services of these source trees (e.g. git worktrees), in turns",
     )
+    parser.add_argument(
+        "--ab-env",
+        nargs="+",
+        default=None,
+        metavar="KEY=VALUE[,KEY=VALUE]",
+        help="with --ab: the service settings of each tree, in order ('-' for none), "
+        "e.g. --ab . . --ab-env FAST_PATHS=true FAST_PATHS=false",
+    )
     parser.add_argument("--seconds", type=float, default=None, help="length of each wrk run")
     parser.add_argument(
         "--serve",
@@ -929,7 +961,8 @@ def _main() -> None:
         bench = Bench(profile, Path(workdir))
         try:
             if arguments.ab:
-                print(asyncio.run(bench.compare_trees([tree.resolve() for tree in arguments.ab])))
+                trees = [tree.resolve() for tree in arguments.ab]
+                print(asyncio.run(bench.compare_trees(trees, ab_settings(arguments.ab_env, len(trees)))))
             elif arguments.serve:
                 asyncio.run(bench.serve(arguments.serve))
             else:

@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import calendar
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import ColumnElement, Select, bindparam, select
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog, tier_rank
@@ -76,32 +78,32 @@ class SubscriptionState:
     pending_change_at: datetime | None = None
 
     @classmethod
-    def from_row(cls, row: Any) -> SubscriptionState:
+    def from_row(cls, row: Mapping[str, Any]) -> SubscriptionState:
+        """The state of a row of `account_state_select`."""
+        pending_tier, pending_interval = row["pending_tier"], row["pending_interval"]
         return cls(
-            user_id=row.user_id,
-            email=row.email,
-            name=row.name,
-            status=SubscriptionStatus(row.status),
-            tier=Tier(row.tier),
-            interval=BillingInterval(row.interval) if row.interval else None,
-            price_id=row.stripe_price_id,
-            current_period_start=row.current_period_start,
-            current_period_end=row.current_period_end,
-            trial_end=row.trial_end,
-            cancel_at_period_end=bool(row.cancel_at_period_end),
-            canceled_at=row.canceled_at,
-            trial_used=bool(row.trial_used),
-            account_id=getattr(row, "id", None),
-            pending_tier=Tier(row.pending_tier) if getattr(row, "pending_tier", None) else None,
-            pending_interval=(
-                BillingInterval(row.pending_interval) if getattr(row, "pending_interval", None) else None
-            ),
-            pending_change_at=getattr(row, "pending_change_at", None),
+            user_id=row["user_id"],
+            email=row["email"],
+            name=row["name"],
+            status=SubscriptionStatus(row["status"]),
+            tier=Tier(row["tier"]),
+            interval=BillingInterval(row["interval"]) if row["interval"] else None,
+            price_id=row["stripe_price_id"],
+            current_period_start=row["current_period_start"],
+            current_period_end=row["current_period_end"],
+            trial_end=row["trial_end"],
+            cancel_at_period_end=bool(row["cancel_at_period_end"]),
+            canceled_at=row["canceled_at"],
+            trial_used=bool(row["trial_used"]),
+            account_id=int(row["id"]),
+            pending_tier=Tier(pending_tier) if pending_tier else None,
+            pending_interval=BillingInterval(pending_interval) if pending_interval else None,
+            pending_change_at=row["pending_change_at"],
         )
 
 
 _c = account_table.c
-_BY_USER = select(
+_STATE_COLUMNS = (
     _c.id,
     _c.user_id,
     _c.email,
@@ -119,13 +121,27 @@ _BY_USER = select(
     _c.pending_tier,
     _c.pending_interval,
     _c.pending_change_at,
-).where(_c.user_id == bindparam("user_id"))
+)
+
+
+def account_state_select(condition: ColumnElement[bool]) -> Select[Any]:
+    """The account-state rows matching `condition`: the one column list `SubscriptionState.from_row` reads."""
+    return select(*_STATE_COLUMNS).where(condition)
+
+
+_BY_USER = account_state_select(_c.user_id == bindparam("user_id"))
 
 
 async def load_subscription(database: Database, user_id: str) -> SubscriptionState:
     """The user's subscription state in one query; status `none` when they have no account."""
     row = await database.first(_BY_USER, {"user_id": user_id})
     return SubscriptionState(user_id=user_id) if row is None else SubscriptionState.from_row(row)
+
+
+async def account_states(conn: AsyncConnection, user_ids: Sequence[str]) -> dict[str, SubscriptionState]:
+    """The state of each of `user_ids` that has an account, in one query (users without one are left out)."""
+    rows = await conn.execute(account_state_select(_c.user_id.in_(user_ids)))
+    return {row["user_id"]: SubscriptionState.from_row(row) for row in rows.mappings()}
 
 
 def add_months(anchor: datetime, months: int) -> datetime:

@@ -41,7 +41,7 @@ from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import ConnectionPoolEntry
 
-from billing.access import AccessPolicy, SubscriptionState
+from billing.access import AccessPolicy, SubscriptionState, account_states
 from billing.clock import Clock, utcnow
 from db.engine import Database
 from db.enums import Tier
@@ -332,9 +332,8 @@ class BillingStateHub:
         async with self.database.read() as conn:
             for chunk in _chunks(user_ids):
                 self.reads += 1
-                query = select(account_table).where(account_table.c.user_id.in_(chunk))
-                for row in (await conn.execute(query)).all():
-                    states[row.user_id] = (SubscriptionState.from_row(row), int(row.id))
+                for user_id, state in (await account_states(conn, chunk)).items():
+                    states[user_id] = (state, state.account_id)
         return states
 
     def _offer(self, user_id: str, state: SubscriptionState, account_id: int | None) -> None:

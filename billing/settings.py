@@ -69,6 +69,8 @@ class Settings(BaseSettings):
     ws_max_connections: int = Field(default=1000, ge=1, le=1_000_000)
     # Per-user budget of the mutations that call Stripe: "N/second|minute|hour|day", or "off".
     rate_limit_stripe_mutations: str = "10/minute"
+    # The lean GraphQL executor (graph/lean_executor.py) and asyncpg one-row reads (db/fast_read.py).
+    fast_paths: bool = True
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")

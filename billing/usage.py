@@ -56,6 +56,7 @@ from billing.access import (
     AccessDecision,
     AccessPolicy,
     SubscriptionState,
+    account_states,
     add_months,
     check_feature_name,
     effective_tier,
@@ -68,7 +69,7 @@ from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from db.engine import Database
 from db.enums import BillingInterval, Tier
-from db.models import account_table, rollup_table, usage_table
+from db.models import rollup_table, usage_table
 from db.types import UTCDateTime
 
 MAX_BATCH = 1000
@@ -151,24 +152,6 @@ def validate_usage(
             index, "recordedAt", "recordedAt is more than 35 days ago (Stripe's meter event window)"
         )
     return at
-
-
-_ACCOUNTS = select(
-    account_table.c.id,
-    account_table.c.user_id,
-    account_table.c.email,
-    account_table.c.name,
-    account_table.c.status,
-    account_table.c.tier,
-    account_table.c.interval,
-    account_table.c.stripe_price_id,
-    account_table.c.current_period_start,
-    account_table.c.current_period_end,
-    account_table.c.trial_end,
-    account_table.c.cancel_at_period_end,
-    account_table.c.canceled_at,
-    account_table.c.trial_used,
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -390,23 +373,19 @@ async def _live_accounts(
     conn: AsyncConnection, records: Sequence[UsageInput], now: datetime, grace: timedelta
 ) -> dict[str, int]:
     """user id -> account id, for users whose subscription grants access now; else the refusal."""
-    users = sorted({record.user_id for record in records})
-    found = {
-        row.user_id: row for row in await conn.execute(_ACCOUNTS.where(account_table.c.user_id.in_(users)))
-    }
+    found = await account_states(conn, sorted({record.user_id for record in records}))
     accounts: dict[str, int] = {}
     for index, record in enumerate(records):
         if record.user_id in accounts:
             continue
-        row = found.get(record.user_id)
-        if row is None:
+        state = found.get(record.user_id)
+        if state is None or state.account_id is None:
             raise BillingError(
                 f"no billing account for user {record.user_id!r}",
                 code=ErrorCode.NO_BILLING_ACCOUNT,
                 index=index,
                 userId=record.user_id,
             )
-        state = SubscriptionState.from_row(row)
         if effective_tier(state, now=now, past_due_grace=grace) is Tier.NONE:
             raise BillingError(
                 f"user {record.user_id!r} has no live subscription (status {state.status.value})",
@@ -414,7 +393,7 @@ async def _live_accounts(
                 index=index,
                 userId=record.user_id,
             )
-        accounts[record.user_id] = int(row.id)
+        accounts[record.user_id] = state.account_id
     return accounts
 
 

@@ -3,8 +3,8 @@
 Code that touches the database asks a `Database` for a connection:
 
 - `db.read()` for reads (no write lock taken on SQLite);
-- `db.first(select, parameters)` for a hot read of one row (on PostgreSQL straight through
-  asyncpg on a pooled connection: no SQLAlchemy execution around it);
+- `db.first(select, parameters)` for a hot read of one row (with fast reads, `db.fast_read`,
+  asyncpg runs it on a pooled connection: no SQLAlchemy execution around it);
 - `db.write_one()` for a single statement that is atomic by itself (no transaction round trips
   on PostgreSQL);
 - `db.write()` for a write transaction. On SQLite it starts with `BEGIN IMMEDIATE`, so two
@@ -13,16 +13,16 @@ Code that touches the database asks a `Database` for a connection:
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import Select, event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from db.fast_read import FastReads
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
 
@@ -95,51 +95,24 @@ def _configure_sqlite(engine: AsyncEngine) -> None:
         connection.exec_driver_sql(f"BEGIN {mode}")
 
 
-_REQUIRED = object()  # a parameter without a value of its own: the caller must give it
-
-
-def _default(bind: Any) -> Any:
-    return _REQUIRED if bind.required else bind.effective_value
-
-
-@dataclass(frozen=True, slots=True)
-class _RawRead:
-    """A select compiled once for asyncpg: its SQL, its parameters in order with their bind
-    processors, and its columns with their result processors (what SQLAlchemy would apply)."""
-
-    sql: str
-    parameters: tuple[tuple[str, Callable[[Any], Any] | None, Any], ...]  # name, processor, default
-    columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]
-
-    @classmethod
-    def compile(cls, statement: Select[Any], engine: AsyncEngine) -> _RawRead | None:
-        dialect = engine.dialect
-        compiled = statement.compile(dialect=dialect)
-        names = compiled.positiontup
-        if names is None or compiled.literal_execute_params or compiled.post_compile_params:
-            return None  # expanding (IN) or literal parameters: SQLAlchemy's way
-        binds = compiled.binds
-        selected = statement.selected_columns
-        columns = tuple(
-            (key, column.type._cached_result_processor(dialect, None))
-            for key, column in zip(selected.keys(), selected, strict=True)
-        )
-        parameters = tuple(
-            (name, binds[name].type._cached_bind_processor(dialect), _default(binds[name])) for name in names
-        )
-        return cls(sql=compiled.string, parameters=parameters, columns=columns)
-
-
 class Database:
     """The engine of one process and the ways to use it."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, *, fast_reads: bool = False) -> None:
         self.engine = engine
-        self._raw_reads: dict[Select[Any], _RawRead | None] = {}
+        self.fast_reads: FastReads | None = None
+        self.use_fast_reads(fast_reads)
 
     @classmethod
-    def from_url(cls, url: str, **kwargs: Any) -> Database:
-        return cls(create_engine(url, **kwargs))
+    def from_url(cls, url: str, *, fast_reads: bool = False, **kwargs: Any) -> Database:
+        return cls(create_engine(url, **kwargs), fast_reads=fast_reads)
+
+    def use_fast_reads(self, enabled: bool) -> None:
+        """`first()` through asyncpg itself (db.fast_read) when enabled, on PostgreSQL."""
+        if not enabled or not self.is_postgres:
+            self.fast_reads = None
+        elif self.fast_reads is None:
+            self.fast_reads = FastReads(self.engine)
 
     @property
     def is_postgres(self) -> bool:
@@ -158,53 +131,19 @@ class Database:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
             yield conn
 
-    async def first(self, statement: Select[Any], parameters: Mapping[str, Any]) -> Any | None:
-        """The first row of `statement` (attributes named as its columns), or None.
+    async def first(self, statement: Select[Any], parameters: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The first row of `statement` as a dict keyed by its column names, or None.
 
-        On PostgreSQL the statement is compiled once and run by asyncpg itself on a connection
-        of the pool, outside any transaction (as `read()`), with SQLAlchemy's bind and result
-        processors applied: the same values, at half the CPU of SQLAlchemy's execution of a
-        small read (checkout with an isolation switch, execution context, result object).
-        Statements with expanding parameters, SQLite, and an engine with `before_cursor_execute`
-        listeners take `read()`.
+        With fast reads (PostgreSQL, `FAST_PATHS`) asyncpg runs it on a pooled connection, else
+        SQLAlchemy as `read()` does: the same values either way.
         """
-        raw: _RawRead | None = None
-        # An engine with cursor listeners (tracing, tests counting statements) keeps SQLAlchemy's
-        # execution, so the listeners see every statement.
-        if self.is_postgres and not self.engine.sync_engine.dispatch.before_cursor_execute:
-            if statement in self._raw_reads:
-                raw = self._raw_reads[statement]
-            else:
-                raw = _RawRead.compile(statement, self.engine)
-                if len(self._raw_reads) < 64:
-                    self._raw_reads[statement] = raw
-        if raw is None:
-            async with self.read() as conn:
-                return (await conn.execute(statement, dict(parameters))).first()
-        values = [
-            parameters[name] if default is _REQUIRED else parameters.get(name, default)
-            for name, _process, default in raw.parameters
-        ]
-        values = [
-            value if process is None else process(value)
-            for value, (_name, process, _default) in zip(values, raw.parameters, strict=True)
-        ]
-        async with self.engine.connect() as conn:
-            connection = await conn.get_raw_connection()
-            try:
-                record = await connection.driver_connection.fetchrow(raw.sql, *values)  # type: ignore[union-attr]
-            except Exception:
-                # As SQLAlchemy would on a lost connection: never hand this one out again.
-                await conn.invalidate()
-                raise
-        if record is None:
-            return None
-        return SimpleNamespace(
-            **{
-                key: value if process is None else process(value)
-                for (key, process), value in zip(raw.columns, record, strict=True)
-            }
-        )
+        if self.fast_reads is not None:
+            read = self.fast_reads.read_for(statement)
+            if read is not None:
+                return await self.fast_reads.first(read, parameters)
+        async with self.read() as conn:
+            row = (await conn.execute(statement, dict(parameters))).mappings().first()
+        return None if row is None else dict(row)
 
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:

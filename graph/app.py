@@ -101,12 +101,13 @@ def create_app(
 ) -> BillingApp:
     """Build the app.
 
-    Tests pass their own `database` (the caller then owns and disposes it) and `sandbox`
-    configuration; host apps pass a `notifier` to send emails, and may pass their own `schema`
-    (built with `graph.schema.build_schema`, merging the billing `Query` with theirs) to serve
-    it at /graphql instead of the billing one. In sandbox mode (no `STRIPE_SECRET_KEY`) the
-    Stripe sandbox is mounted at `/sandbox` and the SDK points at it; `stripe_sandbox` is
-    imported only then, so a production process never loads the emulator.
+    Tests pass their own `database` (the caller then owns and disposes it; its fast reads follow
+    `FAST_PATHS`, as the app's own do) and `sandbox` configuration; host apps pass a `notifier`
+    to send emails, and may pass their own `schema` (built with `graph.schema.build_schema`,
+    merging the billing `Query` with theirs) to serve it at /graphql instead of the billing one.
+    In sandbox mode (no `STRIPE_SECRET_KEY`) the Stripe sandbox is mounted at `/sandbox` and the
+    SDK points at it; `stripe_sandbox` is imported only then, so a production process never
+    loads the emulator.
     """
     settings = settings or load_settings()
     catalog = load_catalog(settings.billing_plans_file)
@@ -126,6 +127,7 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database.from_url(settings.database_url)
+        app.state.database.use_fast_reads(settings.fast_paths)
         graphql_services.database = app.state.database
         app.state.realtime = Realtime.for_database(app.state.database, graphql_services.policy)
         await app.state.realtime.start()

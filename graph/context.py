@@ -16,13 +16,12 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 import strawberry
-from strawberry.extensions import SchemaExtension
 
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
 from billing.clock import Clock, utcnow
@@ -234,13 +233,3 @@ def context_of(info: strawberry.Info[Any, Any]) -> Context:
             f"(got {type(context).__name__})"
         )
     return context
-
-
-class OperationScope(SchemaExtension):
-    """Per-operation state on websockets, where one context serves the whole connection."""
-
-    def on_operation(self) -> Iterator[None]:
-        context = self.execution_context.context
-        if isinstance(context, Context) and context.is_websocket:
-            context.begin_operation()
-        yield

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Iterator
 from typing import Any
 
 from graphql import ArgumentNode, GraphQLError, GraphQLSyntaxError
@@ -27,7 +26,6 @@ from graphql.validation import (
     ProvidedRequiredArgumentsRule,
     ValuesOfCorrectTypeRule,
 )
-from strawberry.extensions import SchemaExtension
 
 from billing.errors import BillingError, ErrorCode
 
@@ -75,37 +73,19 @@ _ARGUMENT_RULES: dict[type[ASTValidationRule], type[ASTValidationRule]] = {
     ValuesOfCorrectTypeRule: _ValuesOfCorrectType,
     ProvidedRequiredArgumentsRule: _ProvidedRequiredArguments,
 }
-_rules_cache: dict[tuple[type[ASTValidationRule], ...], tuple[type[ASTValidationRule], ...]] = {}
 
 
 def with_argument_rules(rules: tuple[type[ASTValidationRule], ...]) -> tuple[type[ASTValidationRule], ...]:
-    # The same tuple each time, so ValidationCache's key (which includes the rules) keeps hitting.
-    replaced = _rules_cache.get(rules)
-    if replaced is None:
-        replaced = tuple(_ARGUMENT_RULES.get(rule, rule) for rule in rules)
-        if len(_rules_cache) < 32:
-            _rules_cache[rules] = replaced
-    return replaced
+    return tuple(_ARGUMENT_RULES.get(rule, rule) for rule in rules)
 
 
-class ErrorCodes(SchemaExtension):
-    """Codes the errors only the validation step can tell apart (put it after the caches).
-
-    Argument errors become BAD_USER_INPUT, every other validation error
-    GRAPHQL_VALIDATION_FAILED. `BillingSchema` gives the rest their code (`format_errors`).
-    """
-
-    def on_operation(self) -> Iterator[None]:
-        context = self.execution_context
-        context.validation_rules = with_argument_rules(context.validation_rules)
-        yield
-
-    def on_validate(self) -> Iterator[None]:
-        yield
-        for error in self.execution_context.pre_execution_errors or ():
-            # Validation errors are cached and shared: the same code every time, so this is safe.
-            if not (error.extensions or {}).get("code"):
-                error.extensions = {**(error.extensions or {}), "code": GRAPHQL_VALIDATION_FAILED}
+def validation_failed(errors: list[GraphQLError]) -> list[GraphQLError]:
+    """Validation errors with their code: GRAPHQL_VALIDATION_FAILED unless a rule gave one
+    (the argument rules above: BAD_USER_INPUT; the limits: QUERY_TOO_COMPLEX)."""
+    for error in errors:
+        if not (error.extensions or {}).get("code"):
+            error.extensions = {**(error.extensions or {}), "code": GRAPHQL_VALIDATION_FAILED}
+    return errors
 
 
 def format_errors(errors: list[GraphQLError], context: Any) -> list[GraphQLError]:

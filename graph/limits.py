@@ -19,13 +19,13 @@ never walk a document over the limits either. A fragment cycle adds nothing here
 
 In production (`ENVIRONMENT=production`) introspection is refused (`__schema`, `__type`;
 `__typename` stays), and no error message suggests names ("Did you mean ...?"). Unexpected
-errors are masked in every environment (graph.errors).
+errors are masked in every environment (graph.errors). The view applies all of it to every
+operation, on every path (graph.view.OperationRules).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -44,11 +44,8 @@ from graphql import (
     SelectionSetNode,
 )
 from graphql.language import SKIP, VisitorAction
-from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
+from graphql.validation import ASTValidationRule
 from graphql.validation.validate import ValidationAbortedError
-from strawberry.extensions import SchemaExtension
-
-from graph.context import Context
 
 if TYPE_CHECKING:
     from billing.settings import Settings
@@ -257,63 +254,11 @@ class _QueryLimitsRule(ASTValidationRule):
 
 @lru_cache(maxsize=32)
 def limits_rule(limits: QueryLimits) -> type[ASTValidationRule]:
-    """The validation rule enforcing `limits`: one class per configuration, so validation caches
-    keyed by the rules keep hitting."""
+    """The validation rule enforcing `limits` (one class per configuration)."""
     return type("QueryLimitsRule", (_QueryLimitsRule,), {"limits": limits})
 
 
-# The schema extension ----------------------------------------------------------------------------
-
-
-class QueryGuard(SchemaExtension):
-    """Applies the limits of the request's settings (defaults without a billing `Context`).
-
-    Put it in `schema_extensions()`; it sets the parser's token limit and puts the limits rule
-    first. In production it adds `NoSchemaIntrospectionCustomRule` and takes the suggestions out
-    of every error message.
-    """
-
-    def __init__(self) -> None:
-        self.limits = QueryLimits()
-        self.production = False
-        self._streamed = False
-
-    def on_operation(self) -> Iterator[None]:
-        context = self.execution_context
-        settings = context.context.services.settings if isinstance(context.context, Context) else None
-        limits = self.limits = QueryLimits.from_settings(settings) if settings is not None else QueryLimits()
-        self.production = settings is not None and settings.is_production
-        context.parse_options["max_tokens"] = limits.max_tokens
-        rules = (limits_rule(limits), *context.validation_rules)
-        if self.production:
-            rules = (*rules, NoSchemaIntrospectionCustomRule)
-        context.validation_rules = rules
-        self._streamed = False
-        yield
-        if not self._streamed:
-            self._polish(context.result)
-
-    def on_stream_result(self, result: Any) -> Iterator[None]:
-        self._streamed = True
-        self._polish(result)
-        for part in (
-            *(getattr(result, "incremental", None) or ()),
-            *(getattr(result, "completed", None) or ()),
-        ):
-            self._polish(part)
-        yield None
-
-    def _polish(self, result: object) -> None:
-        errors = getattr(result, "errors", None)
-        if errors:
-            result.errors = [self._polished(error) for error in errors]  # type: ignore[attr-defined]
-
-    def _polished(self, error: GraphQLError) -> GraphQLError:
-        return polished(error, self.limits, production=self.production)
-
-
 def polish_errors(errors: list[GraphQLError], limits: QueryLimits, *, production: bool) -> list[GraphQLError]:
-    """What `QueryGuard` does to a result's errors (for a view that executes without it)."""
     return [polished(error, limits, production=production) for error in errors]
 
 

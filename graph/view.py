@@ -1,4 +1,5 @@
-"""Strawberry's own ASGI GraphQL app, with the billing context.
+"""The GraphQL endpoint: Strawberry's ASGI app with the billing context, and the rules every
+operation goes through.
 
 POST JSON for everything, GET for queries only, GraphiQL outside production, and the
 `graphql-transport-ws` protocol on the same path. A websocket needs a valid token in its
@@ -6,34 +7,40 @@ POST JSON for everything, GET for queries only, GraphiQL outside production, and
 operations at once, and a process serves at most `WS_MAX_CONNECTIONS` websockets (beyond that,
 and while tokens cannot be checked, a new one is closed with 1013, "try again later").
 
-The common request, a JSON POST of a query or mutation that parses, validates and stays within
-the limits, takes a lean path (`LeanExecutor`): its document is parsed, validated and
-limit-checked once per distinct query text and kept, and graphql-core executes it on the
-Strawberry schema's `GraphQLSchema` with the billing context, then the errors get their codes
-and masking as on Strawberry's path. Strawberry's schema extensions (caches, error codes,
-limits) only act before execution or on errors, so for such a document they have nothing to
-add; the resolvers, permission classes and field extensions are the ones Strawberry built.
-Everything else (GET, a document with errors, an unknown operation name, a subscription,
-`extensions` in the body, a body that is not a JSON object) goes through Strawberry's view, which
-gives its usual answers.
+Every operation, whichever path runs it, goes through `OperationRules`, here and not in schema
+extensions (which only Strawberry's path would run):
+
+- before it runs, its document is parsed with the token limit and validated with the abuse
+  limits and the production lockdown (graph.limits), graphql-core's rules with the argument
+  errors coded BAD_USER_INPUT (graph.errors), and Strawberry's own rules; the verdict is kept per
+  query text. A refused document is answered with its errors and no resolver runs;
+- after it ran, its errors are polished (graph.limits), coded and masked (graph.errors).
+
+The paths: with `FAST_PATHS` on, a JSON POST of an accepted query or mutation is executed by
+graphql-core directly (graph.lean_executor); everything else (GET, subscriptions, `extensions` in
+the body, a schema built with extra extensions, a refused document's answer, and every request
+with `FAST_PATHS` off) by Strawberry's view, with the rules applied in `execute_single`.
+Websockets run on Strawberry's graphql-transport-ws handler, with the rules applied where it asks
+the schema for an operation's results (`RuledStreams`).
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import AsyncGenerator, Collection, Iterable
+from dataclasses import dataclass
 from typing import Any
 
-from cross_web import HTTPException
+from cross_web import AsyncHTTPRequestAdapter, HTTPException
 from graphql import (
     DocumentNode,
     GraphQLError,
     GraphQLSchema,
-    OperationDefinitionNode,
     OperationType,
-    execute,
     get_operation_ast,
     parse,
     specified_rules,
+    validate,
 )
 from graphql.validation import ASTValidationRule, NoSchemaIntrospectionCustomRule
 from starlette.requests import Request
@@ -42,30 +49,169 @@ from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 from strawberry.asgi import GraphQL
 from strawberry.exceptions import ConnectionRejectionError
-from strawberry.execution import optimized_is_awaitable
+from strawberry.http import GraphQLRequestData
 from strawberry.schema import BaseSchema
-from strawberry.schema.schema import validate_document
+from strawberry.schema.validation_rules.maybe_null import MaybeNullValidationRule
+from strawberry.schema.validation_rules.one_of import OneOfInputValidationRule
 from strawberry.subscriptions import GRAPHQL_TRANSPORT_WS_PROTOCOL
 from strawberry.subscriptions.protocols.graphql_transport_ws.handlers import BaseGraphQLTransportWSHandler
 from strawberry.subscriptions.protocols.graphql_transport_ws.types import (
     ConnectionInitMessage,
     SubscribeMessage,
 )
+from strawberry.types import ExecutionResult
+from strawberry.types.execution import PreExecutionError
+from strawberry.types.graphql import OperationType as StrawberryOperationType
 from strawberry.types.unset import UNSET, UnsetType
+from strawberry.utils.operation import get_operation_type
 
 from billing.errors import BillingError, ErrorCode
+from billing.settings import Settings
 from graph.auth import AuthUnavailable
 from graph.context import Context, GraphQLServices
-from graph.errors import format_errors, with_argument_rules
+from graph.errors import format_errors, validation_failed, with_argument_rules
+from graph.lean_executor import LeanExecutor
 from graph.limits import QueryLimits, limits_rule, polish_errors
 
 TRY_AGAIN_LATER = 1013  # RFC 6455: the graphql-ws client retries it
-DOCUMENT_CACHE_SIZE = 256
+VERDICT_CACHE_SIZE = 256
 LEAN_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
+ANY_OPERATION = frozenset(StrawberryOperationType)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A query text's document (None when it does not parse) and its errors (none: it may run)."""
+
+    document: DocumentNode | None
+    errors: list[GraphQLError]
+
+
+class OperationRules:
+    """The checks before and the error handling after every operation of one app (module docstring)."""
+
+    def __init__(self, schema: BaseSchema, settings: Settings) -> None:
+        self.graphql_schema: GraphQLSchema = schema._schema  # type: ignore[attr-defined]
+        self.limits = QueryLimits.from_settings(settings)
+        self.production = settings.is_production
+        rules: tuple[type[ASTValidationRule], ...] = (
+            limits_rule(self.limits),  # first: it aborts the validation of a document over a limit
+            *with_argument_rules(tuple(specified_rules)),
+        )
+        if self.production:
+            rules = (*rules, NoSchemaIntrospectionCustomRule)
+        self.validation_rules = (*rules, MaybeNullValidationRule, OneOfInputValidationRule)
+        self.verdicts: dict[str, Verdict] = {}
+
+    def check(self, query: str) -> Verdict:
+        """The verdict on `query`, kept for the last `VERDICT_CACHE_SIZE` distinct texts: the
+        limits and the validation are properties of the document."""
+        verdict = self.verdicts.get(query)
+        if verdict is not None:
+            return verdict
+        document: DocumentNode | None = None
+        try:
+            document = parse(query, max_tokens=self.limits.max_tokens)
+            errors = validation_failed(validate(self.graphql_schema, document, self.validation_rules))
+        except GraphQLError as error:
+            errors = [error]
+        except Exception as exc:  # as Strawberry reports it (masked: graph.errors)
+            errors = [GraphQLError(str(exc), original_error=exc)]
+        verdict = Verdict(document, errors)
+        if len(self.verdicts) >= VERDICT_CACHE_SIZE:
+            del self.verdicts[next(iter(self.verdicts))]
+        self.verdicts[query] = verdict
+        return verdict
+
+    def refusal(
+        self, query: object, operation_name: object, allowed: Collection[StrawberryOperationType]
+    ) -> list[GraphQLError] | None:
+        """The errors that refuse `query`, or None when Strawberry may take it: an accepted
+        document, or one Strawberry refuses itself before validating it (no query or not a
+        string, an operation it cannot find or of a type the transport does not allow: its own
+        answer, 400 on HTTP)."""
+        if not query or not isinstance(query, str):
+            return None
+        verdict = self.check(query)
+        if not verdict.errors:
+            return None
+        if verdict.document is not None:
+            try:
+                if get_operation_type(verdict.document, operation_name) not in allowed:  # type: ignore[arg-type]
+                    return None
+            except RuntimeError:
+                return None
+        return verdict.errors
+
+    def finish(self, errors: list[GraphQLError], context: Any) -> list[GraphQLError]:
+        """`errors` as the client sees them: polished, coded, unexpected ones masked and logged."""
+        return format_errors(polish_errors(errors, self.limits, production=self.production), context)
+
+    def finish_result(self, result: ExecutionResult, context: Any) -> ExecutionResult:
+        if result.errors:
+            result.errors = self.finish(result.errors, context)
+        return result
+
+
+class RuledStreams:
+    """The schema as the websocket handler sees it: each operation's results with the rules."""
+
+    def __init__(self, schema: BaseSchema, rules: OperationRules) -> None:
+        self.schema = schema
+        self.rules = rules
+
+    async def stream(
+        self,
+        query: str | None,
+        variable_values: dict[str, Any] | None = None,
+        context_value: Any | None = None,
+        root_value: Any | None = None,
+        operation_name: str | None = None,
+        operation_extensions: dict[str, Any] | None = None,
+        allowed_operation_types: Iterable[StrawberryOperationType] | None = None,
+    ) -> AsyncGenerator[ExecutionResult, None]:
+        if isinstance(context_value, Context):
+            context_value.begin_operation()  # one context serves every operation of a websocket
+        allowed = ANY_OPERATION if allowed_operation_types is None else frozenset(allowed_operation_types)
+        errors = self.rules.refusal(query, operation_name, allowed)
+        if errors is not None:
+            return _one(PreExecutionError(data=None, errors=self.rules.finish(errors, context_value)))
+        source = await self.schema.stream(
+            query,
+            variable_values=variable_values,
+            context_value=context_value,
+            root_value=root_value,
+            operation_name=operation_name,
+            operation_extensions=operation_extensions,
+            allowed_operation_types=allowed_operation_types,
+        )
+        return self._finished(source, context_value)
+
+    async def _finished(
+        self, source: AsyncGenerator[Any, None], context: Any
+    ) -> AsyncGenerator[ExecutionResult, None]:
+        try:
+            async for result in source:
+                if isinstance(result, ExecutionResult):
+                    self.rules.finish_result(result, context)
+                yield result
+        finally:
+            await source.aclose()
+
+
+async def _one(result: ExecutionResult) -> AsyncGenerator[ExecutionResult, None]:
+    yield result
 
 
 class BillingTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
-    """graphql-transport-ws with coded errors for the operation cap, and 1013 while auth is down."""
+    """graphql-transport-ws with the operation rules, coded errors for the operation cap, and
+    1013 while auth is down."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        view = self.view
+        if isinstance(view, BillingGraphQL):
+            self.schema = RuledStreams(self.schema, view.rules)  # type: ignore[assignment]
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         try:
@@ -91,113 +237,24 @@ class BillingTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
         await super().handle_subscribe(message)
 
 
-class LeanExecutor:
-    """Executes a valid POSTed operation without Strawberry's per-request machinery.
-
-    `prepare(query)` is the document when it parses, validates and is within the limits, with
-    the rules Strawberry's path would apply (`QueryGuard`'s limits and production lockdown,
-    `ErrorCodes`' argument rules, Strawberry's own); None when it has any error, so that
-    Strawberry answers it. The verdict is kept per query text (the last `DOCUMENT_CACHE_SIZE`
-    distinct ones): the limits are properties of the document.
-    """
-
-    def __init__(self, schema: BaseSchema, services: GraphQLServices) -> None:
-        settings = services.settings
-        self.graphql_schema: GraphQLSchema = schema._schema  # type: ignore[attr-defined]
-        self.execution_context_class = getattr(schema, "execution_context_class", None)
-        self.limits = QueryLimits.from_settings(settings)
-        self.production = settings.is_production
-        rules: tuple[type[ASTValidationRule], ...] = (
-            limits_rule(self.limits),
-            *with_argument_rules(tuple(specified_rules)),
-        )
-        if self.production:
-            rules = (*rules, NoSchemaIntrospectionCustomRule)
-        self.rules = rules
-        self.documents: dict[str, DocumentNode | None] = {}
-
-    @staticmethod
-    def serves(schema: BaseSchema) -> bool:
-        """Only a schema whose extensions are exactly the billing ones (`build_schema` without
-        extras) and that has no directives: other extensions may do anything per request."""
-        return bool(getattr(schema, "lean_http", False)) and not getattr(schema, "directives", None)
-
-    def prepare(self, query: str) -> DocumentNode | None:
-        documents = self.documents
-        if query in documents:
-            return documents[query]
-        document: DocumentNode | None
-        try:
-            document = parse(query, max_tokens=self.limits.max_tokens)
-            if validate_document(self.graphql_schema, document, self.rules):
-                document = None
-        except Exception:  # any error: Strawberry's path reports it
-            document = None
-        if len(documents) >= DOCUMENT_CACHE_SIZE:
-            del documents[next(iter(documents))]
-        documents[query] = document
-        return document
-
-    async def run(
-        self,
-        document: DocumentNode,
-        variables: dict[str, Any] | None,
-        operation_name: str | None,
-        context: Context,
-    ) -> dict[str, Any]:
-        """The response body for `document`, as Strawberry's view would make it."""
-        try:
-            result = execute(
-                self.graphql_schema,
-                document,
-                root_value=None,
-                context_value=context,
-                variable_values=variables,
-                operation_name=operation_name,
-                executor_class=self.execution_context_class,
-                is_awaitable=optimized_is_awaitable,  # type: ignore[arg-type]
-                operation_extensions=None,  # as Strawberry passes them to its executor
-            )
-            if optimized_is_awaitable(result):
-                result = await result  # type: ignore[misc]
-            data, errors = result.data, result.errors  # type: ignore[union-attr]
-            if errors:
-                errors = polish_errors(errors, self.limits, production=self.production)
-        except Exception as exc:  # as Strawberry: the request fails with that error
-            error = exc if isinstance(exc, GraphQLError) else GraphQLError(str(exc), original_error=exc)
-            data, errors = None, [error]
-        if not errors:
-            return {"data": data}
-        return {"data": data, "errors": [error.formatted for error in format_errors(errors, context)]}
-
-
-def _lean_operation(document: DocumentNode, operation_name: object) -> OperationDefinitionNode | None:
-    if operation_name is not None and not isinstance(operation_name, str):
-        return None
-    operation = get_operation_ast(document, operation_name)
-    if operation is None or operation.operation not in LEAN_OPERATIONS:
-        return None
-    return operation
-
-
 class BillingGraphQL(GraphQL[Context, None]):
     graphql_transport_ws_handler_class = BillingTransportWSHandler
 
     def __init__(self, schema: BaseSchema, services: GraphQLServices) -> None:
+        settings = services.settings
         super().__init__(
             schema,
-            graphql_ide=None if services.settings.is_production else "graphiql",
+            graphql_ide=None if settings.is_production else "graphiql",
             allow_queries_via_get=True,
             subscription_protocols=(GRAPHQL_TRANSPORT_WS_PROTOCOL,),
-            allowed_origins=services.settings.cors_origins,  # websocket handshakes (graph.security)
-            max_subscriptions_per_connection=services.settings.ws_max_operations,
+            allowed_origins=settings.cors_origins,  # websocket handshakes (graph.security)
+            max_subscriptions_per_connection=settings.ws_max_operations,
         )
         self.services = services
-        self.max_connections = services.settings.ws_max_connections
+        self.rules = OperationRules(schema, settings)
+        self.max_connections = settings.ws_max_connections
         self.connections = 0  # open websockets of this app (one process)
-        self.lean = LeanExecutor(schema, services) if LeanExecutor.serves(schema) else None
-        if self._stream_transport_map:  # HTTP streaming protocols: Strawberry's view decides
-            self.lean = None
+        self.lean = LeanExecutor(schema) if settings.fast_paths and LeanExecutor.serves(schema) else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -241,19 +298,48 @@ class BillingGraphQL(GraphQL[Context, None]):
             return None
         if not isinstance(data, dict) or data.get("extensions") is not None:
             return None
-        query, variables = data.get("query"), data.get("variables")
+        query, variables, operation_name = data.get("query"), data.get("variables"), data.get("operationName")
         if not isinstance(query, str) or not (variables is None or isinstance(variables, dict)):
             return None
-        document = lean.prepare(query)
-        if document is None:
+        if operation_name is not None and not isinstance(operation_name, str):
             return None
-        operation_name = data.get("operationName")
-        if _lean_operation(document, operation_name) is None:
+        verdict = self.rules.check(query)
+        document = verdict.document
+        if document is None or verdict.errors:
+            return None
+        operation = get_operation_ast(document, operation_name)
+        if operation is None or operation.operation not in LEAN_OPERATIONS:
             return None
         sub_response = await self.get_sub_response(request)
         context = await self.get_context(request, sub_response)
-        body = await lean.run(document, variables, operation_name, context)
+        result = await lean.execute(document, variables, operation_name, context)
+        body: dict[str, Any] = {"data": result.data}
+        if result.errors:
+            body["errors"] = [error.formatted for error in self.rules.finish(result.errors, context)]
         return self.create_response(body, sub_response)  # type: ignore[arg-type]
+
+    async def execute_single(  # Strawberry's HTTP path: one operation
+        self,
+        request: Request,
+        request_adapter: AsyncHTTPRequestAdapter,
+        sub_response: Response,
+        context: Context,
+        root_value: None,
+        request_data: GraphQLRequestData,
+    ) -> ExecutionResult:
+        allowed = StrawberryOperationType.from_http(request_adapter.method)  # type: ignore[arg-type]
+        errors = self.rules.refusal(request_data.query, request_data.operation_name, allowed)
+        if errors is not None:
+            return ExecutionResult(data=None, errors=self.rules.finish(errors, context))
+        result = await super().execute_single(
+            request=request,
+            request_adapter=request_adapter,
+            sub_response=sub_response,
+            context=context,
+            root_value=root_value,
+            request_data=request_data,
+        )
+        return self.rules.finish_result(result, context)
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         return Context(request, response, self.services)

@@ -92,7 +92,7 @@ class DbTarget:
     schema: str | None = None
 
     def database(self) -> Database:
-        return Database(create_engine(self.url, schema=self.schema))
+        return Database(create_engine(self.url, schema=self.schema), fast_reads=Settings().fast_paths)
 
 
 @pytest.fixture(scope="module")

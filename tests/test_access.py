@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from sqlalchemy import bindparam, select
 
 from billing.access import (
     AccessPolicy,
     AccessReason,
     SubscriptionState,
+    account_states,
     effective_tier,
     load_subscription,
 )
@@ -19,8 +19,6 @@ from billing.plans import load_catalog
 from billing.settings import Settings
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
-from db.models import account_table
-from db.types import UTCDateTime
 from tests.test_graphql_support import insert_account
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -186,26 +184,20 @@ async def test_load_subscription_reads_the_row_or_none(database: Database) -> No
     assert (missing.status, missing.tier, missing.interval) == (SubscriptionStatus.NONE, Tier.NONE, None)
 
 
-async def test_a_hot_read_returns_what_sqlalchemy_returns(database: Database) -> None:
-    """`Database.first` (asyncpg itself on PostgreSQL) applies SQLAlchemy's bind and result
-    processing: aware UTC datetimes out, a datetime in another zone stored as UTC, no row None."""
-    await insert_account(database, "same", status="trialing", tier="pro")
-    c = account_table.c
-    statement = select(
-        c.id,
-        c.user_id,
-        c.status,
-        c.tier,
-        c.current_period_start,
-        c.trial_used,
-        c.canceled_at,
-        bindparam("at", type_=UTCDateTime).label("at"),
-    ).where(c.user_id == bindparam("user_id"))
-    at = datetime(2026, 3, 1, 12, 30, tzinfo=timezone(timedelta(hours=2)))
-    hot = await database.first(statement, {"user_id": "same", "at": at})
+async def test_access_usage_and_realtime_read_one_account_state(database: Database) -> None:
+    """`load_subscription` (the viewer's read), `account_states` (usage recording, realtime)
+    select the same columns: the same state either way, a scheduled change included."""
+    change_at = datetime.now(UTC) + timedelta(days=20)
+    await insert_account(
+        database, "scheduled", pending_tier="starter", pending_interval="annual", pending_change_at=change_at
+    )
+    await insert_account(database, "plain", status="past_due", tier="starter", interval="annual")
     async with database.read() as conn:
-        row = (await conn.execute(statement, {"user_id": "same", "at": at})).first()
-    assert row is not None and hot is not None
-    assert {key: getattr(hot, key) for key in row._fields} == row._asdict()
-    assert hot.at == at and hot.at.tzinfo is UTC and hot.current_period_start.tzinfo is UTC
-    assert await database.first(statement, {"user_id": "nobody", "at": at}) is None
+        many = await account_states(conn, ["scheduled", "plain", "nobody"])
+    assert set(many) == {"scheduled", "plain"}
+    for user_id, from_many in many.items():
+        assert from_many == await load_subscription(database, user_id)
+        assert from_many.account_id is not None
+    scheduled = many["scheduled"]
+    assert (scheduled.pending_tier, scheduled.pending_interval) == (Tier.STARTER, BillingInterval.ANNUAL)
+    assert scheduled.pending_change_at == change_at

@@ -248,9 +248,9 @@ async def test_the_limits_follow_the_settings(db: Database) -> None:
 
 
 async def test_a_query_is_checked_once_per_exact_text_and_a_refusal_stays_a_refusal(db: Database) -> None:
-    """The HTTP view keeps each query text's verdict (graph.view.LeanExecutor): a text that
-    differs by one alias, or only by a comment, gets its own, and a refused text is refused
-    again on every request, before any resolver runs."""
+    """The view keeps each query text's verdict (graph.view.OperationRules): a text that differs
+    by one alias, or only by a comment, gets its own, and a refused text is refused again on
+    every request, before any resolver runs."""
     CALLS.clear()
     thirty = "{ " + " ".join(f"a{i}: counted" for i in range(30)) + " }"
     thirty_one = "{ " + " ".join(f"a{i}: counted" for i in range(31)) + " }"
@@ -260,15 +260,15 @@ async def test_a_query_is_checked_once_per_exact_text_and_a_refusal_stays_a_refu
         refused = [await fast(api.query(thirty_one)) for _ in range(2)]
         again = await fast(api.query(thirty))
         with_comment = await fast(api.query(commented))
-        documents = api.app.graphql_websocket.lean.documents
+        verdicts = api.app.graphql_websocket.rules.verdicts
     for allowed in (first, again, with_comment):
         assert "errors" not in allowed and len(allowed["data"]) == 30, allowed
     for result in refused:
         assert refusal(result, "aliases")["message"].startswith("The query uses 31 aliases")
     assert len(CALLS) == 90  # three allowed requests of 30 fields; the refused ones ran nothing
-    assert documents[thirty] is not None and documents[commented] is not None
-    assert documents[thirty] is not documents[commented]
-    assert documents[thirty_one] is None  # answered by Strawberry's view, with its refusal
+    assert verdicts[thirty].errors == [] and verdicts[commented].errors == []
+    assert verdicts[thirty].document is not verdicts[commented].document
+    assert [error.extensions["limit"] for error in verdicts[thirty_one].errors] == ["aliases"]  # type: ignore[index]
 
 
 async def test_limits_apply_on_websockets_too(db: Database) -> None:

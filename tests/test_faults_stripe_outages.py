@@ -27,6 +27,8 @@ modules run their 500 rows on both), and each row drives a whole sandbox subscri
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
@@ -92,8 +94,21 @@ async def sandbox_rows(service: Service, table: Table) -> list[Any]:
 
 
 async def requests_failed(service: Service, injected: int) -> int:
-    (fault,) = await sandbox_rows(service, faults)
-    return injected - int(fault.remaining)
+    """Requests the sandbox failed, once the count has held still for a second.
+
+    With the quick gateway's 0.5 s timeout the SDK may give up on an attempt that a loaded
+    machine has not yet delivered to the sandbox; it still arrives (and is failed) a moment
+    after the call has returned, so the count is read when nothing more is on its way."""
+    deadline = time.monotonic() + 10
+    last, still_since = -1, time.monotonic()
+    while True:
+        (fault,) = await sandbox_rows(service, faults)
+        count = injected - int(fault.remaining)
+        if count != last:
+            last, still_since = count, time.monotonic()
+        elif time.monotonic() - still_since >= 1 or time.monotonic() > deadline:
+            return count
+        await asyncio.sleep(0.1)
 
 
 async def keys_of(service: Service, kind: str) -> list[str]:

@@ -1,6 +1,6 @@
 """The service's settings, read from the environment and `.env`.
 
-The environment variable names are a public contract (README, settings table).
+The environment variable names are a public contract (docs/settings.md).
 """
 
 from __future__ import annotations

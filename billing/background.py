@@ -1,4 +1,4 @@
-"""The loop that runs a background drainer (webhook inbox, usage reporting) until cancelled."""
+"""The loop that runs a background worker (webhook inbox, usage reporting) until cancelled."""
 
 from __future__ import annotations
 
@@ -32,3 +32,25 @@ async def poll_until_cancelled(
             async with asyncio.timeout(poll_seconds):
                 await wake.wait()
         wake.clear()
+
+
+class BackgroundWorker:
+    """A drainer of one `LeasedQueue`, run by the app as a task: `kick` to drain promptly."""
+
+    name = "worker"
+
+    def __init__(self, *, poll_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        self._wake = asyncio.Event()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def drain(self) -> object:
+        raise NotImplementedError
+
+    async def run(self) -> None:
+        """Drain until cancelled: promptly after a kick, else every `poll_seconds`."""
+        await poll_until_cancelled(
+            self.drain, wake=self._wake, poll_seconds=self.poll_seconds, name=self.name
+        )

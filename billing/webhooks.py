@@ -3,15 +3,15 @@
 Design (the "inbox"): the route verifies the signature on the raw bytes, stores the event by
 its id with one `INSERT ... ON CONFLICT DO NOTHING`, and only then answers 2xx. Stripe advises
 acknowledging quickly, and a duplicate costs one no-op insert. A worker in every service
-process claims stored events (`FOR UPDATE SKIP LOCKED` on PostgreSQL; on SQLite one writer at
-a time with a lease), groups them by customer and runs the shared sync once per customer: an
-event is only a hint, so order, duplicates and bursts do not matter. A failure leaves the
-event pending with its error and a backoff; `billing events replay` runs events again.
+process claims stored events with a lease (`billing/work_queue.py`: `FOR UPDATE SKIP LOCKED` on
+PostgreSQL; on SQLite one writer at a time), groups them by customer and runs the shared sync
+once per customer: an event is only a hint, so order, duplicates and bursts do not matter. A
+failure leaves the event pending with its error and a backoff; `billing events replay` runs
+events again.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import json
@@ -23,10 +23,10 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Text, and_, bindparam, cast, or_, select, type_coerce, update
+from sqlalchemy import Text, bindparam, cast, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 
-from billing.background import poll_until_cancelled
+from billing.background import BackgroundWorker
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError
 from billing.notifier import Notification, NotificationKind, Notifier
@@ -34,6 +34,7 @@ from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
 from billing.stripe_objects import object_id, stripe_time
 from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
+from billing.work_queue import LeasedQueue
 from db.engine import Database
 from db.enums import EventStatus
 from db.models import event_table
@@ -47,6 +48,8 @@ MAX_CREATED = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetim
 TOLERANCE_SECONDS = 300
 MAX_ATTEMPTS = 12
 LEASE = timedelta(minutes=2)
+# The inbox: stored events wait as `pending`, are `processing` while a worker holds them.
+INBOX = LeasedQueue(event_table, EventStatus.PENDING.value, EventStatus.PROCESSING.value, LEASE)
 
 
 # Signature -----------------------------------------------------------------------------------
@@ -266,8 +269,10 @@ class BatchReport:
     syncs: list[SyncResult] = field(default_factory=list)
 
 
-class EventProcessor:
+class EventProcessor(BackgroundWorker):
     """Claims stored events and applies them through the shared sync. One per process."""
+
+    name = "webhook worker"
 
     def __init__(
         self,
@@ -279,23 +284,13 @@ class EventProcessor:
         batch_size: int = 100,
         poll_seconds: float = 1.0,
     ) -> None:
+        super().__init__(poll_seconds=poll_seconds)
         self.database = database
         self.gateway = gateway
         self.notifier = notifier
         self.clock = clock
         self.batch_size = batch_size
-        self.poll_seconds = poll_seconds
         self.locks = CustomerLocks(database)
-        self._wake = asyncio.Event()
-
-    def kick(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Apply events until cancelled: promptly after a kick, else every `poll_seconds`."""
-        await poll_until_cancelled(
-            self.drain, wake=self._wake, poll_seconds=self.poll_seconds, name="webhook worker"
-        )
 
     async def drain(self, *, max_batches: int = 1000) -> BatchReport:
         """Apply everything due now (tests, CLI)."""
@@ -381,38 +376,22 @@ class EventProcessor:
     # Claiming and finishing ------------------------------------------------------------
 
     async def claim(self) -> list[Claimed]:
-        now = self.clock()
-        due = or_(
-            and_(event_table.c.status == EventStatus.PENDING.value, event_table.c.next_attempt_at <= now),
-            and_(event_table.c.status == EventStatus.PROCESSING.value, event_table.c.lease_expires_at < now),
+        e = event_table.c
+        rows = await INBOX.claim(
+            self.database,
+            now=self.clock(),
+            limit=self.batch_size,
+            order_by=[e.received_at],
+            returning=[e.id, e.type, e.attempts, e.payload],
         )
-        query = select(event_table.c.id).where(due).order_by(event_table.c.received_at).limit(self.batch_size)
-        if self.database.is_postgres:
-            query = query.with_for_update(skip_locked=True)
-        async with self.database.write() as conn:
-            ids = list((await conn.execute(query)).scalars())
-            if not ids:
-                return []
-            rows = await conn.execute(
-                update(event_table)
-                .where(event_table.c.id.in_(ids))
-                .values(
-                    status=EventStatus.PROCESSING.value,
-                    lease_expires_at=now + LEASE,
-                    attempts=event_table.c.attempts + 1,
-                )
-                .returning(
-                    event_table.c.id, event_table.c.type, event_table.c.attempts, event_table.c.payload
-                )
-            )
-            return [Claimed(row.id, row.type, row.attempts, row.payload) for row in rows]
+        return [Claimed(row.id, row.type, row.attempts, row.payload) for row in rows]
 
     async def _finish(self, events: list[Claimed], status: EventStatus, note: str | None) -> None:
         async with self.database.write() as conn:
             await conn.execute(
                 update(event_table)
                 .where(event_table.c.id.in_([event.id for event in events]))
-                .values(status=status.value, lease_expires_at=None, next_attempt_at=None, last_error=note)
+                .values(INBOX.settle(status.value, error=note))
             )
 
     async def _fail(self, events: list[Claimed], exc: Exception) -> None:
@@ -422,25 +401,15 @@ class EventProcessor:
         try:
             async with self.database.write() as conn:
                 for event in events:
-                    final = event.attempts >= MAX_ATTEMPTS
-                    await conn.execute(
-                        update(event_table)
-                        .where(event_table.c.id == event.id)
-                        .values(
-                            status=(EventStatus.FAILED if final else EventStatus.PENDING).value,
-                            lease_expires_at=None,
-                            next_attempt_at=None if final else now + backoff(event.attempts),
-                            last_error=message[:2000],
-                        )
+                    values = (
+                        INBOX.settle(EventStatus.FAILED.value, error=message)
+                        if event.attempts >= MAX_ATTEMPTS
+                        else INBOX.retry_later(attempts=event.attempts, now=now, error=message)
                     )
+                    await conn.execute(update(event_table).where(event_table.c.id == event.id).values(values))
         except Exception:
             # The database itself is failing: the lease expires and the events are claimed again.
             log.exception("could not record the failure; the lease will expire and retry")
-
-
-def backoff(attempts: int) -> timedelta:
-    """1 s, 2 s, 4 s ... capped at 10 minutes."""
-    return timedelta(seconds=min(2 ** max(attempts - 1, 0), 600))
 
 
 async def requeue(

@@ -259,8 +259,8 @@ def usage() -> None:
 @click.option("--retry-failed", is_flag=True, help="Queue aggregates that failed for good again first.")
 def usage_report(batch_size: int, retry_failed: bool) -> None:
     """Report unreported usage to Stripe (safe next to the service and other runs; for cron)."""
-    from billing.usage_reporting import ReportPass, UsageReporter, flagged_reports, unreported_count
-    from billing.usage_reporting import retry_failed as requeue_failed
+    from billing.usage.reporting import ReportPass, UsageReporter, flagged_reports, unreported_count
+    from billing.usage.reporting import retry_failed as requeue_failed
 
     settings = _settings()
     for noisy in ("httpx", "stripe"):  # one line per request at INFO

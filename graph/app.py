@@ -21,7 +21,7 @@ from billing.plans import Catalog, load_catalog
 from billing.realtime import Realtime
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.usage_reporting import UsageReporter
+from billing.usage.reporting import UsageReporter
 from billing.webhooks import EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready

@@ -31,7 +31,7 @@ from billing.realtime import BillingStateHub
 from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway
 from billing.sync import CustomerLocks
-from billing.usage_reporting import UsageReporter
+from billing.usage.reporting import UsageReporter
 from db.engine import Database
 from graph.auth import Authenticator, Principal, ServicePrincipal, User
 

@@ -42,7 +42,7 @@ from billing.errors import BillingError, ErrorCode
 from billing.notifier import LogNotifier
 from billing.reconcile import customer_ids, reconcile
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.usage_reporting import UsageReporter
+from billing.usage.reporting import UsageReporter
 from db.engine import Database
 from db.models import account_table
 from stripe_sandbox.store import Store, faults, idempotency

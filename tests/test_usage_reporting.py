@@ -16,10 +16,11 @@ import httpx
 import pytest
 from sqlalchemy import func, select, update
 
+from billing.access import add_months
 from billing.plans import load_catalog
 from billing.stripe_gateway import GatewayConfig, StripeGateway
-from billing.usage import UsageInput, add_months, record_usage
-from billing.usage_reporting import (
+from billing.usage import UsageInput, record_usage
+from billing.usage.reporting import (
     ClaimedReport,
     Outcome,
     ReportPass,

@@ -9,12 +9,11 @@ from typing import Any
 
 from sqlalchemy import func, select
 
-from billing.access import AccessPolicy, AccessReason, SubscriptionState, load_subscription
+from billing.access import AccessPolicy, AccessReason, SubscriptionState, add_months, load_subscription
 from billing.plans import load_catalog
 from billing.usage import (
     UsageInput,
     Window,
-    add_months,
     quota_check,
     quota_window,
     record_usage,

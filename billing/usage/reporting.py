@@ -43,29 +43,28 @@ from typing import Any
 import stripe
 from sqlalchemy import and_, func, or_, select, update
 
-from billing.background import poll_until_cancelled
+from billing.background import BackgroundWorker
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
-from billing.usage import monthly_window
+from billing.usage.windows import monthly_window
+from billing.work_queue import LeasedQueue
 from db.engine import Database
 from db.models import UsageReportStatus, account_table, report_table, usage_table
 
 log = logging.getLogger("billing.usage")
 
 LEASE = timedelta(minutes=5)
+# Aggregates wait as `pending`, are `sending` while a reporter holds them.
+AGGREGATES = LeasedQueue(
+    report_table, UsageReportStatus.PENDING.value, UsageReportStatus.SENDING.value, LEASE
+)
 MAX_ATTEMPTS = 12  # refusals; an outage retries until the window closes
 STRIPE_WINDOW = timedelta(days=35)  # meter events older than this are refused
 EXPIRY_MARGIN = timedelta(minutes=10)  # do not send what would arrive out of the window
 AT_RISK_AGE = timedelta(days=30)  # unreported this long: listed as at risk
-MAX_BACKOFF_SECONDS = 600
 MINUTE = timedelta(minutes=1)
-
-
-def backoff(attempts: int) -> timedelta:
-    """1 s, 2 s, 4 s ... capped at 10 minutes."""
-    return timedelta(seconds=min(2 ** max(attempts - 1, 0), MAX_BACKOFF_SECONDS))
 
 
 def new_report_id() -> str:
@@ -159,8 +158,10 @@ class _AlreadyRecorded:
     """Stripe answered `resource_already_exists` for the identifier."""
 
 
-class UsageReporter:
+class UsageReporter(BackgroundWorker):
     """Aggregates usage records and reports them to Stripe's meters. One per process."""
+
+    name = "usage reporter"
 
     def __init__(
         self,
@@ -173,23 +174,13 @@ class UsageReporter:
         poll_seconds: float = 10.0,
         concurrency: int = 8,
     ) -> None:
+        super().__init__(poll_seconds=poll_seconds)
         self.database = database
         self.gateway = gateway
         self.catalog = catalog
         self.clock = clock
         self.batch_size = batch_size
-        self.poll_seconds = poll_seconds
         self.concurrency = concurrency
-        self._wake = asyncio.Event()
-
-    def kick(self) -> None:
-        self._wake.set()
-
-    async def run(self) -> None:
-        """Drain until cancelled: every `poll_seconds`, or promptly after a kick."""
-        await poll_until_cancelled(
-            self.drain, wake=self._wake, poll_seconds=self.poll_seconds, name="usage reporter"
-        )
 
     async def drain(
         self, *, max_batches: int = 10_000, progress: Callable[[ReportPass], None] | None = None
@@ -288,56 +279,36 @@ class UsageReporter:
 
     # Step 2: send -----------------------------------------------------------------------
 
-    def _due(self, now: datetime) -> Any:
-        r = report_table.c
-        return or_(
-            and_(r.status == UsageReportStatus.PENDING.value, r.next_attempt_at <= now),
-            and_(r.status == UsageReportStatus.SENDING.value, r.lease_expires_at < now),
-        )
-
     async def claim(self) -> list[ClaimedReport]:
         """Claim up to `batch_size` due aggregates with a lease."""
-        now = self.clock()
         r = report_table.c
-        if self.database.is_sqlite and not await self._any(select(r.id).where(self._due(now))):
-            return []
-        query = select(r.id).where(self._due(now)).order_by(r.minute, r.id).limit(self.batch_size)
-        if self.database.is_postgres:
-            query = query.with_for_update(skip_locked=True)
-        async with self.database.write() as conn:
-            ids = list((await conn.execute(query)).scalars())
-            if not ids:
-                return []
-            rows = await conn.execute(
-                update(report_table)
-                .where(r.id.in_(ids))
-                .values(
-                    status=UsageReportStatus.SENDING.value,
-                    lease_expires_at=now + LEASE,
-                    attempts=r.attempts + 1,
-                )
-                .returning(
-                    r.id,
-                    r.account_id,
-                    r.event_name,
-                    r.stripe_customer_id,
-                    r.event_time,
-                    r.quantity,
-                    r.attempts,
-                )
+        rows = await AGGREGATES.claim(
+            self.database,
+            now=self.clock(),
+            limit=self.batch_size,
+            order_by=[r.minute, r.id],
+            returning=[
+                r.id,
+                r.account_id,
+                r.event_name,
+                r.stripe_customer_id,
+                r.event_time,
+                r.quantity,
+                r.attempts,
+            ],
+        )
+        claimed = [
+            ClaimedReport(
+                row.id,
+                row.account_id,
+                row.event_name,
+                row.stripe_customer_id,
+                row.event_time,
+                int(row.quantity),
+                row.attempts,
             )
-            claimed = [
-                ClaimedReport(
-                    row.id,
-                    row.account_id,
-                    row.event_name,
-                    row.stripe_customer_id,
-                    row.event_time,
-                    int(row.quantity),
-                    row.attempts,
-                )
-                for row in rows
-            ]
+            for row in rows
+        ]
         return sorted(claimed, key=lambda report: (report.event_time, report.id))
 
     async def send(self, reports: list[ClaimedReport]) -> ReportPass:
@@ -419,13 +390,7 @@ class UsageReporter:
                 await conn.execute(
                     update(report_table)
                     .where(r.id == report.id)
-                    .values(
-                        status=UsageReportStatus.REPORTED.value,
-                        reported_at=now,
-                        lease_expires_at=None,
-                        next_attempt_at=None,
-                        last_error=None,
-                    )
+                    .values(AGGREGATES.settle(UsageReportStatus.REPORTED.value, reported_at=now))
                 )
                 await conn.execute(
                     update(usage_table)
@@ -439,14 +404,15 @@ class UsageReporter:
                     result.already_recorded += 1
                 return
             if outcome is Outcome.SKIPPED:
+                # Not tried: the claim is given back, its attempt not counted.
                 await conn.execute(
                     update(report_table)
                     .where(mine)
                     .values(
-                        status=UsageReportStatus.PENDING.value,
-                        attempts=r.attempts - 1,
-                        lease_expires_at=None,
-                        next_attempt_at=now + backoff(1),
+                        {
+                            **AGGREGATES.retry_later(attempts=1, now=now, error=None),
+                            "attempts": r.attempts - 1,
+                        }
                     )
                 )
                 result.retrying += 1
@@ -467,18 +433,12 @@ class UsageReporter:
                 )
                 result.retrying += 1
             result.errors.append(f"{report.id}: {error}")
-            await conn.execute(
-                update(report_table)
-                .where(mine)
-                .values(
-                    status=status.value,
-                    lease_expires_at=None,
-                    next_attempt_at=now + backoff(report.attempts)
-                    if status is UsageReportStatus.PENDING
-                    else None,
-                    last_error=error[:2000],
-                )
+            values = (
+                AGGREGATES.retry_later(attempts=report.attempts, now=now, error=error)
+                if status is UsageReportStatus.PENDING
+                else AGGREGATES.settle(status.value, error=error)
             )
+            await conn.execute(update(report_table).where(mine).values(values))
 
     # Helpers and listings ---------------------------------------------------------------
 

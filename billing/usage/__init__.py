@@ -1,0 +1,39 @@
+"""Usage metering: recording (`recording.py`), quota windows and reading (`windows.py`),
+reporting to Stripe's meters (`reporting.py`).
+
+The names a host app or a resolver needs are importable from `billing.usage` itself.
+"""
+
+from billing.usage.recording import RecordedUsage, UsageInput, hour_of, record_usage, validate_usage
+from billing.usage.windows import (
+    DailyUsage,
+    Entitlement,
+    QuotaCheck,
+    UsageSummary,
+    Window,
+    entitlements,
+    monthly_window,
+    quota_check,
+    quota_window,
+    usage_summary,
+    window_usage,
+)
+
+__all__ = [
+    "DailyUsage",
+    "Entitlement",
+    "QuotaCheck",
+    "RecordedUsage",
+    "UsageInput",
+    "UsageSummary",
+    "Window",
+    "entitlements",
+    "hour_of",
+    "monthly_window",
+    "quota_check",
+    "quota_window",
+    "record_usage",
+    "usage_summary",
+    "validate_usage",
+    "window_usage",
+]

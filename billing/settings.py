@@ -71,6 +71,8 @@ class Settings(BaseSettings):
     rate_limit_stripe_mutations: str = "10/minute"
     # The lean GraphQL executor (graph/lean_executor.py) and asyncpg one-row reads (db/fast_read.py).
     fast_paths: bool = True
+    # /docs (Swagger UI) and /openapi.json: unset = on in development, off in production.
+    api_docs: bool | None = None
     log_level: str = Field(default="INFO")
 
     @field_validator("database_url")
@@ -127,6 +129,11 @@ class Settings(BaseSettings):
     @property
     def is_production(self) -> bool:
         return self.environment == "production"
+
+    @property
+    def docs_enabled(self) -> bool:
+        """Serve /docs and /openapi.json (`API_DOCS`; default: outside production only)."""
+        return not self.is_production if self.api_docs is None else self.api_docs
 
     @property
     def sandbox_mode(self) -> bool:

@@ -26,6 +26,7 @@ from billing.webhooks import EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
 from graph.context import GraphQLServices
+from graph.rest_docs import install_front_door
 from graph.schema import schema as billing_schema
 from graph.security import protect_graphql
 from graph.view import BillingGraphQL
@@ -168,9 +169,9 @@ def create_app(
     app = BillingApp(
         title="Billing API",
         lifespan=lifespan,
-        docs_url=None if settings.is_production else "/docs",
+        docs_url=None,  # the self-hosted Swagger UI instead (graph.rest_docs, graph.front_door)
         redoc_url=None,
-        openapi_url=None if settings.is_production else "/openapi.json",
+        openapi_url="/openapi.json" if settings.docs_enabled else None,
     )
     app.state.settings = settings
     app.state.catalog = catalog
@@ -178,11 +179,19 @@ def create_app(
     graphql_services = GraphQLServices.create(settings, catalog)
     app.state.graphql = graphql_services
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get("/healthz", tags=["health"], summary="Liveness: the process answers")
     async def healthz() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/readyz", include_in_schema=False)
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        summary="Readiness: the database answers and is migrated",
+        responses={
+            200: {"description": 'Ready: `{"status": "ready"}`.'},
+            503: {"description": 'Not ready: `{"status": "unavailable", "reason": ...}`.'},
+        },
+    )
     async def readyz() -> JSONResponse:
         try:
             await ensure_ready(app.state.database.engine)
@@ -203,6 +212,7 @@ def create_app(
     app.router.routes.append(webhook_route)
     if sandbox_app is not None:
         app.router.routes.append(Mount("/sandbox", app=sandbox_app))
+    install_front_door(app, settings, None if sandbox_app is None else sandbox_app.control_routes())
     return app
 
 

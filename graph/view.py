@@ -70,6 +70,7 @@ from billing.settings import Settings
 from graph.auth import AuthUnavailable
 from graph.context import Context, GraphQLServices
 from graph.errors import format_errors, validation_failed, with_argument_rules
+from graph.front_door import graphiql_page
 from graph.lean_executor import LeanExecutor
 from graph.limits import QueryLimits, limits_rule, polish_errors
 
@@ -255,6 +256,10 @@ class BillingGraphQL(GraphQL[Context, None]):
         self.max_connections = settings.ws_max_connections
         self.connections = 0  # open websockets of this app (one process)
         self.lean = LeanExecutor(schema) if settings.fast_paths and LeanExecutor.serves(schema) else None
+
+    async def render_graphql_ide(self, request: Request) -> Response:
+        """GraphiQL from the service's own files, under a Content-Security-Policy (graph.front_door)."""
+        return graphiql_page(request, self.services.settings)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":

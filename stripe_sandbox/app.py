@@ -73,6 +73,19 @@ class Sandbox:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await self.app(scope, receive, send)
 
+    def control_routes(self) -> list[tuple[str, str, str]]:
+        """(method, path below the mount, summary) of the control routes and hosted pages, for
+        the host's API docs (the `/v1` routes are Stripe's API: Stripe documents them)."""
+        described = [
+            ("POST", "/_control/faults", self._add_fault.__doc__ or "Inject a fault into the next calls."),
+            ("DELETE", "/_control/faults", self._clear_faults.__doc__ or "Clear the injected faults."),
+        ]
+        for route in CONTROL_ROUTES:
+            doc = (route.handler.__doc__ or "").strip()
+            summary = doc.splitlines()[0] if doc else route.handler.__name__.replace("_", " ")
+            described.append((route.method, route.path, summary))
+        return described
+
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Transaction]:
         """A write transaction; the events it emits go to the hooks once it has committed."""

@@ -26,6 +26,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
 
@@ -89,46 +90,39 @@ def interval_label(price: Obj) -> str:
     return f"per {interval}" if count == 1 else f"every {count} {interval}s"
 
 
-_CSS = """
-*{box-sizing:border-box}
-body{margin:0;background:#f6f8fa;color:#1a1f36;font:15px/1.5 -apple-system,BlinkMacSystemFont,
-"Segoe UI",Roboto,Helvetica,Arial,sans-serif}
-main{max-width:760px;margin:32px auto;padding:0 16px}
-.card{background:#fff;border:1px solid #e3e8ee;border-radius:8px;padding:24px;margin-bottom:16px}
-.badge{display:inline-block;font-size:12px;font-weight:600;padding:2px 8px;border-radius:10px;
-background:#ffde92;color:#a04100}
-.status{display:inline-block;font-size:12px;font-weight:600;padding:2px 8px;border-radius:10px;
-background:#e3e8ee}
-.status.active,.status.paid,.status.trialing{background:#d7f7c2;color:#05690d}
-.status.past_due,.status.open,.status.unpaid{background:#ffe7f2;color:#b3093c}
-h1{font-size:22px;margin:8px 0 16px}h2{font-size:17px;margin:0 0 12px}
-.muted{color:#697386}.big{font-size:30px;font-weight:600}
-table{width:100%;border-collapse:collapse}
-td,th{text-align:left;padding:6px 4px;border-bottom:1px solid #e3e8ee;vertical-align:top}
-td.num,th.num{text-align:right}
-form.inline{display:inline}
-button{font:inherit;font-weight:600;border:0;border-radius:6px;padding:8px 16px;cursor:pointer;
-background:#635bff;color:#fff;margin:4px 8px 4px 0}
-button.secondary{background:#fff;color:#1a1f36;border:1px solid #c9ced6}
-button.danger{background:#df1b41}
-input,select{font:inherit;padding:6px 8px;border:1px solid #c9ced6;border-radius:6px;width:100%}
-.notice{background:#d7f7c2;color:#05690d;border-radius:6px;padding:10px 14px;margin-bottom:16px}
-.error{background:#ffe7f2;color:#b3093c;border-radius:6px;padding:10px 14px;margin-bottom:16px}
-a{color:#635bff}
-"""
+STYLESHEET = Path(__file__).with_name("pages.css")
+# No inline script or style, nothing from another origin. No form-action: a form's 303 goes on to
+# the app's success or return URL, another origin, as on Stripe.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; style-src 'self'; img-src 'self' data:; base-uri 'none'; "
+    "object-src 'none'; frame-ancestors 'none'"
+)
 
 
-def page(title: str, body: str, *, status: int = 200, now: int | None = None) -> HTMLResponse:
+def page(
+    request: Request, title: str, body: str, *, status: int = 200, now: int | None = None
+) -> HTMLResponse:
     clock = f" · sandbox clock {esc(moment(now))}" if now is not None else ""
     document = (
         "<!doctype html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
-        f"<style>{_CSS}</style></head><body><main>"
+        f'<link rel="stylesheet" href="{esc(root(request))}/pages.css"></head><body><main>'
         f'<p><span class="badge">TEST MODE</span> <span class="muted">Stripe sandbox{clock}</span></p>'
         f"{body}</main></body></html>"
     )
-    return HTMLResponse(document, status_code=status)
+    return HTMLResponse(
+        document, status_code=status, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY}
+    )
+
+
+@control("GET", "/pages.css")
+async def stylesheet(sandbox: SandboxHost, request: Request) -> Response:
+    return Response(
+        STYLESHEET.read_bytes(),
+        media_type="text/css",
+        headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
 
 
 def banner(notice: str | None = None, error: str | None = None) -> str:
@@ -140,8 +134,9 @@ def banner(notice: str | None = None, error: str | None = None) -> str:
     return "".join(parts)
 
 
-def missing(what: str, object_id: str) -> HTMLResponse:
+def missing(request: Request, what: str, object_id: str) -> HTMLResponse:
     return page(
+        request,
         f"No such {what}",
         f'<div class="card"><h1>No such {esc(what)}</h1><p>{esc(object_id)} does not exist in this '
         "sandbox.</p></div>",
@@ -241,14 +236,14 @@ def render_checkout(
             "here.</p>"
             f'<p><a href="{href(session.get("success_url"))}">Continue</a></p></div>'
         )
-        return page("Checkout complete", body, status=status, now=view.now)
+        return page(request, "Checkout complete", body, status=status, now=view.now)
     if view.expired:
         body = (
             f'<div class="card"><h1>This checkout session has expired</h1>{banner(error=error)}'
             f"<p>It expired on {esc(moment(min(int(session['expires_at']), view.now)))}. Start "
             f"a new checkout from the app.</p>{back}</div>"
         )
-        return page("Checkout expired", body, status=status if status != 200 else 410, now=view.now)
+        return page(request, "Checkout expired", body, status=status if status != 200 else 410, now=view.now)
 
     rows = "".join(
         f"<tr><td>{esc(line.name)}"
@@ -287,7 +282,7 @@ def render_checkout(
         '<button type="submit" class="secondary">Decline (the card is refused)</button></form>'
         "</div>"
     )
-    return page("Checkout", body, status=status, now=view.now)
+    return page(request, "Checkout", body, status=status, now=view.now)
 
 
 @control("GET", "/checkout/{session_id}")
@@ -296,7 +291,7 @@ async def checkout_page(sandbox: SandboxHost, request: Request) -> Response:
     async with sandbox.transaction() as tx:
         view = await checkout_view(tx, session_id)
     if view is None:
-        return missing("checkout session", session_id)
+        return missing(request, "checkout session", session_id)
     return render_checkout(request, view)
 
 
@@ -309,7 +304,7 @@ async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
         async with sandbox.transaction() as tx:
             session = await _find(tx, "checkout.session", session_id)
             if session is None:
-                return missing("checkout session", session_id)
+                return missing(request, "checkout session", session_id)
             email = None if session.get("customer") else (fields.get("email") or "").strip() or None
             result = await creation.complete_checkout(
                 tx, sandbox.config, session_id, outcome="paid", email=email
@@ -335,7 +330,7 @@ async def checkout_decline(sandbox: SandboxHost, request: Request) -> Response:
             await creation.complete_checkout(tx, sandbox.config, session_id, outcome="declined")
         except StripeError as exc:
             if exc.status == 404:
-                return missing("checkout session", session_id)
+                return missing(request, "checkout session", session_id)
             message, status = exc.message, 409
         view = await checkout_view(tx, session_id)
     assert view is not None
@@ -527,7 +522,7 @@ def render_portal(
             else "<p>No invoices yet.</p>"
         )
         parts.append(f'<div class="card"><h2>Invoice history</h2>{table}</div>')
-    return page("Billing portal", "".join(parts), status=status, now=view.now)
+    return page(request, "Billing portal", "".join(parts), status=status, now=view.now)
 
 
 async def _portal_response(
@@ -536,7 +531,7 @@ async def _portal_response(
     async with sandbox.transaction() as tx:
         view = await portal_view(tx, session_id)
     if view is None:
-        return missing("portal session", session_id)
+        return missing(request, "portal session", session_id)
     return render_portal(request, view, error=error, status=status)
 
 
@@ -546,7 +541,7 @@ async def portal_page(sandbox: SandboxHost, request: Request) -> Response:
     async with sandbox.transaction() as tx:
         view = await portal_view(tx, session_id)
     if view is None:
-        return missing("portal session", session_id)
+        return missing(request, "portal session", session_id)
     return render_portal(request, view, notice=NOTICES.get(request.query_params.get("notice", "")))
 
 
@@ -653,7 +648,7 @@ async def _portal_action(sandbox: SandboxHost, request: Request, action: str) ->
     try:
         async with sandbox.transaction() as tx:
             if await _find(tx, "billing_portal.session", session_id) is None:
-                return missing("portal session", session_id)
+                return missing(request, "portal session", session_id)
             if action == "cancel":
                 notice = await cancel_from_portal(
                     tx,
@@ -753,7 +748,7 @@ def render_invoice(
         f"{rows}{totals}</table>"
         f'<p><a href="{esc(base)}/pdf">Download PDF</a></p></div>{pay}'
     )
-    return page(f"Invoice {invoice.get('number') or invoice['id']}", body, status=status, now=now)
+    return page(request, f"Invoice {invoice.get('number') or invoice['id']}", body, status=status, now=now)
 
 
 @control("GET", "/invoices/{invoice_id}")
@@ -763,7 +758,7 @@ async def invoice_page(sandbox: SandboxHost, request: Request) -> Response:
         invoice = await _find(tx, "invoice", invoice_id)
         now = tx.now()
     if invoice is None:
-        return missing("invoice", invoice_id)
+        return missing(request, "invoice", invoice_id)
     return render_invoice(request, invoice, now, notice=NOTICES.get(request.query_params.get("notice", "")))
 
 
@@ -774,7 +769,7 @@ async def invoice_pay(sandbox: SandboxHost, request: Request) -> Response:
     async with sandbox.transaction() as tx:
         invoice = await _find(tx, "invoice", invoice_id)
         if invoice is None:
-            return missing("invoice", invoice_id)
+            return missing(request, "invoice", invoice_id)
         now = tx.now()
         if invoice["status"] != "open" or int(invoice.get("amount_remaining") or 0) <= 0:
             return render_invoice(
@@ -797,7 +792,7 @@ async def invoice_decline(sandbox: SandboxHost, request: Request) -> Response:
         invoice = await _find(tx, "invoice", invoice_id)
         now = tx.now()
     if invoice is None:
-        return missing("invoice", invoice_id)
+        return missing(request, "invoice", invoice_id)
     return render_invoice(request, invoice, now, error=DECLINED, status=402)
 
 
@@ -807,7 +802,7 @@ async def invoice_pdf(sandbox: SandboxHost, request: Request) -> Response:
     async with sandbox.transaction() as tx:
         invoice = await _find(tx, "invoice", invoice_id)
     if invoice is None:
-        return missing("invoice", invoice_id)
+        return missing(request, "invoice", invoice_id)
     currency = invoice.get("currency")
     lines = [
         str(invoice.get("account_name") or "Stripe sandbox") + " (test mode)",

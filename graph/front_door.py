@@ -50,26 +50,49 @@ TOOL_POLICY = (
 PAGE_POLICY = "default-src 'none'; style-src 'self'; img-src 'self' data:; form-action 'self'; " + _COMMON
 _HOST = re.compile(r"^[A-Za-z0-9.\-]+(:[0-9]{1,5})?$|^\[[0-9A-Fa-f:.]+\](:[0-9]{1,5})?$")
 
-EXAMPLE_OPERATION = """# The signed-in user (act as a test user above): subscription, access, usage; plans.
-# Run it with Ctrl-Enter or the play button.
+EXAMPLE_OPERATION = """# Press "Act as a test user" above, then run this (Ctrl-Enter or
+# the play button): the signed-in user, their subscription, access
+# and usage, and the plans on sale.
 query Viewer {
   viewer {
     id
-    subscription { status tier effectiveTier hasAccess interval currentPeriodEnd cancelAtPeriodEnd }
+    subscription {
+      status
+      tier
+      effectiveTier
+      hasAccess
+      interval
+      currentPeriodEnd
+      cancelAtPeriodEnd
+    }
     usage(feature: "api_calls") { feature used limit remaining }
   }
-  access(feature: "advanced_analytics") { allowed reason effectiveTier requiredTier }
+  access(feature: "advanced_analytics") {
+    allowed
+    reason
+    effectiveTier
+    requiredTier
+  }
   plans { id tier interval name amount currency }
 }
 """
-CHECKOUT_OPERATION = """# A checkout for the test user: open the returned `url` (the sandbox's checkout page).
+CHECKOUT_OPERATION = """# A checkout for the test user: run it, then open the returned
+# `url` (the sandbox's checkout page) and pay.
 mutation Checkout {
   createCheckoutSession(tier: PRO, interval: MONTHLY) { id url }
 }
 """
-LIVE_OPERATION = """# Live updates: run this, then change the subscription (pay a checkout, cancel it).
+LIVE_OPERATION = """# Live updates: run this, then change the subscription
+# (pay a checkout, cancel it in the portal): each change shows here.
 subscription Live {
-  billingStateChanged { status tier effectiveTier hasAccess cancelAtPeriodEnd currentPeriodEnd }
+  billingStateChanged {
+    status
+    tier
+    effectiveTier
+    hasAccess
+    cancelAtPeriodEnd
+    currentPeriodEnd
+  }
 }
 """
 
@@ -180,8 +203,8 @@ def landing_page(request: Request, settings: Settings, *, docs: bool, sandbox: b
             PAGE_POLICY,
         )
     graphiql = f"{root}/graphql"
-    checkout = f"{graphiql}?query={quote(CHECKOUT_OPERATION)}"
-    live = f"{graphiql}?query={quote(LIVE_OPERATION)}"
+    checkout = f"{graphiql}?q={quote(CHECKOUT_OPERATION)}"
+    live = f"{graphiql}?q={quote(LIVE_OPERATION)}"
     tools = [
         _link(graphiql, "GraphiQL", "the GraphQL IDE, with “act as a test user” and an example operation")
     ]

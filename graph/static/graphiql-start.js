@@ -7,7 +7,7 @@
   var subscriptionUrl = graphqlUrl.replace(/^http/, "ws");
   var tokenUrl = host.dataset.devTokenUrl || null;
   var params = new URLSearchParams(window.location.search);
-  var initialQuery = params.get("query") || host.dataset.example;
+  var initialQuery = params.get("q") || host.dataset.example;
   var root = ReactDOM.createRoot(host);
   var generation = 0;
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,6 +46,8 @@ document.addEventListener("securitypolicyviolation", function (e) {
   window.__cspViolations.push(e.violatedDirective + " " + e.blockedURI);
 });
 """
+PORTAL_OPERATION = "mutation Portal { createPortalSession { url } }"
+INVOICES_OPERATION = "query Invoices { viewer { invoices { id status hostedInvoiceUrl } } }"
 RESPONSE_TEXT = (
     "var e = document.querySelector('.graphiql-response .CodeMirror');"
     "return e ? e.CodeMirror.getValue() : '';"
@@ -172,6 +175,32 @@ def response_json(driver: WebDriver, needle: str) -> Any:
     return json.loads(text)
 
 
+def graphiql_answer(driver: WebDriver, service: str, user: str, operation: str, field: str) -> Any:
+    """`operation` run in GraphiQL as `user`: the `data` of its answer, which must name `field`."""
+    open_graphiql(driver, service, operation)
+    act_as(driver, user)
+    run_operation(driver)
+    answer = response_json(driver, field)
+    assert "errors" not in answer, answer
+    return answer["data"]
+
+
+def pay_a_checkout(driver: WebDriver, service: str, user: str, shots: Path) -> None:
+    """In GraphiQL, a checkout for `user`; then its sandbox page, paid."""
+    url = graphiql_answer(driver, service, user, CHECKOUT_OPERATION, "createCheckoutSession")[
+        "createCheckoutSession"
+    ]["url"]
+    driver.get(url)
+    pay = "form[action$='/pay'] button"
+    wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, pay), "the pay button")
+    driver.save_screenshot(str(shots / "front-door-sandbox-checkout.png"))
+    assert_clean(driver, service)
+    for email in driver.find_elements(By.CSS_SELECTOR, "form[action$='/pay'] input[name='email']"):
+        email.send_keys(f"{user}@example.com")
+    driver.find_element(By.CSS_SELECTOR, pay).click()
+    wait(driver, lambda d: "/billing/success" in d.current_url, "the success URL")
+
+
 def test_the_landing_page_links_everything_a_newcomer_needs(
     browser: WebDriver, service: str, shots: Path
 ) -> None:
@@ -227,18 +256,7 @@ def test_a_subscription_in_graphiql_streams_the_checkout_that_follows(
     assert_clean(browser, service)
 
     browser.switch_to.new_window("tab")  # a second tab: the checkout, as the user would
-    open_graphiql(browser, service, CHECKOUT_OPERATION)
-    act_as(browser, user)
-    run_operation(browser)
-    session = response_json(browser, "createCheckoutSession")["data"]["createCheckoutSession"]
-    browser.get(session["url"])
-    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, "form[action$='/pay'] button"), "the pay button")
-    browser.save_screenshot(str(shots / "front-door-sandbox-checkout.png"))
-    assert_clean(browser, service)
-    for email in browser.find_elements(By.CSS_SELECTOR, "form[action$='/pay'] input[name='email']"):
-        email.send_keys(f"{user}@example.com")
-    browser.find_element(By.CSS_SELECTOR, "form[action$='/pay'] button").click()
-    wait(browser, lambda d: "/billing/success" in d.current_url, "the success URL")
+    pay_a_checkout(browser, service, user, shots)
     browser.close()
 
     browser.switch_to.window(live_tab)
@@ -256,4 +274,29 @@ def test_the_api_docs_render_the_rest_routes(browser: WebDriver, service: str, s
     for path in ("/webhooks/stripe", "/healthz", "/readyz", "/dev/token", "/sandbox/_control/clock/advance"):
         assert path in text, path
     browser.save_screenshot(str(shots / "front-door-api-docs.png"))
+    assert_clean(browser, service)
+
+
+def test_the_sandbox_portal_and_invoice_pages(browser: WebDriver, service: str, shots: Path) -> None:
+    user = "portal_user"
+    drain_logs(browser)
+    pay_a_checkout(browser, service, user, shots)
+    portal = graphiql_answer(browser, service, user, PORTAL_OPERATION, "createPortalSession")
+    browser.get(portal["createPortalSession"]["url"])
+    wait(browser, lambda d: "Billing portal" in d.title, "the portal page")
+    browser.save_screenshot(str(shots / "front-door-sandbox-portal.png"))
+    assert_clean(browser, service)
+
+    invoice_url = None
+    for _attempt in range(20):  # the trial's invoice reaches Stripe's list with the webhook
+        invoices = graphiql_answer(browser, service, user, INVOICES_OPERATION, "invoices")
+        urls = [i["hostedInvoiceUrl"] for i in invoices["viewer"]["invoices"] if i["hostedInvoiceUrl"]]
+        if urls:
+            invoice_url = urls[0]
+            break
+        time.sleep(0.5)
+    assert invoice_url is not None, "no hosted invoice"
+    browser.get(invoice_url)
+    wait(browser, lambda d: "Invoice" in d.title, "the invoice page")
+    browser.save_screenshot(str(shots / "front-door-sandbox-invoice.png"))
     assert_clean(browser, service)

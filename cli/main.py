@@ -91,7 +91,8 @@ def serve(host: str, port: int, reload: bool, workers: int) -> None:
         # Worker processes read their settings from the environment: tell them where we listen.
         shown_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
         os.environ["PUBLIC_BASE_URL"] = f"http://{shown_host}:{port}"
-    click.echo(f"serving on http://{host}:{port} (GraphQL at /graphql)", err=True)
+    start = "" if settings.is_production else "; start at / (GraphiQL, API docs, sandbox)"
+    click.echo(f"serving on http://{host}:{port} (GraphQL at /graphql{start})", err=True)
     uvicorn.run(
         "graph.app:create_app",
         factory=True,

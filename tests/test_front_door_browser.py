@@ -118,8 +118,9 @@ def drain_logs(driver: WebDriver) -> None:
 
 
 def assert_clean(driver: WebDriver, service: str) -> list[str]:
-    """Since the last drain: only the service's own origin was asked for, and no CSP violation
-    was reported (console or listener). Returns the URLs requested."""
+    """Since the last drain: only the service's own origin was asked for, every HTML page came
+    with a Content-Security-Policy, and no violation of one was reported (console or listener).
+    Returns the URLs requested."""
     origin = urlsplit(service)
     requested: list[str] = []
     for entry in driver.get_log("performance"):
@@ -128,6 +129,11 @@ def assert_clean(driver: WebDriver, service: str) -> list[str]:
             requested.append(message["params"]["request"]["url"])
         elif message["method"] == "Network.webSocketCreated":
             requested.append(message["params"]["url"])
+        elif message["method"] == "Network.responseReceived":
+            response = message["params"]["response"]
+            if message["params"]["type"] == "Document" and response["mimeType"] == "text/html":
+                headers = {name.lower() for name in response["headers"]}
+                assert "content-security-policy" in headers, f"{response['url']} has no CSP"
     for url in requested:
         parts = urlsplit(url)
         if parts.scheme in ("data", "blob"):

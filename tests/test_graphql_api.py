@@ -66,6 +66,24 @@ async def test_get_serves_queries_and_refuses_mutations(database: Database) -> N
     assert mutation.status_code == 400 and "not allowed when using GET" in mutation.text
 
 
+async def test_a_subscription_over_http_is_400_and_pointed_at_the_websocket(
+    database: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    subscription = "subscription { billingStateChanged { status } }"
+    async with serve_api(database) as api, httpx.AsyncClient() as client:
+        posted = await client.post(api.endpoint, json={"query": subscription})
+        got = await client.get(api.endpoint, params={"query": subscription})
+        named = await client.post(
+            api.endpoint,
+            json={"query": f"query Q {{ plans {{ id }} }} {subscription}", "operationName": None},
+        )
+    for response in (posted, got):
+        assert response.status_code == 400 and "websocket" in response.text
+    # An anonymous subscription beside another operation: a validation error, as before.
+    assert named.json()["errors"][0]["extensions"]["code"] == "GRAPHQL_VALIDATION_FAILED"
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 async def test_graphiql_in_development_only(database: Database) -> None:
     html = {"Accept": "text/html"}
     async with serve_api(database) as api, httpx.AsyncClient() as client:

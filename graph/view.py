@@ -144,6 +144,21 @@ class OperationRules:
                 return None
         return verdict.errors
 
+    def no_such_operation(self, query: object, operation_name: object) -> list[GraphQLError] | None:
+        """A valid document without the operation asked for (on HTTP, Strawberry answers 400)."""
+        if not query or not isinstance(query, str):
+            return None
+        document = self.check(query).document
+        name = operation_name if isinstance(operation_name, str) else None
+        if document is None or get_operation_ast(document, name) is not None:
+            return None
+        message = (
+            f"Unknown operation named '{name}'."
+            if name
+            else "Must provide operation name if query contains multiple operations."
+        )
+        return validation_failed([GraphQLError(message)])
+
     def is_subscription(self, query: object, operation_name: object) -> bool:
         if not query or not isinstance(query, str):
             return False
@@ -183,8 +198,10 @@ class RuledStreams:
         if isinstance(context_value, Context):
             context_value.begin_operation()  # one context serves every operation of a websocket
         allowed = ANY_OPERATION if allowed_operation_types is None else frozenset(allowed_operation_types)
-        errors = self.rules.refusal(query, operation_name, allowed)
-        if errors is not None:
+        errors = self.rules.refusal(query, operation_name, allowed) or self.rules.no_such_operation(
+            query, operation_name
+        )
+        if errors:
             return _one(PreExecutionError(data=None, errors=self.rules.finish(errors, context_value)))
         source = await self.schema.stream(
             query,

@@ -130,6 +130,33 @@ async def test_graphql_transport_ws_runs_operations_with_fresh_state_each(databa
     assert [error["extensions"]["code"] for error in broken["payload"]] == ["GRAPHQL_PARSE_FAILED"]
 
 
+@pytest.mark.parametrize(
+    ("query", "operation_name", "message"),
+    [
+        ("query A { plans { id } }", "B", "Unknown operation named 'B'."),
+        ("query A { plans { id } } query B { plans { id } }", None, "Must provide operation name"),
+    ],
+)
+async def test_a_websocket_operation_that_is_not_in_the_document_is_a_validation_error(
+    database: Database, caplog: pytest.LogCaptureFixture, query: str, operation_name: str | None, message: str
+) -> None:
+    token = hs256_token("ws-user")
+    payload = {"query": query, "operationName": operation_name}
+    async with (
+        serve_api(database) as api,
+        httpx.AsyncClient() as client,
+        aconnect_ws(api.endpoint, client, subprotocols=["graphql-transport-ws"]) as ws,
+    ):
+        await ws.send_json({"type": "connection_init", "payload": {"Authorization": f"Bearer {token}"}})
+        assert (await ws.receive_json(timeout=5))["type"] == "connection_ack"
+        await ws.send_json({"id": "1", "type": "subscribe", "payload": payload})
+        answer = await ws.receive_json(timeout=5)
+    assert answer["type"] == "error" and answer["id"] == "1"
+    [error] = answer["payload"]
+    assert error["extensions"]["code"] == "GRAPHQL_VALIDATION_FAILED" and error["message"].startswith(message)
+    assert not [record for record in caplog.records if record.levelno >= logging.ERROR]
+
+
 async def test_the_legacy_graphql_ws_protocol_is_not_offered(database: Database) -> None:
     async with (
         serve_api(database) as api,

@@ -45,6 +45,7 @@ EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")  # Stripe's ids: a prefix and 
 EVENT_TYPE = re.compile(r"[a-z0-9_.]{1,128}")  # e.g. customer.subscription.updated
 MAX_CREATED = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetime can hold
 
+WEBHOOK_PATH = "/webhooks/stripe"  # the route Stripe posts to, below PUBLIC_BASE_URL
 TOLERANCE_SECONDS = 300
 MAX_ATTEMPTS = 12
 LEASE = timedelta(minutes=2)

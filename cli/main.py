@@ -392,5 +392,10 @@ def trigger_command(ctx: click.Context, event_type: str, user_id: str | None) ->
         ctx.exit(1)
 
 
+from cli.going_live import doctor, webhook_endpoint  # noqa: E402 - they use this module's helpers
+
+main.add_command(webhook_endpoint)
+main.add_command(doctor)
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

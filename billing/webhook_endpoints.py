@@ -61,17 +61,21 @@ def url_problem(url: str, *, live: bool) -> str | None:
         return f"{url!r} is not an http(s) URL"
     if not live:
         return None
+    problems = []
     if parts.scheme != "https":
-        return f"{url} is not https://: Stripe sends live events to https endpoints only"
+        problems.append("is not https:// (Stripe sends live events to https endpoints only)")
     if host == "localhost" or host.endswith(LOCAL_SUFFIXES):
-        return f"{url} points at a local name ({host}) that Stripe cannot reach"
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return None
-    if address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified:
-        return f"{url} points at a loopback or private address ({host}) that Stripe cannot reach"
-    return None
+        problems.append(f"points at a local name ({host}) that Stripe cannot reach")
+    else:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            address = None
+        if address is not None and (
+            address.is_loopback or address.is_private or address.is_link_local or address.is_unspecified
+        ):
+            problems.append(f"points at a loopback or private address ({host}) that Stripe cannot reach")
+    return f"{url} {' and '.join(problems)}" if problems else None
 
 
 def managed(endpoint: Any) -> bool:

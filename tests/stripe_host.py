@@ -76,9 +76,12 @@ def host_gateway(api_base: str) -> StripeGateway:
 
 
 @asynccontextmanager
-async def stripe_host(sandbox_db: DbTarget, *, default_webhook_url: str) -> AsyncIterator[StripeHost]:
+async def stripe_host(
+    sandbox_db: DbTarget, *, default_webhook_url: str, deliver: bool = True
+) -> AsyncIterator[StripeHost]:
     """The sandbox alone, mounted at /sandbox; with no endpoint registered it delivers to
-    `default_webhook_url` (signed with a secret nobody else knows)."""
+    `default_webhook_url` (signed with a secret nobody else knows). `deliver=False`: it keeps
+    its events (for tests that compare its tables before and after)."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     sandbox = Sandbox(
@@ -88,6 +91,7 @@ async def stripe_host(sandbox_db: DbTarget, *, default_webhook_url: str) -> Asyn
             public_base_url=url,
             webhook_secret="whsec_the_sandbox_default_nobody_knows",
             webhook_url=default_webhook_url,
+            deliver_webhooks=deliver,
         )
     )
     sandbox.delivery.base_delay = 0.05

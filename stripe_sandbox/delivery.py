@@ -191,14 +191,31 @@ class Deliverer:
                 random.shuffle(sends)
             # event id -> target -> None once any copy reached it with a 2xx, else the last error
             results: dict[str, dict[_Target, str | None]] = {event.id: {} for event in batch}
-            async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
-                for event in sends:
-                    for target in event.targets:
-                        error = await self._send(client, event, target)
-                        if results[event.id].get(target, "") is not None:
-                            results[event.id][target] = error
+            try:
+                async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
+                    for event in sends:
+                        for target in event.targets:
+                            error = await self._send(client, event, target)
+                            if results[event.id].get(target, "") is not None:
+                                results[event.id][target] = error
+            except asyncio.CancelledError:
+                # The process is stopping: the batch is due again now, not when the lease ends
+                # (Stripe retries what it was not sure of; a receiver dedupes by event id).
+                await self._release([event.id for event in batch])
+                raise
             await self._record(results)
             return len(batch)
+
+    async def _release(self, ids: list[str]) -> None:
+        try:
+            async with self.store.transaction() as tx:
+                await tx.conn.execute(
+                    update(events)
+                    .where(events.c.id.in_(ids), events.c.delivered.is_(False))
+                    .values(next_attempt_at=int(time.time()))
+                )
+        except Exception:
+            log.exception("could not release %d claimed event(s); their lease will expire", len(ids))
 
     async def _claim(self) -> tuple[str, list[_Claimed]]:
         now = int(time.time())

@@ -159,3 +159,9 @@ def test_without_a_url_it_names_the_setting(tmp_path: Path) -> None:
     )
     assert result.returncode == 1
     assert "error: no webhook URL: set PUBLIC_BASE_URL" in result.stderr
+
+
+def test_the_event_list_for_stripe_listen_in_the_docs_is_the_handled_list() -> None:
+    page = (Path(__file__).resolve().parents[1] / "docs" / "going-live.md").read_text()
+    [listed] = re.findall(r"--events (\S+)", page)
+    assert listed.split(",") == sorted(HANDLED)

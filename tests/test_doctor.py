@@ -240,3 +240,14 @@ async def test_the_command_prints_a_line_per_check_exits_1_on_a_failure_and_spea
     parsed = json.loads(out)
     assert parsed["ok"] is False
     assert [c["name"] for c in parsed["checks"] if c["status"] == "fail"] == ["webhook-endpoint"]
+
+
+def test_settings_production_refuses_are_the_failed_check(tmp_path: Path) -> None:
+    result = run(
+        "doctor", env={"ENVIRONMENT": "production", "DATABASE_URL": "sqlite+aiosqlite://"}, cwd=tmp_path
+    )
+    assert result.returncode == 1, result.stderr
+    first, last = result.stdout.strip().splitlines()[0], result.stdout.strip().splitlines()[-1]
+    assert first.startswith("fail settings: invalid settings: ") and "STRIPE_SECRET_KEY is not set" in first
+    assert "-> fix: correct the named settings" in first
+    assert last == "not ready: 1 check(s) failed (settings)"

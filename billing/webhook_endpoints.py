@@ -16,6 +16,7 @@ import ipaddress
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import stripe
 from stripe.params import WebhookEndpointCreateParams, WebhookEndpointUpdateParams
@@ -53,8 +54,6 @@ def url_problem(url: str, *, live: bool) -> str | None:
 
     Names only: no DNS lookup (a name that resolves to a private address is not caught).
     """
-    from urllib.parse import urlsplit
-
     parts = urlsplit(url)
     host = (parts.hostname or "").lower()
     if parts.scheme not in {"http", "https"} or not host:
@@ -117,6 +116,7 @@ class EndpointReport:
     secret: str | None = field(default=None, repr=False)  # Stripe shows it on creation only
     old_endpoints: list[str] = field(default_factory=list)  # same URL, another API version
     duplicates: list[str] = field(default_factory=list)  # same URL and version, left alone
+    elsewhere: list[tuple[str, str]] = field(default_factory=list)  # ours at other URLs: (id, url)
 
 
 async def ensure_webhook_endpoint(
@@ -137,7 +137,10 @@ async def ensure_webhook_endpoint(
     wanted = wanted_endpoint(url=url)
     report = EndpointReport(dry_run=dry_run, url=url)
     say(f"checking webhook endpoints for {url}")
-    at_url = for_url(await list_endpoints(gateway), url)
+    endpoints = await list_endpoints(gateway)
+    at_url = for_url(endpoints, url)
+    here = {e.id for e in at_url}
+    report.elsewhere = [(e.id, e.url) for e in endpoints if managed(e) and e.id not in here]
     current = [e for e in at_url if e.api_version == wanted.api_version]
     report.old_endpoints = [e.id for e in at_url if e.api_version != wanted.api_version]
     if not current:

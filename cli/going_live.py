@@ -59,6 +59,11 @@ def webhook_endpoint(url: str | None, dry_run: bool) -> None:
             f"note: {duplicate} also points at {target} with the same API version, so events arrive "
             f"twice (harmless, but delete it: `stripe webhook_endpoints delete {duplicate}`)"
         )
+    for endpoint_id, elsewhere in report.elsewhere:
+        click.echo(
+            f"note: {endpoint_id}, also managed by this service, points at {elsewhere}; left alone "
+            f"(if nothing serves that URL any more: `stripe webhook_endpoints delete {endpoint_id}`)"
+        )
     if not report.changes:
         click.echo(
             f"Stripe already holds webhook endpoint {report.endpoint_id} for {target}: nothing to change."

@@ -94,12 +94,20 @@ async def test_a_disabled_endpoint_with_other_events_is_updated_in_place(
         {"url": url, "enabled_events": ["customer.updated", "charge.succeeded"], "api_version": api_version()}  # type: ignore[typeddict-item]
     )
     await v1.webhook_endpoints.update_async(existing.id, {"disabled": True})
+    gone = await v1.webhook_endpoints.create_async(
+        {
+            "url": "https://old.example.com/webhooks/stripe",
+            "enabled_events": ["*"],
+            "metadata": {"managed_by": "billing"},
+        }
+    )
 
     status, out, err = await in_thread(host, service_port, tmp_path)
     assert status == 0, err
+    assert f"note: {gone.id}, also managed by this service, points at https://old.example.com" in out
     assert "-charge.succeeded" in err and "+invoice.paid" in err and f"enable {existing.id}" in err
     assert "whsec_" not in out  # no new endpoint, no new secret
-    [endpoint] = (await v1.webhook_endpoints.list_async()).data
+    [endpoint] = [e for e in (await v1.webhook_endpoints.list_async()).data if e.id != gone.id]
     assert endpoint.id == existing.id
     assert endpoint.status == "enabled"
     assert sorted(endpoint.enabled_events) == sorted(HANDLED)

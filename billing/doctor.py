@@ -239,6 +239,16 @@ async def _webhook_endpoint(settings: Settings, gateway: StripeGateway, url: str
                 name, "warn", f"{endpoint.id} is also sent {', '.join(extra)}, which the service ignores", fix
             )
         )
+    elif older := [e.id for e in found[1:] if e.api_version != wanted.api_version]:
+        add(
+            Check(
+                name,
+                "warn",
+                f"{endpoint.id} is ready; {', '.join(older)} at another API version still delivers",
+                "finish the rotation `billing webhook-endpoint` printed: delete "
+                + ", ".join(f"`stripe webhook_endpoints delete {old}`" for old in older),
+            )
+        )
     else:
         add(Check(name, "ok", f"{endpoint.id} is enabled, at {wanted.api_version}, with every needed event"))
 

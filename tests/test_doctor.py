@@ -200,6 +200,22 @@ async def test_a_database_that_is_not_migrated_fails_and_stays_unmigrated(
         await blank.dispose()
 
 
+async def test_an_old_endpoint_left_from_a_rotation_is_a_warning(ready: Ready) -> None:
+    assert ready.settings.public_base_url is not None
+    old = await ready.host.gateway.v1.webhook_endpoints.create_async(
+        {
+            "url": f"{ready.settings.public_base_url}{WEBHOOK_PATH}",
+            "enabled_events": sorted(HANDLED),  # type: ignore[typeddict-item]
+            "api_version": "2026-09-30.endive",
+        }
+    )
+    report = await ready.check()
+    assert report.ok
+    check = report.get("webhook-endpoint")
+    assert check.status == "warn" and old.id in check.detail and ready.endpoint_id in check.detail
+    assert check.fix is not None and f"stripe webhook_endpoints delete {old.id}" in check.fix
+
+
 # The command ------------------------------------------------------------------------------------
 
 

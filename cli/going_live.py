@@ -38,6 +38,11 @@ def webhook_endpoint(url: str | None, dry_run: bool) -> None:
     from cli.main import _settings
 
     settings = _settings()
+    if settings.sandbox_mode:
+        raise ConfigurationError(
+            "STRIPE_SECRET_KEY is not set: in sandbox mode the sandbox already delivers to the service "
+            "itself (see docs/going-live.md to use a Stripe account)"
+        )
     target = webhook_url(settings, url)
 
     async def run() -> EndpointReport:

@@ -169,6 +169,14 @@ def test_without_a_url_it_names_the_setting(tmp_path: Path) -> None:
     assert "error: no webhook URL: set PUBLIC_BASE_URL" in result.stderr
 
 
+def test_sandbox_mode_needs_no_endpoint_and_says_so(tmp_path: Path) -> None:
+    result = run("webhook-endpoint", env={"DATABASE_URL": "sqlite+aiosqlite://"}, cwd=tmp_path)
+    assert result.returncode == 1
+    assert (
+        "error: STRIPE_SECRET_KEY is not set: in sandbox mode the sandbox already delivers" in result.stderr
+    )
+
+
 def test_the_event_list_for_stripe_listen_in_the_docs_is_the_handled_list() -> None:
     page = (Path(__file__).resolve().parents[1] / "docs" / "going-live.md").read_text()
     [listed] = re.findall(r"--events (\S+)", page)

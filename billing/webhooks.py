@@ -12,6 +12,7 @@ events again.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import json
@@ -34,7 +35,7 @@ from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
 from billing.stripe_objects import object_id, stripe_time
 from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
-from billing.work_queue import LeasedQueue
+from billing.work_queue import LeasedQueue, release_on_shutdown
 from db.engine import Database
 from db.enums import EventStatus
 from db.models import event_table
@@ -45,6 +46,7 @@ EVENT_ID = re.compile(r"evt_[A-Za-z0-9_]{1,251}")  # Stripe's ids: a prefix and 
 EVENT_TYPE = re.compile(r"[a-z0-9_.]{1,128}")  # e.g. customer.subscription.updated
 MAX_CREATED = 253_402_300_799  # 9999-12-31T23:59:59Z, the last second a datetime can hold
 
+WEBHOOK_PATH = "/webhooks/stripe"  # the route Stripe posts to, below PUBLIC_BASE_URL
 TOLERANCE_SECONDS = 300
 MAX_ATTEMPTS = 12
 LEASE = timedelta(minutes=2)
@@ -307,9 +309,18 @@ class EventProcessor(BackgroundWorker):
 
     async def process_batch(self) -> BatchReport:
         claimed = await self.claim()
-        report = BatchReport()
         if not claimed:
-            return report
+            return BatchReport()
+        try:
+            return await self._process(claimed)
+        except asyncio.CancelledError:
+            # Shutting down: what is not finished goes back to the inbox at once, instead of
+            # waiting for the lease to run out (a sync cut short rolled back; it runs again).
+            await release_on_shutdown(INBOX, self.database, [(e.id, e.attempts) for e in claimed], self.clock)
+            raise
+
+    async def _process(self, claimed: list[Claimed]) -> BatchReport:
+        report = BatchReport()
         groups: dict[str, list[tuple[Claimed, Target]]] = {}
         for event in claimed:
             target = target_of(event.type, event.payload)

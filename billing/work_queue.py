@@ -12,7 +12,8 @@ outcome is written afterwards, and a failure waits `backoff(attempts)` before th
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -20,6 +21,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Row, Table, and_, or_, select, update
 
 from db.engine import Database
+
+log = logging.getLogger("billing.work_queue")
 
 MAX_BACKOFF_SECONDS = 600
 MAX_ERROR_LENGTH = 2000
@@ -77,6 +80,21 @@ class LeasedQueue:
             )
             return list(rows)
 
+    async def release(self, database: Database, claims: Sequence[tuple[Any, int]], *, now: datetime) -> None:
+        """Give back rows claimed as (id, attempts) and not finished, e.g. when the process stops
+        (SIGTERM): waiting and due now, the attempt not counted. A row finished, or claimed again
+        by another process after the lease ran out, is left alone."""
+        c = self.table.c
+        async with database.write() as conn:
+            for row_id, attempts in claims:
+                await conn.execute(
+                    update(self.table)
+                    .where(c.id == row_id, c.status == self.claimed, c.attempts == attempts)
+                    .values(
+                        status=self.waiting, lease_expires_at=None, next_attempt_at=now, attempts=attempts - 1
+                    )
+                )
+
     def retry_later(self, *, attempts: int, now: datetime, error: str | None) -> dict[str, Any]:
         """The values that put a claimed row back to wait `backoff(attempts)` (with `error`,
         else keeping the last one)."""
@@ -98,3 +116,13 @@ class LeasedQueue:
             "last_error": None if error is None else error[:MAX_ERROR_LENGTH],
             **more,
         }
+
+
+async def release_on_shutdown(
+    queue: LeasedQueue, database: Database, claims: Sequence[tuple[Any, int]], clock: Callable[[], datetime]
+) -> None:
+    """`queue.release`, from a task being cancelled; a failure only leaves the lease to expire."""
+    try:
+        await queue.release(database, claims, now=clock())
+    except Exception:
+        log.exception("could not give back %d claimed row(s); their lease will expire", len(claims))

@@ -81,7 +81,14 @@ def main() -> None:
 @click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--reload", is_flag=True, help="Restart on code changes (development).")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64))
-def serve(host: str, port: int, reload: bool, workers: int) -> None:
+@click.option(
+    "--forwarded-allow-ips",
+    envvar="FORWARDED_ALLOW_IPS",
+    default="127.0.0.1",
+    show_default=True,
+    help="Proxies trusted for X-Forwarded-For/-Proto: comma-separated addresses or networks, or *.",
+)
+def serve(host: str, port: int, reload: bool, workers: int, forwarded_allow_ips: str) -> None:
     """Run the service (GraphQL at /graphql)."""
     import uvicorn
 
@@ -102,6 +109,7 @@ def serve(host: str, port: int, reload: bool, workers: int) -> None:
         workers=None if reload else workers,
         log_level=settings.log_level.lower(),
         proxy_headers=True,
+        forwarded_allow_ips=forwarded_allow_ips,
     )
 
 
@@ -392,6 +400,11 @@ def trigger_command(ctx: click.Context, event_type: str, user_id: str | None) ->
         click.echo(f"error: {exc}", err=True)
         ctx.exit(1)
 
+
+from cli.going_live import doctor, webhook_endpoint  # noqa: E402 - they use this module's helpers
+
+main.add_command(webhook_endpoint)
+main.add_command(doctor)
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -22,7 +22,7 @@ from billing.realtime import Realtime
 from billing.settings import Settings, load_settings
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.usage.reporting import UsageReporter
-from billing.webhooks import EventProcessor
+from billing.webhooks import WEBHOOK_PATH, EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
 from graph.context import GraphQLServices
@@ -54,7 +54,6 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
 
 GRAPHQL_PATH = "/graphql"
 GRAPHQL_METHODS = frozenset({"GET", "POST", "OPTIONS"})
-WEBHOOK_PATH = "/webhooks/stripe"
 
 
 class BillingApp(FastAPI):

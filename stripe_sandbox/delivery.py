@@ -1,4 +1,4 @@
-"""Signed, at-least-once delivery of the outbox (`sbx_event`) to the webhook endpoint.
+"""Signed, at-least-once delivery of the outbox (`sbx_event`) to the webhook endpoints.
 
 Stripe's behaviour, as documented: each event is POSTed as JSON to the endpoint with a
 `Stripe-Signature: t=<unix>,v1=<hex HMAC-SHA256(secret, "<t>.<body>")>` header, where `t` is the
@@ -13,6 +13,12 @@ How the sandbox does it, so several processes sharing one sandbox database behav
 * record: in another short transaction, mark the event delivered, or count the failed attempt,
   keep the error and schedule the next one (`base_delay * 2**(failures-1)`, capped), giving up
   after `max_attempts`.
+
+Where: to every enabled endpoint registered with `/v1/webhook_endpoints` whose `enabled_events`
+name the event's type (or `*`), each signed with its own secret; an event has been delivered once
+every such endpoint answered 2xx (`sbx_endpoint_delivery` remembers which did, so a retry goes
+only to the others). With no endpoint registered, to the service's own route, signed with the
+configured secret, as before endpoints existed.
 
 A kick after each commit makes delivery prompt; the background loop polls for retries and for
 events written by other processes (the CLI, other service processes).
@@ -37,10 +43,11 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
-from sqlalchemy import func, select, update
+from sqlalchemy import delete, func, insert, select, update
 
 from stripe_sandbox.api import SandboxConfig
-from stripe_sandbox.store import Store, events
+from stripe_sandbox.resources.webhook_endpoints import delivery_targets, wants
+from stripe_sandbox.store import Store, endpoint_deliveries, events
 
 log = logging.getLogger("stripe_sandbox.delivery")
 
@@ -60,10 +67,18 @@ def signature_header(secret: str, body: bytes, timestamp: int) -> str:
 
 
 @dataclass(frozen=True)
+class _Target:
+    url: str
+    secret: str
+    endpoint_id: str | None  # None: the service's own route (no endpoint registered)
+
+
+@dataclass(frozen=True)
 class _Claimed:
     seq: int
     id: str
     body: bytes
+    targets: tuple[_Target, ...]
 
 
 @dataclass(frozen=True)
@@ -174,14 +189,33 @@ class Deliverer:
             if mode == SHUFFLED_DUPLICATED:
                 sends = [event for event in batch for _ in range(random.randint(1, MAX_COPIES))]
                 random.shuffle(sends)
-            results: dict[str, str | None] = {}  # id -> None once any copy got a 2xx
-            async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
-                for event in sends:
-                    error = await self._send(client, event)
-                    if results.get(event.id, "") is not None:
-                        results[event.id] = error
+            # event id -> target -> None once any copy reached it with a 2xx, else the last error
+            results: dict[str, dict[_Target, str | None]] = {event.id: {} for event in batch}
+            try:
+                async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
+                    for event in sends:
+                        for target in event.targets:
+                            error = await self._send(client, event, target)
+                            if results[event.id].get(target, "") is not None:
+                                results[event.id][target] = error
+            except asyncio.CancelledError:
+                # The process is stopping: the batch is due again now, not when the lease ends
+                # (Stripe retries what it was not sure of; a receiver dedupes by event id).
+                await self._release([event.id for event in batch])
+                raise
             await self._record(results)
             return len(batch)
+
+    async def _release(self, ids: list[str]) -> None:
+        try:
+            async with self.store.transaction() as tx:
+                await tx.conn.execute(
+                    update(events)
+                    .where(events.c.id.in_(ids), events.c.delivered.is_(False))
+                    .values(next_attempt_at=int(time.time()))
+                )
+        except Exception:
+            log.exception("could not release %d claimed event(s); their lease will expire", len(ids))
 
     async def _claim(self) -> tuple[str, list[_Claimed]]:
         now = int(time.time())
@@ -189,7 +223,7 @@ class Deliverer:
             mode = await tx.get_state(MODE_STATE_KEY, ORDERED)
             rows = (
                 await tx.conn.execute(
-                    select(events.c.seq, events.c.id, events.c.data)
+                    select(events.c.seq, events.c.id, events.c.type, events.c.data)
                     .where(
                         events.c.delivered.is_(False),
                         events.c.attempts < self.max_attempts,
@@ -209,28 +243,62 @@ class Deliverer:
                 .where(events.c.seq.in_([row.seq for row in rows]))
                 .values(next_attempt_at=lease)
             )
-        return mode, [_Claimed(row.seq, row.id, str(row.data).encode()) for row in rows]
+            registered = await delivery_targets(tx)
+            reached: set[tuple[str, str]] = set()
+            if registered is not None:
+                done = await tx.conn.execute(
+                    select(endpoint_deliveries.c.event_id, endpoint_deliveries.c.endpoint_id).where(
+                        endpoint_deliveries.c.event_id.in_([row.id for row in rows])
+                    )
+                )
+                reached = {(found.event_id, found.endpoint_id) for found in done}
+        own: tuple[_Target, ...] = (_Target(self.config.endpoint_url, self.config.webhook_secret, None),)
+        claimed = []
+        for row in rows:
+            targets = own
+            if registered is not None:
+                targets = tuple(
+                    _Target(found["url"], secret, found["id"])
+                    for found, secret in registered
+                    if wants(found, row.type) and (row.id, found["id"]) not in reached
+                )
+            claimed.append(_Claimed(row.seq, row.id, str(row.data).encode(), targets))
+        return mode, claimed
 
-    async def _send(self, client: httpx.AsyncClient, event: _Claimed) -> str | None:
-        """POST one event; None on a 2xx, else what went wrong."""
+    async def _send(self, client: httpx.AsyncClient, event: _Claimed, target: _Target) -> str | None:
+        """POST one event to one endpoint; None on a 2xx, else what went wrong."""
         timestamp = int(time.time())  # real time: the sandbox clock may be far ahead
         headers = {
             "Content-Type": "application/json; charset=utf-8",
             "User-Agent": USER_AGENT,
-            "Stripe-Signature": signature_header(self.config.webhook_secret, event.body, timestamp),
+            "Stripe-Signature": signature_header(target.secret, event.body, timestamp),
         }
         try:
-            response = await client.post(self.config.endpoint_url, content=event.body, headers=headers)
+            response = await client.post(target.url, content=event.body, headers=headers)
         except httpx.HTTPError as exc:
             return f"{type(exc).__name__}: {exc}"[:1000]
         if 200 <= response.status_code < 300:
             return None
         return f"HTTP {response.status_code}: {response.text[:500]}"
 
-    async def _record(self, results: dict[str, str | None]) -> None:
+    async def _record(self, results: dict[str, dict[_Target, str | None]]) -> None:
         now = time.time()
         async with self.store.transaction() as tx:
-            for event_id, error in results.items():
+            for event_id, by_target in results.items():
+                errors = [error for error in by_target.values() if error is not None]
+                error = errors[0] if errors else None
+                if errors:
+                    for target, target_error in by_target.items():
+                        if target_error is None and target.endpoint_id is not None:
+                            await tx.conn.execute(
+                                insert(endpoint_deliveries).values(
+                                    event_id=event_id, endpoint_id=target.endpoint_id
+                                )
+                            )
+                else:
+                    await tx.conn.execute(
+                        delete(endpoint_deliveries).where(endpoint_deliveries.c.event_id == event_id)
+                    )
                 if error is None:
                     await tx.conn.execute(
                         update(events)

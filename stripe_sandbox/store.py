@@ -68,6 +68,14 @@ events = Table(
     Column("last_error", Text, nullable=True),
 )
 
+# Which registered webhook endpoints an undelivered event has reached already (no resend on retry).
+endpoint_deliveries = Table(
+    "sbx_endpoint_delivery",
+    metadata,
+    Column("event_id", String(255), primary_key=True),
+    Column("endpoint_id", String(255), primary_key=True),
+)
+
 idempotency = Table(
     "sbx_idempotency",
     metadata,

@@ -49,7 +49,7 @@ from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
 from billing.usage.windows import monthly_window
-from billing.work_queue import LeasedQueue
+from billing.work_queue import LeasedQueue, release_on_shutdown
 from db.engine import Database
 from db.models import UsageReportStatus, account_table, report_table, usage_table
 
@@ -192,7 +192,14 @@ class UsageReporter(BackgroundWorker):
             batch.records, batch.aggregates = await self.aggregate()
             claimed = await self.claim()
             if claimed:
-                batch.add(await self.send(claimed))
+                try:
+                    batch.add(await self.send(claimed))
+                except asyncio.CancelledError:
+                    # Shutting down: unsettled aggregates go back at once. One Stripe accepted
+                    # but we did not record is sent again and answered "already recorded".
+                    claims = [(report.id, report.attempts) for report in claimed]
+                    await release_on_shutdown(AGGREGATES, self.database, claims, self.clock)
+                    raise
             total.add(batch)
             if progress is not None and not batch.idle:
                 progress(batch)

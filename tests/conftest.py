@@ -27,6 +27,7 @@ from billing.stripe_gateway import StripeGateway
 from db.engine import Database, create_engine
 from db.migrate import upgrade
 from db.models import metadata
+from tests.gateways import SHORT_RETRIES, open_sandbox_gateway
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
@@ -256,21 +257,8 @@ async def service(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
 @pytest.fixture
 async def stripe_gateway(service: Service) -> AsyncIterator[StripeGateway]:
     """The project's gateway (the real SDK) pointed at the running service's sandbox."""
-    from billing.stripe_gateway import GatewayConfig
-
-    gateway = StripeGateway(
-        GatewayConfig(
-            api_key="sk_test_tests",
-            api_base=f"{service.url}/sandbox",
-            max_network_retries=1,
-            timeout_seconds=5,
-            rate_limit_base_delay=0.01,
-        )
-    )
-    try:
+    async with open_sandbox_gateway(service.url, **SHORT_RETRIES) as gateway:
         yield gateway
-    finally:
-        await gateway.close()
 
 
 # One migrated SQLite database per module, for tests of HTTP-level refusals that need no PostgreSQL.

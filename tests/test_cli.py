@@ -150,11 +150,11 @@ def test_an_invalid_plans_file_is_one_clear_line(tmp_path: Path, sqlite_env: dic
 
 async def _subscribed_user(base: str, db_url: str, user_id: str) -> None:
     """Check out and pay through the running service's sandbox; wait for the webhook to land."""
-    from billing.stripe_gateway import GatewayConfig, StripeGateway
     from db.engine import Database
     from tests.billing_flows import checkout, wait_for_account
+    from tests.gateways import sandbox_gateway
 
-    gateway = StripeGateway(GatewayConfig(api_key="sk_test_cli", api_base=f"{base}/sandbox"))
+    gateway = sandbox_gateway(base)
     database = Database.from_url(db_url)
     try:
         prices: dict[str, str] = {}

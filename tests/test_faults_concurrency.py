@@ -25,12 +25,13 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
 from db.engine import Database
 from db.models import account_table, event_table, invoice_table, rollup_table, usage_table
 from tests.billing_flows import advance, control, raw_events, setup_catalog
 from tests.conftest import DbTarget, Service, running_service
+from tests.gateways import open_sandbox_gateway
 from tests.stripe_events import post_event
 from tests.test_graphql_support import SERVICE_KEY, hs256_token, insert_account, serve_api
 from tests.test_mutations_checkout import confirm, create_checkout, pay, token
@@ -81,13 +82,12 @@ def assert_row_is_stripes(row: Any, subscription: Any) -> None:
 @pytest.fixture
 async def lagging(database: Database, sandbox_db: DbTarget) -> AsyncIterator[tuple[Service, StripeGateway]]:
     """No background webhook worker: the test decides when the inbox is applied."""
-    async with running_service(database, sandbox_db, webhook_worker=False) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_race", api_base=f"{service.url}/sandbox"))
-        try:
-            await setup_catalog(gateway)
-            yield service, gateway
-        finally:
-            await gateway.close()
+    async with (
+        running_service(database, sandbox_db, webhook_worker=False) as service,
+        open_sandbox_gateway(service.url) as gateway,
+    ):
+        await setup_catalog(gateway)
+        yield service, gateway
 
 
 async def test_a_confirmation_racing_its_own_webhooks_ends_in_stripes_state_once(

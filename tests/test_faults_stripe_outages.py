@@ -41,7 +41,7 @@ from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.notifier import LogNotifier
 from billing.reconcile import customer_ids, reconcile
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.usage_reporting import UsageReporter
 from db.engine import Database
 from db.models import account_table
@@ -49,6 +49,7 @@ from stripe_sandbox.store import Store, faults, idempotency
 from tests.billing_flows import setup_catalog, subscribe
 from tests.conftest import DbTarget, Service, running_service
 from tests.db_snapshot import STATE_TABLES, unchanged
+from tests.gateways import sandbox_gateway
 from tests.test_graphql_support import error_codes
 from tests.test_mutations_cancel import FaultyAt
 from tests.test_mutations_checkout import (
@@ -131,7 +132,7 @@ async def serving(service: Service, gateway: StripeGateway) -> AsyncIterator[Str
 
 
 def quick_gateway(service: Service) -> StripeGateway:
-    return StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox", **QUICK))
+    return sandbox_gateway(service.url, **QUICK)
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ import pytest
 
 from billing import plan_changes
 from billing.errors import BillingError, ErrorCode
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
 from tests.billing_flows import advance, control, setup_catalog, wait_for_account
 from tests.conftest import Service
+from tests.gateways import sandbox_config
 from tests.test_graphql_support import error_codes
 from tests.test_mutations_plan_change import SUBSCRIPTION, Live, iso, item_of
 
@@ -153,16 +154,7 @@ class FaultyAt(StripeGateway):
         config: dict[str, Any] | None = None,
         **fault: Any,
     ) -> None:
-        super().__init__(
-            GatewayConfig(
-                **{
-                    "api_key": "sk_test_x",
-                    "api_base": f"{service.url}/sandbox",
-                    "max_network_retries": 1,
-                    **(config or {}),
-                }
-            )
-        )
+        super().__init__(sandbox_config(service.url, **{"max_network_retries": 1, **(config or {})}))
         self.service, self.what, self.path_prefix, self.count = service, what, path_prefix, count
         self.fault = fault
 

@@ -23,6 +23,7 @@ from tests.billing_flows import account, control, raw_events, setup_catalog, wai
 from tests.conftest import DbTarget, Service, running_service
 from tests.db_snapshot import Snapshot
 from tests.db_snapshot import snapshot as snapshot_of
+from tests.gateways import open_sandbox_gateway
 from tests.test_graphql_support import error_codes, hs256_token, only_error
 
 CREATE = """mutation($tier: Tier!, $interval: BillingInterval!) {
@@ -146,14 +147,9 @@ async def lagging(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
 
 @pytest.fixture
 async def lagging_gateway(lagging: Service) -> AsyncIterator[StripeGateway]:
-    from billing.stripe_gateway import GatewayConfig
-
-    gateway = StripeGateway(GatewayConfig(api_key="sk_test_tests", api_base=f"{lagging.url}/sandbox"))
-    await setup_catalog(gateway)
-    try:
+    async with open_sandbox_gateway(lagging.url) as gateway:
+        await setup_catalog(gateway)
         yield gateway
-    finally:
-        await gateway.close()
 
 
 # Checkout, pay, confirm ------------------------------------------------------------------------

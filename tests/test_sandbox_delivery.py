@@ -15,13 +15,14 @@ import pytest
 import stripe
 from sqlalchemy import select
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from stripe_sandbox.api import SandboxConfig
 from stripe_sandbox.app import Sandbox
 from stripe_sandbox.delivery import Deliverer
 from stripe_sandbox.store import Store, events
 from tests.conftest import DbTarget, free_port, serve, service_settings
+from tests.gateways import sandbox_gateway
 from tests.webhook_receiver import Delivery, WebhookReceiver, run_receiver
 
 SECRET = "whsec_delivery_tests_0123456789abcdef"
@@ -51,15 +52,7 @@ class Hooked:
 
 
 def new_gateway(url: str) -> StripeGateway:
-    return StripeGateway(
-        GatewayConfig(
-            api_key="sk_test_tests",
-            api_base=f"{url}/sandbox",
-            max_network_retries=0,
-            timeout_seconds=5,
-            rate_limit_base_delay=0.01,
-        )
-    )
+    return sandbox_gateway(url, max_network_retries=0, timeout_seconds=5, rate_limit_base_delay=0.01)
 
 
 @asynccontextmanager

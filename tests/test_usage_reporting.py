@@ -17,7 +17,7 @@ import pytest
 from sqlalchemy import func, select, update
 
 from billing.plans import load_catalog
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.usage import UsageInput, add_months, record_usage
 from billing.usage_reporting import (
     ClaimedReport,
@@ -31,6 +31,7 @@ from db.models import account_table, report_table, usage_table
 from stripe_sandbox.store import Store
 from tests.billing_flows import advance, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
+from tests.gateways import SHORT_RETRIES, sandbox_gateway
 from tests.test_graphql_support import SERVICE_KEY
 
 CATALOG = load_catalog()
@@ -59,15 +60,7 @@ async def metered(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
 
 
 def gateway_for(service: Service) -> StripeGateway:
-    return StripeGateway(
-        GatewayConfig(
-            api_key="sk_test_usage",
-            api_base=f"{service.url}/sandbox",
-            max_network_retries=1,  # one SDK retry: two requests per call
-            timeout_seconds=5,
-            rate_limit_base_delay=0.01,
-        )
-    )
+    return sandbox_gateway(service.url, **SHORT_RETRIES)  # one SDK retry: two requests per call
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ from sqlalchemy import delete, select, text
 
 from billing.clock import utcnow
 from billing.plans import plan_of_price
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
 from billing.sync import licensed_item
 from billing.webhooks import requeue
@@ -21,6 +21,7 @@ from db.engine import Database
 from db.models import account_table, event_table
 from tests.billing_flows import account, advance, raw_events, setup_catalog, subscribe
 from tests.conftest import DbTarget, Service, running_service
+from tests.gateways import open_sandbox_gateway
 from tests.stripe_events import post_event
 
 DAY = 86_400
@@ -31,14 +32,13 @@ async def quiet(
     database: Database, sandbox_db: DbTarget
 ) -> AsyncIterator[tuple[Service, StripeGateway, dict[str, str]]]:
     """No background worker and no automatic delivery: the test posts and applies events itself."""
-    async with running_service(
-        database, sandbox_db, webhook_worker=False, sandbox={"deliver_webhooks": False}
-    ) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            yield service, gateway, await setup_catalog(gateway)
-        finally:
-            await gateway.close()
+    async with (
+        running_service(
+            database, sandbox_db, webhook_worker=False, sandbox={"deliver_webhooks": False}
+        ) as service,
+        open_sandbox_gateway(service.url) as gateway,
+    ):
+        yield service, gateway, await setup_catalog(gateway)
 
 
 async def lifecycle(

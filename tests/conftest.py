@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -28,6 +28,9 @@ from db.engine import Database, create_engine
 from db.migrate import upgrade
 from db.models import metadata
 from tests.gateways import SHORT_RETRIES, open_sandbox_gateway
+
+if TYPE_CHECKING:
+    from tests.live import Live, LiveOptions
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
@@ -253,6 +256,26 @@ async def stripe_gateway(service: Service) -> AsyncIterator[StripeGateway]:
     """The project's gateway (the real SDK) pointed at the running service's sandbox."""
     async with open_sandbox_gateway(service.url, **SHORT_RETRIES) as gateway:
         yield gateway
+
+
+@pytest.fixture
+def live_options() -> LiveOptions:
+    """How the `live` service is set up: as `service` is. A module overrides this fixture for other
+    settings, another notifier or another sandbox delivery."""
+    from tests.live import LiveOptions  # here: tests/live.py imports this module
+
+    return LiveOptions()
+
+
+@pytest.fixture
+async def live(database: Database, sandbox_db: DbTarget, live_options: LiveOptions) -> AsyncIterator[Live]:
+    """The whole service in sandbox mode on a real port, set up as `live_options` says, with the
+    project's gateway on its sandbox and the shipped catalog synced into it (tests/live.py).
+    A test takes this or `service`, not both: each serves a sandbox over `sandbox_db`."""
+    from tests.live import start_live  # here: tests/live.py imports this module
+
+    async with start_live(database, sandbox_db, live_options) as running:
+        yield running
 
 
 # One migrated SQLite database per module, for tests of HTTP-level refusals that need no PostgreSQL.

@@ -50,6 +50,7 @@ from tests.billing_flows import setup_catalog, subscribe
 from tests.conftest import DbTarget, Service, running_service
 from tests.db_snapshot import STATE_TABLES, unchanged
 from tests.gateways import sandbox_gateway
+from tests.live import CHANGE, Live
 from tests.test_graphql_support import error_codes
 from tests.test_mutations_cancel import FaultyAt
 from tests.test_mutations_checkout import (
@@ -63,7 +64,6 @@ from tests.test_mutations_checkout import (
     subscribe_via_api,
     token,
 )
-from tests.test_mutations_plan_change import CHANGE, Live
 from tests.test_usage_reporting import (
     CATALOG,
     Clock,
@@ -237,11 +237,6 @@ async def test_every_checkout_session_response_lost_then_one_open_session(
     sessions = await stripe_gateway.v1.checkout.sessions.list_async({"customer": customer.id})
     assert [s.id for s in sessions.data if s.status == "open"] == [again["id"]]
     assert first["id"] in [s.id for s in sessions.data if s.status == "expired"]
-
-
-@pytest.fixture
-async def live(service: Service, stripe_gateway: StripeGateway, prices: dict[str, str]) -> Live:
-    return Live(service, stripe_gateway, prices)
 
 
 async def invoices_of(live: Live, subscription_id: str) -> list[Any]:

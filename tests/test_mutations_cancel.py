@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,22 +10,17 @@ from billing import plan_changes
 from billing.errors import BillingError, ErrorCode
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
-from tests.billing_flows import advance, control, setup_catalog, wait_for_account
+from tests.billing_flows import advance, control, wait_for_account
 from tests.conftest import Service
 from tests.gateways import sandbox_config
+from tests.live import SUBSCRIPTION, Live, iso, item_of
 from tests.test_graphql_support import error_codes
-from tests.test_mutations_plan_change import SUBSCRIPTION, Live, iso, item_of
 
 DAY = 86_400
 
 CANCEL = f"mutation($atPeriodEnd: Boolean!) {{ cancelSubscription(atPeriodEnd: $atPeriodEnd) {{ {SUBSCRIPTION} }} }}"
 CANCEL_DEFAULT = f"mutation {{ cancelSubscription {{ {SUBSCRIPTION} }} }}"
 RESUME = f"mutation {{ resumeSubscription {{ {SUBSCRIPTION} }} }}"
-
-
-@pytest.fixture
-async def live(service: Service, stripe_gateway: StripeGateway) -> AsyncIterator[Live]:
-    yield Live(service, stripe_gateway, await setup_catalog(stripe_gateway))
 
 
 async def ok(live: Live, user_id: str, query: str, field: str, **variables: object) -> dict[str, object]:

@@ -25,7 +25,7 @@ from db.models import account_table, quote_table
 from tests.billing_flows import control, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
 from tests.gateways import open_sandbox_gateway
-from tests.test_graphql_support import hs256_token
+from tests.graphql_support import hs256_token
 
 SUBSCRIPTION = """
   status tier interval priceId currentPeriodStart currentPeriodEnd cancelAtPeriodEnd canceledAt

@@ -45,11 +45,7 @@ import pytest
 
 from billing.stripe_gateway import StripeGateway
 from db.engine import Database
-from tests.billing_flows import checkout, control, settle, setup_catalog, wait_for_account
-from tests.conftest import DbTarget, Service, running_service
-from tests.db_snapshot import unchanged
-from tests.gateways import open_sandbox_gateway
-from tests.test_auth import (
+from tests.auth_support import (
     AUDIENCE,
     ISSUER,
     KEY_A,
@@ -61,9 +57,13 @@ from tests.test_auth import (
     jwks,
     unsigned_token,
 )
-from tests.test_graphql_support import SERVICE_KEY, error_codes, hs256_token, only_error
+from tests.billing_flows import checkout, control, settle, setup_catalog, wait_for_account
+from tests.conftest import DbTarget, Service, running_service
+from tests.db_snapshot import unchanged
+from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import SERVICE_KEY, error_codes, hs256_token, only_error
 
-__all__ = ["jwks"]  # the JWKS server fixture of test_auth.py, used here too
+__all__ = ["jwks"]  # the JWKS server fixture of tests/auth_support.py
 
 VICTIM = "victim"
 PROBER = "prober"

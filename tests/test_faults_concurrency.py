@@ -30,11 +30,11 @@ from billing.stripe_objects import stripe_time
 from db.engine import Database
 from db.models import account_table, event_table, invoice_table, rollup_table, usage_table
 from tests.billing_flows import advance, control, raw_events
+from tests.checkout_flows import confirm, create_checkout, pay, token
 from tests.conftest import DbTarget, Service
+from tests.graphql_support import SERVICE_KEY, hs256_token, insert_account, serve_api
 from tests.live import CHANGE, Live, LiveOptions, item_of, start_live
 from tests.stripe_events import post_event
-from tests.test_graphql_support import SERVICE_KEY, hs256_token, insert_account, serve_api
-from tests.test_mutations_checkout import confirm, create_checkout, pay, token
 
 HOUR = 3_600
 

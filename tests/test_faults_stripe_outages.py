@@ -47,24 +47,22 @@ from db.engine import Database
 from db.models import account_table
 from stripe_sandbox.store import Store, faults, idempotency
 from tests.billing_flows import setup_catalog, subscribe
-from tests.conftest import DbTarget, Service, running_service
-from tests.db_snapshot import STATE_TABLES, unchanged
-from tests.gateways import sandbox_gateway
-from tests.live import CHANGE, Live
-from tests.test_graphql_support import error_codes
-from tests.test_mutations_cancel import FaultyAt
-from tests.test_mutations_checkout import (
+from tests.checkout_flows import (
     CREATE,
-    clear_faults,
     create_checkout,
     customers_by_email,
     gql,
-    inject,
     settle,
     subscribe_via_api,
     token,
 )
-from tests.test_usage_reporting import (
+from tests.conftest import DbTarget, Service, running_service
+from tests.db_snapshot import STATE_TABLES, unchanged
+from tests.gateways import sandbox_gateway
+from tests.graphql_support import error_codes
+from tests.live import CHANGE, Live
+from tests.stripe_faults import FaultyAt, clear_faults, inject
+from tests.usage_flows import (
     CATALOG,
     Clock,
     metered_subscriber,

@@ -46,8 +46,8 @@ from tests.billing_flows import account, raw_events, setup_catalog, subscribe
 from tests.conftest import DbTarget, Service, running_service
 from tests.db_snapshot import STATE_TABLES, unchanged
 from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import insert_account
 from tests.stripe_events import body_of, event, post_event, sign
-from tests.test_graphql_support import insert_account
 
 NEW_SECRET = "whsec_faults_new_secret"
 OLD_SECRET = "whsec_faults_old_secret"

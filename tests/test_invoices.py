@@ -13,10 +13,10 @@ from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from db.models import invoice_table
 from tests.billing_flows import account, advance, setup_catalog
+from tests.checkout_flows import gql, settle, subscribe_via_api, token
 from tests.conftest import DbTarget, Service, running_service
 from tests.gateways import open_sandbox_gateway
-from tests.test_graphql_support import error_codes, insert_account, only_error
-from tests.test_mutations_checkout import gql, settle, subscribe_via_api, token
+from tests.graphql_support import error_codes, insert_account, only_error
 
 INVOICES = """query($first: Int) {
   viewer {

@@ -16,8 +16,8 @@ import pytest
 from billing.stripe_objects import stripe_time
 from stripe_sandbox import engine
 from tests.billing_flows import advance, card_fails, subscribe, wait_for_account
+from tests.graphql_support import error_codes
 from tests.live import CHANGE, PREVIEW, SUBSCRIPTION, Live, iso, item_of
-from tests.test_graphql_support import error_codes
 
 DAY = 86_400
 HOUR = 3_600

@@ -23,8 +23,8 @@ from db.engine import Database
 from tests.billing_flows import checkout, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import PG_HOST, PG_PORT, PG_USER, Service, free_port
 from tests.gateways import sandbox_gateway
-from tests.test_graphql_support import hs256_token
-from tests.test_realtime_support import DELIVERY, WAIT, live_socket, watch_commit
+from tests.graphql_support import hs256_token
+from tests.realtime_support import DELIVERY, WAIT, live_socket, watch_commit
 
 BILLING = str(Path(sys.executable).with_name("billing"))
 QUIET = 0.5

@@ -34,8 +34,8 @@ from graph.schema import build_schema
 from tests.billing_flows import setup_catalog
 from tests.conftest import DbTarget, free_port, running_service
 from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import Api, error_codes, hs256_token, serve_api
 from tests.stripe_events import event, post_event, sign
-from tests.test_graphql_support import Api, error_codes, hs256_token, serve_api
 
 RANDOM = {name: secrets.token_hex(16) for name in ("stripe", "hook1", "hook2", "jwt", "service", "db")}
 STRIPE_KEY = f"sk_test_{RANDOM['stripe']}"

@@ -6,8 +6,8 @@ import httpx
 
 from tests.billing_flows import advance, card_fails, subscribe, wait_for_account
 from tests.conftest import Service
+from tests.graphql_support import hs256_token
 from tests.live import Live
-from tests.test_graphql_support import hs256_token
 
 VIEWER = "{ viewer { id subscription { status tier interval hasAccess cancelAtPeriodEnd priceId currentPeriodEnd } } }"
 DAY = 86_400

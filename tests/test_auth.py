@@ -7,8 +7,10 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import jwt
 import pytest
@@ -16,7 +18,7 @@ import pytest
 from billing.errors import BillingError, ErrorCode
 from billing.settings import DEV_JWT_SECRET, Settings
 from db.engine import Database
-from graph.auth import CLOCK_SKEW_SECONDS, VERIFIED_FOR, VERIFIED_TOKENS, Authenticator, User
+from graph.auth import CLOCK_SKEW_SECONDS, VERIFIED_FOR, VERIFIED_TOKENS, Authenticator
 from tests.auth_support import (
     AUDIENCE,
     ISSUER,
@@ -308,62 +310,69 @@ def test_billing_token_is_refused_in_production(tmp_path: Path) -> None:
 # Remembered verifications ----------------------------------------------------------------------
 
 
-class CountingAuthenticator(Authenticator):
-    """Counts the full verifications (signature and claims) it performs."""
+@dataclass
+class Counted:
+    """An authenticator on a clock moved by hand, and the full verifications (signature and claims)
+    it has made: one PyJWT `decode` for each token it checks."""
 
-    def __init__(self, settings: Settings, clock: Clock) -> None:
-        super().__init__(settings, clock=clock)
-        self.verifications = 0
-
-    async def _verify(self, token: str) -> tuple[User, float]:
-        self.verifications += 1
-        return await super()._verify(token)
+    auth: Authenticator
+    clock: Clock
+    verifications: int = 0
 
 
-def counting_authenticator() -> tuple[CountingAuthenticator, Clock]:
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> Counted:
     clock = Clock()
-    return CountingAuthenticator(Settings(auth_jwt_secret=STRONG_SECRET), clock), clock
+    counted = Counted(Authenticator(Settings(auth_jwt_secret=STRONG_SECRET), clock=clock), clock)
+    decode = jwt.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counted.verifications += 1
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    return counted
 
 
-async def test_a_verified_token_is_checked_again_after_a_minute() -> None:
-    auth, clock = counting_authenticator()
+async def test_a_verified_token_is_checked_again_after_a_minute(counted: Counted) -> None:
+    auth, clock = counted.auth, counted.clock
     token = hs256_token("user-1", secret=STRONG_SECRET, ttl=timedelta(hours=1))
     for _ in range(3):
         assert (await auth.verify(token)).id == "user-1"
-    assert auth.verifications == 1
+    assert counted.verifications == 1
 
     clock.now += VERIFIED_FOR + 1
     assert (await auth.verify(token)).id == "user-1"
-    assert auth.verifications == 2
+    assert counted.verifications == 2
 
 
-async def test_a_token_is_never_remembered_past_its_expiry() -> None:
-    auth, clock = counting_authenticator()
+async def test_a_token_is_never_remembered_past_its_expiry(counted: Counted) -> None:
+    auth, clock = counted.auth, counted.clock
     token = hs256_token("user-1", secret=STRONG_SECRET, ttl=timedelta(seconds=5))
     await auth.verify(token)
     clock.now += 5 + CLOCK_SKEW_SECONDS + 1  # well inside the minute, past exp + skew
     await auth.verify(token)
-    assert auth.verifications == 2
+    assert counted.verifications == 2
 
 
-async def test_a_refused_token_is_not_remembered() -> None:
-    auth, _ = counting_authenticator()
+async def test_a_refused_token_is_not_remembered(counted: Counted) -> None:
+    auth = counted.auth
     forged = hs256_token("user-1", secret="another-secret-of-at-least-32-bytes!!")
     for _ in range(2):
         with pytest.raises(BillingError) as refused:
             await auth.verify(forged)
         assert refused.value.code == ErrorCode.UNAUTHENTICATED
-    assert auth.verifications == 2
+    assert counted.verifications == 2
 
 
-async def test_remembered_tokens_are_bounded_least_recently_used_out() -> None:
-    auth, _ = counting_authenticator()
+async def test_remembered_tokens_are_bounded_least_recently_used_out(counted: Counted) -> None:
+    auth = counted.auth
     tokens = [hs256_token(f"user-{i}", secret=STRONG_SECRET) for i in range(VERIFIED_TOKENS + 1)]
     for token in tokens:
         await auth.verify(token)
-    assert auth.verifications == VERIFIED_TOKENS + 1
+    assert counted.verifications == VERIFIED_TOKENS + 1
 
     await auth.verify(tokens[-1])  # still remembered
-    assert auth.verifications == VERIFIED_TOKENS + 1
+    assert counted.verifications == VERIFIED_TOKENS + 1
     await auth.verify(tokens[0])  # the oldest was let go
-    assert auth.verifications == VERIFIED_TOKENS + 2
+    assert counted.verifications == VERIFIED_TOKENS + 2

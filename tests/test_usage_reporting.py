@@ -19,8 +19,6 @@ from billing.stripe_gateway import StripeGateway
 from billing.usage import UsageInput, add_months, record_usage
 from billing.usage_reporting import (
     ClaimedReport,
-    Outcome,
-    ReportPass,
     UsageReporter,
     flagged_reports,
 )
@@ -190,8 +188,10 @@ async def test_a_drainer_that_died_after_sending_is_taken_over_without_a_duplica
     taken_over = await survivor.drain()
     assert (taken_over.sent, taken_over.already_recorded) == (0, 1)
 
-    # The dead drainer's late word cannot put the aggregate back in the queue.
-    await dying._settle(claimed, Outcome.UNAVAILABLE, "late timeout", ReportPass())
+    # The dead drainer's late word cannot put the aggregate back in the queue: it sends its claim
+    # again, Stripe is down for both requests, and it records the attempt as unavailable.
+    await fault(metered, 500, 2)
+    assert (await dying.send([claimed])).unavailable
     (row,) = await report_rows(metered.database)
     assert row.status == "reported" and row.attempts == 2
     assert [event["identifier"] for event in await sandbox_meter_events(metered)] == [claimed.id]

@@ -26,6 +26,7 @@ from tests.billing_flows import control, settle, setup_catalog, subscribe, wait_
 from tests.conftest import DbTarget, Service, running_service
 from tests.gateways import open_sandbox_gateway
 from tests.graphql_support import hs256_token
+from tests.stripe_faults import clear_faults, inject
 
 SUBSCRIPTION = """
   status tier interval priceId currentPeriodStart currentPeriodEnd cancelAtPeriodEnd canceledAt
@@ -165,12 +166,10 @@ class Live:
             return [tuple(row) for row in (await conn.execute(select(quote_table))).all()]
 
     async def outage(self, path_prefix: str = "/v1/subscriptions") -> None:
-        await control(self.service, "faults", {"path_prefix": path_prefix, "status": 500, "count": 5})
+        await inject(self.service, path_prefix=path_prefix, status=500, count=5)
 
     async def clear_faults(self) -> None:
-        async with httpx.AsyncClient() as client:
-            response = await client.delete(f"{self.service.url}/sandbox/_control/faults")
-        assert response.status_code == 200
+        await clear_faults(self.service)
 
 
 @asynccontextmanager

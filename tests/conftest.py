@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
@@ -27,16 +27,14 @@ from billing.stripe_gateway import StripeGateway
 from db.engine import Database, create_engine
 from db.migrate import upgrade
 from db.models import metadata
+from tests.gateways import SHORT_RETRIES, open_sandbox_gateway
+
+if TYPE_CHECKING:
+    from tests.live import Live, LiveOptions
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
 PG_PORT = int(os.environ.get("TEST_PG_PORT", "5432"))
 PG_USER = os.environ.get("TEST_PG_USER", "postgres")
-
-
-def pytest_configure(config: pytest.Config) -> None:
-    config.addinivalue_line(
-        "markers", "sqlite_only: runs on SQLite only (the database plays no part, e.g. GraphQL validation)"
-    )
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -256,21 +254,28 @@ async def service(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
 @pytest.fixture
 async def stripe_gateway(service: Service) -> AsyncIterator[StripeGateway]:
     """The project's gateway (the real SDK) pointed at the running service's sandbox."""
-    from billing.stripe_gateway import GatewayConfig
-
-    gateway = StripeGateway(
-        GatewayConfig(
-            api_key="sk_test_tests",
-            api_base=f"{service.url}/sandbox",
-            max_network_retries=1,
-            timeout_seconds=5,
-            rate_limit_base_delay=0.01,
-        )
-    )
-    try:
+    async with open_sandbox_gateway(service.url, **SHORT_RETRIES) as gateway:
         yield gateway
-    finally:
-        await gateway.close()
+
+
+@pytest.fixture
+def live_options() -> LiveOptions:
+    """How the `live` service is set up: as `service` is. A module overrides this fixture for other
+    settings, another notifier or another sandbox delivery."""
+    from tests.live import LiveOptions  # here: tests/live.py imports this module
+
+    return LiveOptions()
+
+
+@pytest.fixture
+async def live(database: Database, sandbox_db: DbTarget, live_options: LiveOptions) -> AsyncIterator[Live]:
+    """The whole service in sandbox mode on a real port, set up as `live_options` says, with the
+    project's gateway on its sandbox and the shipped catalog synced into it (tests/live.py).
+    A test takes this or `service`, not both: each serves a sandbox over `sandbox_db`."""
+    from tests.live import start_live  # here: tests/live.py imports this module
+
+    async with start_live(database, sandbox_db, live_options) as running:
+        yield running
 
 
 # One migrated SQLite database per module, for tests of HTTP-level refusals that need no PostgreSQL.

@@ -64,3 +64,16 @@ def wait_ready(url: str, process: subprocess.Popen[bytes], log: Path) -> None:
         time.sleep(0.1)
     state = "did not come up in 30 s" if process.poll() is None else f"exited with {process.returncode}"
     pytest.fail(f"billing serve at {url} {state}; its output:\n{log.read_text(errors='replace')[-4000:]}")
+
+
+def run(  # the `billing` command, to completion
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [BILLING, *args],
+        env={**os.environ, **(env or {})},
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )

@@ -16,12 +16,13 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 
 from billing.settings import Settings
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from stripe_sandbox.api import SandboxConfig
 from stripe_sandbox.app import Sandbox
 from stripe_sandbox.store import events, idempotency, objects, state
 from tests.conftest import DbTarget, Service, free_port, serve
+from tests.gateways import SHORT_RETRIES, gateway_at
 
 TEST_KEY = "sk_test_going_live_tests"
 
@@ -64,15 +65,7 @@ class StripeHost:
 
 
 def host_gateway(api_base: str) -> StripeGateway:
-    return StripeGateway(
-        GatewayConfig(
-            api_key=TEST_KEY,
-            api_base=api_base,
-            max_network_retries=1,
-            timeout_seconds=10,
-            rate_limit_base_delay=0.01,
-        )
-    )
+    return gateway_at(api_base, api_key=TEST_KEY, **{**SHORT_RETRIES, "timeout_seconds": 10})
 
 
 @asynccontextmanager

@@ -19,7 +19,7 @@ from billing.plans import load_catalog
 from billing.settings import Settings
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
-from tests.test_graphql_support import insert_account
+from tests.graphql_support import insert_account
 
 NOW = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
 GRACE = timedelta(days=7)

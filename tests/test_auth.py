@@ -3,34 +3,39 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import hmac
 import json
 import os
 import subprocess
 import sys
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import jwt
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
-from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import JSONResponse
-from starlette.routing import Route
 
 from billing.errors import BillingError, ErrorCode
 from billing.settings import DEV_JWT_SECRET, Settings
 from db.engine import Database
-from graph.auth import CLOCK_SKEW_SECONDS, VERIFIED_FOR, VERIFIED_TOKENS, Authenticator, User
-from tests.conftest import free_port, serve
-from tests.test_graphql_support import (
+from graph.auth import CLOCK_SKEW_SECONDS, VERIFIED_FOR, VERIFIED_TOKENS, Authenticator
+from tests.auth_support import (
+    AUDIENCE,
+    ISSUER,
+    KEY_A,
+    KEY_B,
+    STRANGER,
+    STRONG_SECRET,
+    JwksServer,
+    b64url,
+    hs256_with_public_key,
+    jwk,
+    jwks,
+    rs256_token,
+    unsigned_token,
+)
+from tests.conftest import free_port
+from tests.graphql_support import (
     SERVICE_KEY,
     Api,
     error_codes,
@@ -40,71 +45,9 @@ from tests.test_graphql_support import (
     serve_api,
 )
 
+__all__ = ["jwks"]  # the JWKS server fixture of tests/auth_support.py
+
 VIEWER = "{ viewer { id email name subscription { status tier } } }"
-ISSUER = "https://issuer.test/"
-AUDIENCE = "billing-api"
-STRONG_SECRET = "hs256-secret-for-the-auth-tests-0123456789"
-KEY_A = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-KEY_B = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-STRANGER = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-
-
-def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
-
-
-def claims(sub: str = "user-1", ttl: timedelta = timedelta(minutes=5), **extra: Any) -> dict[str, Any]:
-    now = datetime.now(UTC)
-    return {"sub": sub, "iat": now, "exp": now + ttl, **extra}
-
-
-def rs256_token(key: rsa.RSAPrivateKey, kid: str | None, **extra: Any) -> str:
-    headers = {"kid": kid} if kid is not None else None
-    return jwt.encode(claims(**extra), key, algorithm="RS256", headers=headers)
-
-
-def jwk(key: rsa.RSAPrivateKey, kid: str) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(jwt.algorithms.RSAAlgorithm.to_jwk(key.public_key()))
-    return {**data, "kid": kid, "use": "sig", "alg": "RS256"}
-
-
-def unsigned_token(header: dict[str, Any], payload: dict[str, Any], signature: bytes = b"") -> str:
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
-    return f"{signing_input}.{b64url(signature)}"
-
-
-def hs256_with_public_key(key: rsa.RSAPrivateKey, kid: str) -> str:
-    """The HS/RS confusion attack: an HS256 token whose HMAC secret is the RSA public key (PEM)."""
-    pem = key.public_key().public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    now = int(datetime.now(UTC).timestamp())
-    header = {"alg": "HS256", "typ": "JWT", "kid": kid}
-    payload = {"sub": "attacker", "iat": now, "exp": now + 300}
-    signing_input = f"{b64url(json.dumps(header).encode())}.{b64url(json.dumps(payload).encode())}"
-    signature = hmac.new(pem, signing_input.encode(), hashlib.sha256).digest()
-    return f"{signing_input}.{b64url(signature)}"
-
-
-@dataclass
-class JwksServer:
-    url: str
-    keys: list[dict[str, Any]] = field(default_factory=list)
-    requests: int = 0
-
-
-@pytest.fixture
-async def jwks() -> AsyncIterator[JwksServer]:
-    port = free_port()
-    server = JwksServer(url=f"http://127.0.0.1:{port}/.well-known/jwks.json", keys=[jwk(KEY_A, "key-a")])
-
-    async def endpoint(_request: Request) -> JSONResponse:
-        server.requests += 1
-        return JSONResponse({"keys": server.keys})
-
-    app = Starlette(routes=[Route("/.well-known/jwks.json", endpoint)])
-    async with serve(app, port):
-        yield server
 
 
 class Clock:
@@ -367,62 +310,69 @@ def test_billing_token_is_refused_in_production(tmp_path: Path) -> None:
 # Remembered verifications ----------------------------------------------------------------------
 
 
-class CountingAuthenticator(Authenticator):
-    """Counts the full verifications (signature and claims) it performs."""
+@dataclass
+class Counted:
+    """An authenticator on a clock moved by hand, and the full verifications (signature and claims)
+    it has made: one PyJWT `decode` for each token it checks."""
 
-    def __init__(self, settings: Settings, clock: Clock) -> None:
-        super().__init__(settings, clock=clock)
-        self.verifications = 0
-
-    async def _verify(self, token: str) -> tuple[User, float]:
-        self.verifications += 1
-        return await super()._verify(token)
+    auth: Authenticator
+    clock: Clock
+    verifications: int = 0
 
 
-def counting_authenticator() -> tuple[CountingAuthenticator, Clock]:
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> Counted:
     clock = Clock()
-    return CountingAuthenticator(Settings(auth_jwt_secret=STRONG_SECRET), clock), clock
+    counted = Counted(Authenticator(Settings(auth_jwt_secret=STRONG_SECRET), clock=clock), clock)
+    decode = jwt.decode
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        counted.verifications += 1
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(jwt, "decode", counting)
+    return counted
 
 
-async def test_a_verified_token_is_checked_again_after_a_minute() -> None:
-    auth, clock = counting_authenticator()
+async def test_a_verified_token_is_checked_again_after_a_minute(counted: Counted) -> None:
+    auth, clock = counted.auth, counted.clock
     token = hs256_token("user-1", secret=STRONG_SECRET, ttl=timedelta(hours=1))
     for _ in range(3):
         assert (await auth.verify(token)).id == "user-1"
-    assert auth.verifications == 1
+    assert counted.verifications == 1
 
     clock.now += VERIFIED_FOR + 1
     assert (await auth.verify(token)).id == "user-1"
-    assert auth.verifications == 2
+    assert counted.verifications == 2
 
 
-async def test_a_token_is_never_remembered_past_its_expiry() -> None:
-    auth, clock = counting_authenticator()
+async def test_a_token_is_never_remembered_past_its_expiry(counted: Counted) -> None:
+    auth, clock = counted.auth, counted.clock
     token = hs256_token("user-1", secret=STRONG_SECRET, ttl=timedelta(seconds=5))
     await auth.verify(token)
     clock.now += 5 + CLOCK_SKEW_SECONDS + 1  # well inside the minute, past exp + skew
     await auth.verify(token)
-    assert auth.verifications == 2
+    assert counted.verifications == 2
 
 
-async def test_a_refused_token_is_not_remembered() -> None:
-    auth, _ = counting_authenticator()
+async def test_a_refused_token_is_not_remembered(counted: Counted) -> None:
+    auth = counted.auth
     forged = hs256_token("user-1", secret="another-secret-of-at-least-32-bytes!!")
     for _ in range(2):
         with pytest.raises(BillingError) as refused:
             await auth.verify(forged)
         assert refused.value.code == ErrorCode.UNAUTHENTICATED
-    assert auth.verifications == 2
+    assert counted.verifications == 2
 
 
-async def test_remembered_tokens_are_bounded_least_recently_used_out() -> None:
-    auth, _ = counting_authenticator()
+async def test_remembered_tokens_are_bounded_least_recently_used_out(counted: Counted) -> None:
+    auth = counted.auth
     tokens = [hs256_token(f"user-{i}", secret=STRONG_SECRET) for i in range(VERIFIED_TOKENS + 1)]
     for token in tokens:
         await auth.verify(token)
-    assert auth.verifications == VERIFIED_TOKENS + 1
+    assert counted.verifications == VERIFIED_TOKENS + 1
 
     await auth.verify(tokens[-1])  # still remembered
-    assert auth.verifications == VERIFIED_TOKENS + 1
+    assert counted.verifications == VERIFIED_TOKENS + 1
     await auth.verify(tokens[0])  # the oldest was let go
-    assert auth.verifications == VERIFIED_TOKENS + 2
+    assert counted.verifications == VERIFIED_TOKENS + 2

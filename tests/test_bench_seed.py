@@ -14,7 +14,7 @@ from billing.plans import load_catalog
 from billing.usage import hour_of, quota_window, usage_summary
 from db.engine import Database
 from db.models import rollup_table, usage_table
-from tests.test_graphql_support import insert_account
+from tests.graphql_support import insert_account
 
 
 async def test_seeded_usage_has_the_rollups_record_usage_keeps(database: Database) -> None:

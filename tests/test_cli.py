@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import subprocess
 import sys
 import time
@@ -15,22 +14,9 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.processes import billing_serve
+from tests.processes import billing_serve, run
 
 BILLING = str(Path(sys.executable).with_name("billing"))
-
-
-def run(
-    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [BILLING, *args],
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
 
 
 def assert_one_clear_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
@@ -150,11 +136,11 @@ def test_an_invalid_plans_file_is_one_clear_line(tmp_path: Path, sqlite_env: dic
 
 async def _subscribed_user(base: str, db_url: str, user_id: str) -> None:
     """Check out and pay through the running service's sandbox; wait for the webhook to land."""
-    from billing.stripe_gateway import GatewayConfig, StripeGateway
     from db.engine import Database
     from tests.billing_flows import checkout, wait_for_account
+    from tests.gateways import sandbox_gateway
 
-    gateway = StripeGateway(GatewayConfig(api_key="sk_test_cli", api_base=f"{base}/sandbox"))
+    gateway = sandbox_gateway(base)
     database = Database.from_url(db_url)
     try:
         prices: dict[str, str] = {}

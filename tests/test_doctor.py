@@ -24,8 +24,8 @@ from db.models import event_table
 from tests.billing_flows import setup_catalog
 from tests.conftest import DbTarget, free_port
 from tests.db_snapshot import snapshot
+from tests.processes import run
 from tests.stripe_host import StripeHost, stripe_host
-from tests.test_cli import run
 
 CHECKS = [
     "settings",

@@ -12,7 +12,7 @@ from sqlalchemy import event
 from db.engine import Database
 from examples.host_app import create_host_app
 from tests.conftest import free_port, serve
-from tests.test_graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, settings_for
+from tests.graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, settings_for
 
 QUERY = """{
   viewer { subscription { tier status hasAccess } }

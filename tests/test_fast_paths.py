@@ -19,7 +19,7 @@ from db.models import account_table
 from db.types import UTCDateTime
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
-from tests.test_graphql_support import error_codes, hs256_token, insert_account, serve_api
+from tests.graphql_support import error_codes, hs256_token, insert_account, serve_api
 
 c = account_table.c
 ONE_ACCOUNT = select(

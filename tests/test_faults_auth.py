@@ -43,12 +43,9 @@ import httpx
 import jwt
 import pytest
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database
-from tests.billing_flows import checkout, control, settle, setup_catalog, wait_for_account
-from tests.conftest import DbTarget, Service, running_service
-from tests.db_snapshot import unchanged
-from tests.test_auth import (
+from tests.auth_support import (
     AUDIENCE,
     ISSUER,
     KEY_A,
@@ -60,9 +57,13 @@ from tests.test_auth import (
     jwks,
     unsigned_token,
 )
-from tests.test_graphql_support import SERVICE_KEY, error_codes, hs256_token, only_error
+from tests.billing_flows import checkout, control, settle, setup_catalog, wait_for_account
+from tests.conftest import DbTarget, Service, running_service
+from tests.db_snapshot import unchanged
+from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import SERVICE_KEY, error_codes, hs256_token, only_error
 
-__all__ = ["jwks"]  # the JWKS server fixture of test_auth.py, used here too
+__all__ = ["jwks"]  # the JWKS server fixture of tests/auth_support.py
 
 VICTIM = "victim"
 PROBER = "prober"
@@ -112,26 +113,25 @@ class Scene:
 
 @pytest.fixture
 async def scene(database: Database, sandbox_db: DbTarget, jwks: JwksServer) -> AsyncIterator[Scene]:
-    async with running_service(
-        database,
-        sandbox_db,
-        auth_jwks_url=jwks.url,
-        auth_jwt_secret=STRONG_SECRET,
-        auth_issuer=ISSUER,
-        auth_audience=AUDIENCE,
-        service_api_key=SERVICE_KEY,
-        usage_reporter=False,
-    ) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            prices = await setup_catalog(gateway)
-            customer_id, session_id = await checkout(gateway, prices, VICTIM, "pro_monthly", trial_days=None)
-            paid = await control(service, f"checkout/{session_id}/complete", {"outcome": "paid"})
-            await wait_for_account(service.database, VICTIM, status="active", tier="pro")
-            await settle(service.url, service.database)
-            yield Scene(service, gateway, jwks, customer_id, paid["subscription"]["id"], session_id)
-        finally:
-            await gateway.close()
+    async with (
+        running_service(
+            database,
+            sandbox_db,
+            auth_jwks_url=jwks.url,
+            auth_jwt_secret=STRONG_SECRET,
+            auth_issuer=ISSUER,
+            auth_audience=AUDIENCE,
+            service_api_key=SERVICE_KEY,
+            usage_reporter=False,
+        ) as service,
+        open_sandbox_gateway(service.url) as gateway,
+    ):
+        prices = await setup_catalog(gateway)
+        customer_id, session_id = await checkout(gateway, prices, VICTIM, "pro_monthly", trial_days=None)
+        paid = await control(service, f"checkout/{session_id}/complete", {"outcome": "paid"})
+        await wait_for_account(service.database, VICTIM, status="active", tier="pro")
+        await settle(service.url, service.database)
+        yield Scene(service, gateway, jwks, customer_id, paid["subscription"]["id"], session_id)
 
 
 def good_claims(sub: str = VICTIM, **extra: Any) -> dict[str, Any]:

@@ -42,8 +42,8 @@ from db.models import account_table, event_table
 from tests.billing_flows import setup_catalog
 from tests.conftest import DbTarget, Service, free_port, truncate_all
 from tests.db_snapshot import snapshot, unchanged
+from tests.graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, serve_api
 from tests.stripe_events import event, post_event
-from tests.test_graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, serve_api
 
 TEN_KB = "x" * 10_240
 NUL = "a\x00b"

@@ -25,16 +25,16 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
 from db.engine import Database
 from db.models import account_table, event_table, invoice_table, rollup_table, usage_table
-from tests.billing_flows import advance, control, raw_events, setup_catalog
-from tests.conftest import DbTarget, Service, running_service
+from tests.billing_flows import advance, control, raw_events
+from tests.checkout_flows import confirm, create_checkout, pay, token
+from tests.conftest import DbTarget, Service
+from tests.graphql_support import SERVICE_KEY, hs256_token, insert_account, serve_api
+from tests.live import CHANGE, Live, LiveOptions, item_of, start_live
 from tests.stripe_events import post_event
-from tests.test_graphql_support import SERVICE_KEY, hs256_token, insert_account, serve_api
-from tests.test_mutations_checkout import confirm, create_checkout, pay, token
-from tests.test_mutations_plan_change import CHANGE, Live, item_of
 
 HOUR = 3_600
 
@@ -79,21 +79,14 @@ def assert_row_is_stripes(row: Any, subscription: Any) -> None:
 
 
 @pytest.fixture
-async def lagging(database: Database, sandbox_db: DbTarget) -> AsyncIterator[tuple[Service, StripeGateway]]:
+async def lagging(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Live]:
     """No background webhook worker: the test decides when the inbox is applied."""
-    async with running_service(database, sandbox_db, webhook_worker=False) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_race", api_base=f"{service.url}/sandbox"))
-        try:
-            await setup_catalog(gateway)
-            yield service, gateway
-        finally:
-            await gateway.close()
+    async with start_live(database, sandbox_db, LiveOptions(settings={"webhook_worker": False})) as live:
+        yield live
 
 
-async def test_a_confirmation_racing_its_own_webhooks_ends_in_stripes_state_once(
-    lagging: tuple[Service, StripeGateway],
-) -> None:
-    service, gateway = lagging
+async def test_a_confirmation_racing_its_own_webhooks_ends_in_stripes_state_once(lagging: Live) -> None:
+    service, gateway = lagging.service, lagging.gateway
     user = token("vic")
     session = await create_checkout(service, user)
     assert (await pay(session["url"])).status_code == 303
@@ -140,10 +133,8 @@ async def sandbox_now(service: Service) -> int:
     return int(response.json()["now"])
 
 
-async def test_an_upgrade_racing_the_renewal_ends_in_stripes_state(
-    service: Service, stripe_gateway: StripeGateway
-) -> None:
-    live = Live(service, stripe_gateway, await setup_catalog(stripe_gateway))
+async def test_an_upgrade_racing_the_renewal_ends_in_stripes_state(live: Live) -> None:
+    service = live.service
     customer_id, subscription_id = await live.subscribe("wes", "starter_monthly")
     end = item_of(await live.subscription(subscription_id)).current_period_end
     await advance(service, end - await sandbox_now(service) - 60)  # a minute before the renewal
@@ -161,7 +152,7 @@ async def test_an_upgrade_racing_the_renewal_ends_in_stripes_state(
     assert item_of(subscription).current_period_end > end  # renewed
     row = await the_account(service.database, "wes")
     assert_row_is_stripes(row, subscription)
-    assert await stored_invoices(service.database) == await stripe_invoices(stripe_gateway, customer_id)
+    assert await stored_invoices(service.database) == await stripe_invoices(live.gateway, customer_id)
     assert await inbox_statuses(service.database) <= {"processed", "ignored"}
     assert (await live.viewer("wes"))["tier"] == "PRO"
 

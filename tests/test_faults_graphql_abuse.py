@@ -43,9 +43,8 @@ from db.engine import Database
 from db.models import usage_table
 from graph.limits import QUERY_TOO_COMPLEX
 from tests.db_snapshot import unchanged
-from tests.test_graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, serve_api
-from tests.test_realtime_support import SUBSCRIPTION, live_socket
-from tests.test_security_lockdown import PRODUCTION
+from tests.graphql_support import PRODUCTION, SERVICE_KEY, Api, hs256_token, insert_account, serve_api
+from tests.realtime_support import SUBSCRIPTION, live_socket
 
 MAX_BYTES = 8192
 KEY = "abuse-key"

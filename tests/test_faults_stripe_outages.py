@@ -41,29 +41,28 @@ from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.notifier import LogNotifier
 from billing.reconcile import customer_ids, reconcile
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.usage.reporting import UsageReporter
 from db.engine import Database
 from db.models import account_table
 from stripe_sandbox.store import Store, faults, idempotency
 from tests.billing_flows import setup_catalog, subscribe
-from tests.conftest import DbTarget, Service, running_service
-from tests.db_snapshot import STATE_TABLES, unchanged
-from tests.test_graphql_support import error_codes
-from tests.test_mutations_cancel import FaultyAt
-from tests.test_mutations_checkout import (
+from tests.checkout_flows import (
     CREATE,
-    clear_faults,
     create_checkout,
     customers_by_email,
     gql,
-    inject,
     settle,
     subscribe_via_api,
     token,
 )
-from tests.test_mutations_plan_change import CHANGE, Live
-from tests.test_usage_reporting import (
+from tests.conftest import DbTarget, Service, running_service
+from tests.db_snapshot import STATE_TABLES, unchanged
+from tests.gateways import sandbox_gateway
+from tests.graphql_support import error_codes
+from tests.live import CHANGE, Live
+from tests.stripe_faults import FaultyAt, clear_faults, inject
+from tests.usage_flows import (
     CATALOG,
     Clock,
     metered_subscriber,
@@ -131,7 +130,7 @@ async def serving(service: Service, gateway: StripeGateway) -> AsyncIterator[Str
 
 
 def quick_gateway(service: Service) -> StripeGateway:
-    return StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox", **QUICK))
+    return sandbox_gateway(service.url, **QUICK)
 
 
 @pytest.fixture
@@ -236,11 +235,6 @@ async def test_every_checkout_session_response_lost_then_one_open_session(
     sessions = await stripe_gateway.v1.checkout.sessions.list_async({"customer": customer.id})
     assert [s.id for s in sessions.data if s.status == "open"] == [again["id"]]
     assert first["id"] in [s.id for s in sessions.data if s.status == "expired"]
-
-
-@pytest.fixture
-async def live(service: Service, stripe_gateway: StripeGateway, prices: dict[str, str]) -> Live:
-    return Live(service, stripe_gateway, prices)
 
 
 async def invoices_of(live: Live, subscription_id: str) -> list[Any]:

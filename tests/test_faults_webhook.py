@@ -38,15 +38,16 @@ from sqlalchemy import select, text
 
 from billing.clock import utcnow
 from billing.settings import DEV_WEBHOOK_SECRET
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.webhooks import Envelope, requeue, store_event
 from db.engine import Database
 from db.models import event_table, invoice_table
 from tests.billing_flows import account, raw_events, setup_catalog, subscribe
 from tests.conftest import DbTarget, Service, running_service
 from tests.db_snapshot import STATE_TABLES, unchanged
+from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import insert_account
 from tests.stripe_events import body_of, event, post_event, sign
-from tests.test_graphql_support import insert_account
 
 NEW_SECRET = "whsec_faults_new_secret"
 OLD_SECRET = "whsec_faults_old_secret"
@@ -70,11 +71,8 @@ async def quiet(database: Database, sandbox_db: DbTarget) -> AsyncIterator[tuple
         applied = event("customer.updated", {"id": "cus_resident", "object": "customer", "metadata": {}})
         await store_event(database, Envelope(applied["id"], applied["type"], utcnow(), applied), now=utcnow())
         await service.app.state.events.drain()
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
+        async with open_sandbox_gateway(service.url) as gateway:
             yield service, gateway
-        finally:
-            await gateway.close()
 
 
 def genuine() -> dict[str, Any]:

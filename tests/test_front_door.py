@@ -19,8 +19,7 @@ import pytest
 from db.engine import Database
 from graph.front_door import PAGE_POLICY, STATIC_DIR
 from tests.front_door_server import dev_service
-from tests.test_graphql_support import serve_api
-from tests.test_security_lockdown import PRODUCTION, PRODUCTION_SECRET
+from tests.graphql_support import PRODUCTION, PRODUCTION_SECRET, serve_api
 
 ROOT = Path(__file__).resolve().parent.parent
 HTML = {"Accept": "text/html"}

@@ -22,15 +22,16 @@ import pytest
 from sqlalchemy import select
 
 from billing.settings import Settings
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from db.migrate import upgrade
 from db.models import account_table, event_table, report_table, usage_table
 from stripe_sandbox.store import Store, events
 from tests.billing_flows import eventually, subscribe, wait_for_account
 from tests.conftest import Service, free_port
+from tests.gateways import sandbox_gateway
+from tests.graphql_support import SERVICE_KEY
 from tests.processes import BILLING, wait_ready
-from tests.test_graphql_support import SERVICE_KEY
 
 USERS = ["shut_a", "shut_b", "shut_c"]
 RECORD = "mutation($input: RecordUsageInput!) { recordUsage(input: $input) { id } }"
@@ -97,11 +98,7 @@ async def test_sigterm_during_a_burst_loses_nothing_and_applies_everything_once(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     database = Database.from_url(database_url)
-    gateway = StripeGateway(
-        GatewayConfig(
-            api_key="sk_test_shutdown", api_base=f"{url}/sandbox", max_network_retries=0, timeout_seconds=10
-        )
-    )
+    gateway = sandbox_gateway(url, api_key="sk_test_shutdown", max_network_retries=0, timeout_seconds=10)
     service = Service(url=url, app=None, database=database, sandbox_db=None)  # type: ignore[arg-type]
     acknowledged: list[str] = []
     customers: dict[str, str] = {}

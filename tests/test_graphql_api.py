@@ -22,7 +22,8 @@ from db.engine import Database
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema, schema
 from tests.conftest import Service, free_port
-from tests.test_graphql_support import (
+from tests.graphql_support import (
+    PRODUCTION,
     error_codes,
     hs256_token,
     insert_account,
@@ -31,11 +32,6 @@ from tests.test_graphql_support import (
 )
 
 PLANS = "{ plans { id tier interval name amount currency trialDays features limits { feature limit } } }"
-PRODUCTION = {
-    "environment": "production",
-    "stripe_webhook_secret": "whsec_production_like_secret",
-    "auth_jwt_secret": "a-production-grade-secret-of-40-characters",
-}
 
 
 # Transport -------------------------------------------------------------------------------------

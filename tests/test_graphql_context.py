@@ -11,7 +11,7 @@ from billing.clock import Clock, utcnow
 from billing.plans import load_catalog
 from db.engine import Database
 from graph.context import Context, GraphQLServices
-from tests.test_graphql_support import serve_api, settings_for
+from tests.graphql_support import serve_api, settings_for
 
 
 def unbound_services(clock: Clock = utcnow) -> GraphQLServices:

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 
 from db.engine import Database
-from tests.test_graphql_support import SERVICE_KEY, error_codes, hs256_token, insert_account, serve_api
+from tests.graphql_support import SERVICE_KEY, error_codes, hs256_token, insert_account, serve_api
 
 VIEWER = """{
   viewer {

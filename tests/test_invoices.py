@@ -9,13 +9,14 @@ from typing import Any
 import pytest
 from sqlalchemy import insert
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from db.models import invoice_table
 from tests.billing_flows import account, advance, setup_catalog
+from tests.checkout_flows import gql, settle, subscribe_via_api, token
 from tests.conftest import DbTarget, Service, running_service
-from tests.test_graphql_support import error_codes, insert_account, only_error
-from tests.test_mutations_checkout import gql, settle, subscribe_via_api, token
+from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import error_codes, insert_account, only_error
 
 INVOICES = """query($first: Int) {
   viewer {
@@ -42,8 +43,7 @@ async def lagging(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
 
 
 async def test_confirming_a_checkout_lists_its_first_invoice_at_once(lagging: Service) -> None:
-    gateway = StripeGateway(GatewayConfig(api_key="sk_test_tests", api_base=f"{lagging.url}/sandbox"))
-    try:
+    async with open_sandbox_gateway(lagging.url) as gateway:
         await setup_catalog(gateway)
         user = token("una")
         assert await invoices(lagging, user) == []
@@ -53,8 +53,6 @@ async def test_confirming_a_checkout_lists_its_first_invoice_at_once(lagging: Se
         subscription = await gateway.v1.subscriptions.retrieve_async(row.stripe_subscription_id)
         assert first["id"] == subscription.latest_invoice
         assert first["status"] == "paid" and first["total"] == 0 and first["currency"] == "usd"  # the trial
-    finally:
-        await gateway.close()
 
 
 async def test_invoices_after_a_paid_checkout_and_the_first_renewal_newest_first(

@@ -24,7 +24,7 @@ from db.models import invoice_table
 from graph.limits import QUERY_TOO_COMPLEX, QueryLimits, measure, violations
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
-from tests.test_graphql_support import error_codes, hs256_token, insert_account, only_error, serve_api
+from tests.graphql_support import error_codes, hs256_token, insert_account, only_error, serve_api
 
 FAST = 1.0  # seconds: each hostile query is answered within this
 T = TypeVar("T")

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import inspect
+from sqlalchemy.engine import Connection
 
 from db.migrate import head_revision, migration_state, upgrade, upgrade_engine
 from db.models import metadata
@@ -61,8 +63,46 @@ async def test_models_and_migrations_agree(upgraded: DbTarget) -> None:
     assert await _diff(upgraded) == []
 
 
-def test_upgrade_twice_is_a_no_op(upgraded: DbTarget) -> None:
-    upgrade(upgraded.url, schema=upgraded.schema)
+def _layout(sync: Connection) -> dict[str, str]:
+    """Each table's columns, keys, indexes and constraints as the database reports them, as text
+    (reflected column types compare by identity, not by what they say)."""
+    inspector = inspect(sync)
+    return {
+        table: repr(
+            (
+                [
+                    (column["name"], str(column["type"]), column["nullable"], column.get("default"))
+                    for column in inspector.get_columns(table)
+                ],
+                inspector.get_pk_constraint(table),
+                sorted(map(repr, inspector.get_foreign_keys(table))),
+                sorted(map(repr, inspector.get_indexes(table))),
+                sorted(map(repr, inspector.get_unique_constraints(table))),
+                sorted(map(repr, inspector.get_check_constraints(table))),
+            )
+        )
+        for table in inspector.get_table_names()
+    }
+
+
+async def _revision_and_layout(target: DbTarget) -> tuple[str | None, dict[str, str]]:
+    db = target.database()
+    try:
+        state = await migration_state(db.engine)
+        async with db.read() as conn:
+            return state.current, await conn.run_sync(_layout)
+    finally:
+        await db.dispose()
+
+
+async def test_upgrade_twice_is_a_no_op(upgraded: DbTarget) -> None:
+    before = await _revision_and_layout(upgraded)
+    assert before[0] == head_revision()
+    assert {table.name for table in metadata.sorted_tables} < set(before[1])
+
+    await asyncio.to_thread(upgrade, upgraded.url, schema=upgraded.schema)  # blocking: not on the loop
+
+    assert await _revision_and_layout(upgraded) == before
 
 
 async def test_an_empty_database_has_no_tables_until_migrated(blank_db: DbTarget) -> None:

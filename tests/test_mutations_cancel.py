@@ -2,30 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from typing import Any
-
 import pytest
 
 from billing import plan_changes
 from billing.errors import BillingError, ErrorCode
-from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.stripe_objects import stripe_time
-from tests.billing_flows import advance, control, setup_catalog, wait_for_account
-from tests.conftest import Service
-from tests.test_graphql_support import error_codes
-from tests.test_mutations_plan_change import SUBSCRIPTION, Live, iso, item_of
+from tests.billing_flows import advance, wait_for_account
+from tests.graphql_support import error_codes
+from tests.live import SUBSCRIPTION, Live, iso, item_of
+from tests.stripe_faults import FaultyAt
 
 DAY = 86_400
 
 CANCEL = f"mutation($atPeriodEnd: Boolean!) {{ cancelSubscription(atPeriodEnd: $atPeriodEnd) {{ {SUBSCRIPTION} }} }}"
 CANCEL_DEFAULT = f"mutation {{ cancelSubscription {{ {SUBSCRIPTION} }} }}"
 RESUME = f"mutation {{ resumeSubscription {{ {SUBSCRIPTION} }} }}"
-
-
-@pytest.fixture
-async def live(service: Service, stripe_gateway: StripeGateway) -> AsyncIterator[Live]:
-    yield Live(service, stripe_gateway, await setup_catalog(stripe_gateway))
 
 
 async def ok(live: Live, user_id: str, query: str, field: str, **variables: object) -> dict[str, object]:
@@ -134,45 +125,6 @@ async def test_a_stripe_outage_is_provider_unavailable_and_changes_nothing(
     assert result["data"] is None
     assert await live.state("c4") == state_before
     assert (await live.subscription(subscription_id)).to_dict() == stripe_before
-
-
-class FaultyAt(StripeGateway):
-    """The project's gateway, with Stripe failing from the call named `what` on (for `count` requests).
-
-    `fault` adds to or overrides the fault injected (`status`, `after_apply`, `seconds`, ...);
-    `config` to the gateway's configuration.
-    """
-
-    def __init__(
-        self,
-        service: Service,
-        what: str,
-        path_prefix: str,
-        count: int,
-        *,
-        config: dict[str, Any] | None = None,
-        **fault: Any,
-    ) -> None:
-        super().__init__(
-            GatewayConfig(
-                **{
-                    "api_key": "sk_test_x",
-                    "api_base": f"{service.url}/sandbox",
-                    "max_network_retries": 1,
-                    **(config or {}),
-                }
-            )
-        )
-        self.service, self.what, self.path_prefix, self.count = service, what, path_prefix, count
-        self.fault = fault
-
-    async def call(
-        self, operation: Any, *, idempotency_key: str | None = None, what: str = "stripe call"
-    ) -> Any:
-        if what == self.what:
-            fault = {"path_prefix": self.path_prefix, "status": 500, "count": self.count, **self.fault}
-            await control(self.service, "faults", fault)
-        return await super().call(operation, idempotency_key=idempotency_key, what=what)
 
 
 async def test_a_pending_change_released_for_a_cancellation_that_fails_is_put_back(live: Live) -> None:

@@ -1,15 +1,10 @@
-"""createCheckoutSession and confirmCheckoutSession end to end: HTTP, real tokens, the sandbox via the SDK.
-
-The helpers at the top are shared with the portal and invoice tests.
-"""
+"""createCheckoutSession and confirmCheckoutSession end to end: HTTP, real tokens, the sandbox via the SDK."""
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import pytest
@@ -17,119 +12,27 @@ from sqlalchemy import select, update
 
 from billing.stripe_gateway import StripeGateway
 from db.engine import Database
-from db.models import account_table, event_table, invoice_table, usage_table
+from db.models import account_table, invoice_table, usage_table
 from stripe_sandbox import engine
 from tests.billing_flows import account, control, raw_events, setup_catalog, wait_for_account
+from tests.checkout_flows import (
+    CREATE,
+    confirm,
+    create_checkout,
+    customers_by_email,
+    gql,
+    pay,
+    settle,
+    snapshot,
+    subscribe_via_api,
+    token,
+)
 from tests.conftest import DbTarget, Service, running_service
-from tests.db_snapshot import Snapshot
-from tests.db_snapshot import snapshot as snapshot_of
-from tests.test_graphql_support import error_codes, hs256_token, only_error
+from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import error_codes, hs256_token, only_error
+from tests.stripe_faults import clear_faults, inject
 
-CREATE = """mutation($tier: Tier!, $interval: BillingInterval!) {
-  createCheckoutSession(tier: $tier, interval: $interval) { id url }
-}"""
-CONFIRM = """mutation($id: ID!) {
-  confirmCheckoutSession(sessionId: $id) {
-    status tier effectiveTier hasAccess interval priceId trialEnd trialUsed cancelAtPeriodEnd
-  }
-}"""
 SUCCESS = "http://app.test/billing/success?session_id="
-SNAPSHOT_TABLES = (account_table, invoice_table, event_table, usage_table)
-
-
-# Shared helpers ----------------------------------------------------------------------------------
-
-
-def token(user_id: str, *, email: str | None = None, name: str | None = None) -> str:
-    claims: dict[str, Any] = {"email": email or f"{user_id}@example.test"}
-    if name is not None:
-        claims["name"] = name
-    return hs256_token(user_id, **claims)
-
-
-async def gql(
-    service: Service, query: str, variables: dict[str, Any] | None = None, *, token: str
-) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=60) as client:
-        response = await client.post(
-            f"{service.url}/graphql",
-            json={"query": query, "variables": variables or {}},
-            headers={"Authorization": f"Bearer {token}"},
-        )
-    assert response.status_code == 200, response.text
-    result: dict[str, Any] = response.json()
-    return result
-
-
-async def create_checkout(
-    service: Service, user_token: str, tier: str = "STARTER", interval: str = "MONTHLY"
-) -> dict[str, Any]:
-    result = await gql(service, CREATE, {"tier": tier, "interval": interval}, token=user_token)
-    assert "errors" not in result, result
-    session: dict[str, Any] = result["data"]["createCheckoutSession"]
-    return session
-
-
-async def pay(session_url: str) -> httpx.Response:
-    """The customer pays on the hosted Checkout page (a form POST, as a browser does)."""
-    async with httpx.AsyncClient(timeout=30, follow_redirects=False) as client:
-        return await client.post(f"{session_url}/pay")
-
-
-async def confirm(service: Service, user_token: str, session_id: str) -> dict[str, Any]:
-    return await gql(service, CONFIRM, {"id": session_id}, token=user_token)
-
-
-async def subscribe_via_api(
-    service: Service, user_token: str, tier: str = "STARTER", interval: str = "MONTHLY"
-) -> tuple[str, dict[str, Any]]:
-    """Checkout, pay and confirm through the API; returns (session id, confirmed subscription)."""
-    session = await create_checkout(service, user_token, tier, interval)
-    paid = await pay(session["url"])
-    assert paid.status_code == 303, paid.text
-    confirmed = await confirm(service, user_token, session["id"])
-    assert "errors" not in confirmed, confirmed
-    return session["id"], confirmed["data"]["confirmCheckoutSession"]
-
-
-async def inject(service: Service, **fault: Any) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.post(f"{service.url}/sandbox/_control/faults", json=fault)
-    assert response.status_code == 200, response.text
-
-
-async def clear_faults(service: Service) -> None:
-    async with httpx.AsyncClient() as client:
-        response = await client.delete(f"{service.url}/sandbox/_control/faults")
-    assert response.status_code == 200, response.text
-
-
-async def settle(service: Service) -> None:
-    """Every webhook delivered and applied, so the tables stop changing."""
-    await control(service, "delivery/flush", {"timeout": 20})
-    deadline = time.monotonic() + 20
-    while time.monotonic() < deadline:
-        await service.app.state.events.drain()
-        async with service.database.read() as conn:
-            busy = (
-                await conn.execute(
-                    select(event_table.c.id).where(event_table.c.status.in_(["pending", "processing"]))
-                )
-            ).first()
-        if busy is None:
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError("webhook events never settled")
-
-
-async def snapshot(database: Database, tables: tuple[Any, ...] = SNAPSHOT_TABLES) -> Snapshot:
-    """Every row of the tables a billing call could write (by default with the webhook inbox)."""
-    return await snapshot_of(database, tables)
-
-
-async def customers_by_email(gateway: StripeGateway, email: str) -> list[Any]:
-    page = await gateway.v1.customers.list_async({"email": email, "limit": 100})
-    return list(page.data)
 
 
 @pytest.fixture
@@ -146,14 +49,9 @@ async def lagging(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
 
 @pytest.fixture
 async def lagging_gateway(lagging: Service) -> AsyncIterator[StripeGateway]:
-    from billing.stripe_gateway import GatewayConfig
-
-    gateway = StripeGateway(GatewayConfig(api_key="sk_test_tests", api_base=f"{lagging.url}/sandbox"))
-    await setup_catalog(gateway)
-    try:
+    async with open_sandbox_gateway(lagging.url) as gateway:
+        await setup_catalog(gateway)
         yield gateway
-    finally:
-        await gateway.close()
 
 
 # Checkout, pay, confirm ------------------------------------------------------------------------

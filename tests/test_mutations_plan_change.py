@@ -7,152 +7,20 @@ nothing, in Stripe or in the database.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
-import httpx
 import pytest
-from sqlalchemy import select
 
-from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
-from db.models import account_table, quote_table
 from stripe_sandbox import engine
-from tests.billing_flows import (
-    advance,
-    card_fails,
-    control,
-    settle,
-    setup_catalog,
-    subscribe,
-    wait_for_account,
-)
-from tests.conftest import Service
-from tests.test_graphql_support import error_codes, hs256_token
+from tests.billing_flows import advance, card_fails, subscribe, wait_for_account
+from tests.graphql_support import error_codes
+from tests.live import CHANGE, PREVIEW, SUBSCRIPTION, Live, iso, item_of
 
 DAY = 86_400
 HOUR = 3_600
-
-SUBSCRIPTION = """
-  status tier interval priceId currentPeriodStart currentPeriodEnd cancelAtPeriodEnd canceledAt
-  pendingChange { tier interval effectiveAt }
-"""
-PREVIEW = """mutation($tier: Tier!, $interval: BillingInterval!) {
-  previewPlanChange(tier: $tier, interval: $interval) {
-    tier interval immediate effectiveAt currency amountDue nextInvoiceAmount nextInvoiceAt
-    lines { description amount proration periodStart periodEnd }
-  }
-}"""
-CHANGE = f"""mutation($tier: Tier!, $interval: BillingInterval!) {{
-  changePlan(tier: $tier, interval: $interval) {{ {SUBSCRIPTION} }}
-}}"""
-VIEWER = f"{{ viewer {{ subscription {{ {SUBSCRIPTION} }} }} }}"
-# What the sync writes: a mutation that fails must leave all of it as it was.
-STATE_COLUMNS = (
-    "stripe_customer_id",
-    "stripe_subscription_id",
-    "stripe_price_id",
-    "tier",
-    "interval",
-    "status",
-    "current_period_start",
-    "current_period_end",
-    "cancel_at_period_end",
-    "canceled_at",
-    "stripe_schedule_id",
-    "pending_tier",
-    "pending_interval",
-    "pending_change_at",
-)
-
-
-@dataclass
-class Live:
-    service: Service
-    gateway: StripeGateway
-    prices: dict[str, str]
-
-    async def graphql(
-        self,
-        user_id: str | None,
-        query: str,
-        variables: dict[str, Any] | None = None,
-        *,
-        token: str | None = None,
-    ) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {token or hs256_token(user_id)}"} if (token or user_id) else {}
-        async with httpx.AsyncClient(timeout=60) as client:
-            response = await client.post(
-                f"{self.service.url}/graphql",
-                json={"query": query, "variables": variables or {}},
-                headers=headers,
-            )
-        assert response.status_code == 200, response.text
-        result: dict[str, Any] = response.json()
-        return result
-
-    async def preview(self, user_id: str, tier: str, interval: str) -> dict[str, Any]:
-        result = await self.graphql(user_id, PREVIEW, {"tier": tier, "interval": interval})
-        assert "errors" not in result, result
-        preview: dict[str, Any] = result["data"]["previewPlanChange"]
-        return preview
-
-    async def change(self, user_id: str, tier: str, interval: str) -> dict[str, Any]:
-        result = await self.graphql(user_id, CHANGE, {"tier": tier, "interval": interval})
-        assert "errors" not in result, result
-        subscription: dict[str, Any] = result["data"]["changePlan"]
-        return subscription
-
-    async def viewer(self, user_id: str) -> dict[str, Any]:
-        result = await self.graphql(user_id, VIEWER)
-        assert "errors" not in result, result
-        subscription: dict[str, Any] = result["data"]["viewer"]["subscription"]
-        return subscription
-
-    async def subscribe(self, user_id: str, lookup_key: str) -> tuple[str, str]:
-        """An active subscription (no trial), synced into the database."""
-        tier, interval = lookup_key.split("_")
-        ids = await subscribe(self.service, self.gateway, self.prices, user_id, lookup_key, trial_days=None)
-        await wait_for_account(self.service.database, user_id, status="active", tier=tier, interval=interval)
-        return ids
-
-    async def settle(self) -> None:
-        """Every event delivered and applied: nothing else calls Stripe or writes the account now."""
-        await settle(self.service.url, self.service.database)
-
-    async def subscription(self, subscription_id: str) -> Any:
-        return await self.gateway.v1.subscriptions.retrieve_async(subscription_id)
-
-    async def state(self, user_id: str) -> tuple[Any, ...]:
-        async with self.service.database.read() as conn:
-            row = (
-                await conn.execute(
-                    select(*(account_table.c[name] for name in STATE_COLUMNS)).where(
-                        account_table.c.user_id == user_id
-                    )
-                )
-            ).one()
-        return tuple(row)
-
-    async def quotes(self) -> list[tuple[Any, ...]]:
-        async with self.service.database.read() as conn:
-            return [tuple(row) for row in (await conn.execute(select(quote_table))).all()]
-
-    async def outage(self, path_prefix: str = "/v1/subscriptions") -> None:
-        await control(self.service, "faults", {"path_prefix": path_prefix, "status": 500, "count": 5})
-
-    async def clear_faults(self) -> None:
-        async with httpx.AsyncClient() as client:
-            response = await client.delete(f"{self.service.url}/sandbox/_control/faults")
-        assert response.status_code == 200
-
-
-@pytest.fixture
-async def live(service: Service, stripe_gateway: StripeGateway) -> AsyncIterator[Live]:
-    yield Live(service, stripe_gateway, await setup_catalog(stripe_gateway))
 
 
 def prorated(amount: int, start: int, end: int, at: int) -> int:
@@ -162,16 +30,6 @@ def prorated(amount: int, start: int, end: int, at: int) -> int:
 
 def seconds(value: str) -> int:
     return int(datetime.fromisoformat(value).timestamp())
-
-
-def iso(ts: int) -> str:
-    moment = stripe_time(ts)
-    assert moment is not None
-    return moment.isoformat()
-
-
-def item_of(subscription: Any) -> Any:
-    return subscription["items"].data[0]
 
 
 # Upgrades ---------------------------------------------------------------------------------------

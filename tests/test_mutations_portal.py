@@ -10,17 +10,10 @@ from billing.checkout import portal_configurations
 from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from tests.billing_flows import account, raw_events, setup_catalog, wait_for_account
+from tests.checkout_flows import create_checkout, gql, settle, snapshot, token
 from tests.conftest import Service
-from tests.test_graphql_support import error_codes, only_error
-from tests.test_mutations_checkout import (
-    clear_faults,
-    create_checkout,
-    gql,
-    inject,
-    settle,
-    snapshot,
-    token,
-)
+from tests.graphql_support import error_codes, only_error
+from tests.stripe_faults import clear_faults, inject
 
 PORTAL = "mutation { createPortalSession { url } }"
 

@@ -26,6 +26,7 @@ from strawberry.types.execution import ExecutionContext, PreExecutionError
 from strawberry.utils.operation import get_operation_type
 
 from db.models import account_table
+from graph.lean_executor import LeanExecutor
 from graph.schema import schema
 
 
@@ -36,9 +37,10 @@ def parameters(function: Any) -> list[str]:
 # Strawberry ------------------------------------------------------------------------------------
 
 
-def test_a_schema_holds_the_graphql_schema_it_built_as_underscore_schema() -> None:
-    """graph.lean_executor and graph.view.OperationRules execute and validate on it."""
-    built = schema._schema  # type: ignore[attr-defined]
+def test_the_lean_executor_finds_the_graphql_schema_strawberry_built() -> None:
+    """Strawberry keeps it as `Schema._schema`; graph.lean_executor and graph.view.OperationRules
+    execute and validate on it."""
+    built = LeanExecutor(schema).graphql_schema
     assert isinstance(built, GraphQLSchema) and built.query_type is not None
     assert built.query_type.name == "Query" and "viewer" in built.query_type.fields
     assert isinstance(schema.execution_context_class, type)
@@ -55,7 +57,7 @@ def test_strawberry_validates_with_the_specified_rules_plus_two_of_its_own(
     monkeypatch.setattr(
         strawberry_schema, "validate", lambda _schema, _document, rules: seen.append(rules) or []
     )
-    strawberry_schema.validate_document(schema._schema, parse("{ plans { id } }"), ())  # type: ignore[attr-defined]
+    strawberry_schema.validate_document(LeanExecutor(schema).graphql_schema, parse("{ plans { id } }"), ())
     assert seen == [(MaybeNullValidationRule, OneOfInputValidationRule)]
 
 

@@ -39,7 +39,7 @@ from billing.usage import UsageInput, hour_of, record_usage
 from db.engine import Database
 from db.models import account_table, rollup_table, usage_table
 from tests.conftest import truncate_all
-from tests.test_graphql_support import SERVICE_KEY, Api, insert_account, serve_api
+from tests.graphql_support import SERVICE_KEY, Api, insert_account, serve_api
 
 CATALOG = load_catalog()
 NOW = datetime.now(UTC).replace(microsecond=0)  # (the GraphQL path checks times against the real clock)

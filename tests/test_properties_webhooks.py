@@ -23,7 +23,7 @@ starts from empty service tables (`truncate_all`, as the `database` fixture does
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -37,9 +37,8 @@ from sqlalchemy import select
 from billing.clock import utcnow
 from billing.plan_changes import change_plan
 from billing.plans import load_catalog
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.sync import CustomerLocks, sync_customer
-from db.engine import Database
 from db.enums import BillingInterval, Tier
 from db.models import event_table, invoice_table
 from tests.billing_flows import (
@@ -49,10 +48,10 @@ from tests.billing_flows import (
     advance_to,
     card_fails,
     period_end,
-    setup_catalog,
     subscribe,
 )
-from tests.conftest import DbTarget, Service, running_service, truncate_all
+from tests.conftest import Service, truncate_all
+from tests.live import Live, LiveOptions
 from tests.stripe_events import post_event
 
 DAY = 86_400
@@ -208,6 +207,14 @@ LIFECYCLES: dict[str, tuple[Callable[[Driver], Awaitable[Lifecycle]], tuple[str,
 }
 
 
+@pytest.fixture
+def live_options() -> LiveOptions:
+    """No background worker and no sandbox deliveries: the tests post every event and apply them."""
+    return LiveOptions(
+        settings={"webhook_worker": False, "usage_reporter": False}, sandbox={"deliver_webhooks": False}
+    )
+
+
 @dataclass
 class Recorded:
     service: Service
@@ -218,43 +225,31 @@ class Recorded:
 
 
 @pytest.fixture(params=sorted(LIFECYCLES))
-async def recorded(
-    request: pytest.FixtureRequest, database: Database, sandbox_db: DbTarget
-) -> AsyncIterator[Recorded]:
-    async with running_service(
-        database, sandbox_db, webhook_worker=False, usage_reporter=False, sandbox={"deliver_webhooks": False}
-    ) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            driver = Driver(service, gateway, await setup_catalog(gateway), {})
-            steps, (status, tier, interval, pending) = LIFECYCLES[request.param]
-            lifecycle = await steps(driver)
-            lifecycle.events = sorted(driver.seen.values(), key=lambda e: (e["created"], e["id"]))
-            listed = await driver.sandbox("subscriptions", customer=lifecycle.customer_id, status="all")
-            subscriptions = listed["data"]
-            for subscription in subscriptions:
-                if subscription.get("schedule"):
-                    subscription["_schedule"] = await driver.sandbox(
-                        f"subscription_schedules/{subscription['schedule']}",
-                        **{"expand[]": "phases.items.price"},
-                    )
-            invoice_ids = {  # the final customer's (a deleted customer's invoices are nobody's now)
-                e["data"]["object"]["id"]
-                for e in lifecycle.events
-                if e["type"].startswith("invoice.")
-                and e["data"]["object"]["customer"] == lifecycle.customer_id
-            }
-            invoices = {
-                invoice_id: await driver.sandbox(f"invoices/{invoice_id}") for invoice_id in invoice_ids
-            }
-            (final,) = subscriptions  # the lifecycle went where it was meant to
-            model = expected_row(final)
-            assert (model["status"], model["tier"], model["interval"]) == (status, tier, interval)
-            assert (model["pending_tier"] is not None) is pending
-            assert "customer.subscription.created" in {e["type"] for e in lifecycle.events}
-            yield Recorded(service, gateway, lifecycle, subscriptions, invoices)
-        finally:
-            await gateway.close()
+async def recorded(request: pytest.FixtureRequest, live: Live) -> Recorded:
+    driver = Driver(live.service, live.gateway, live.prices, {})
+    steps, (status, tier, interval, pending) = LIFECYCLES[request.param]
+    lifecycle = await steps(driver)
+    lifecycle.events = sorted(driver.seen.values(), key=lambda e: (e["created"], e["id"]))
+    listed = await driver.sandbox("subscriptions", customer=lifecycle.customer_id, status="all")
+    subscriptions = listed["data"]
+    for subscription in subscriptions:
+        if subscription.get("schedule"):
+            subscription["_schedule"] = await driver.sandbox(
+                f"subscription_schedules/{subscription['schedule']}",
+                **{"expand[]": "phases.items.price"},
+            )
+    invoice_ids = {  # the final customer's (a deleted customer's invoices are nobody's now)
+        e["data"]["object"]["id"]
+        for e in lifecycle.events
+        if e["type"].startswith("invoice.") and e["data"]["object"]["customer"] == lifecycle.customer_id
+    }
+    invoices = {invoice_id: await driver.sandbox(f"invoices/{invoice_id}") for invoice_id in invoice_ids}
+    (final,) = subscriptions  # the lifecycle went where it was meant to
+    model = expected_row(final)
+    assert (model["status"], model["tier"], model["interval"]) == (status, tier, interval)
+    assert (model["pending_tier"] is not None) is pending
+    assert "customer.subscription.created" in {e["type"] for e in lifecycle.events}
+    return Recorded(live.service, live.gateway, lifecycle, subscriptions, invoices)
 
 
 # The model: what the row must say, read from the sandbox's JSON ----------------------------------
@@ -406,36 +401,28 @@ STEPS = ("upgrade", "downgrade", "toggle_cancel", "new_customer", "cancel_now")
 
 
 @dataclass
-class Live:
-    service: Service
-    gateway: StripeGateway
-    prices: dict[str, str]
+class Examples:
+    """What the examples of one test carry over: the sandbox keeps earlier examples' customers."""
+
     users: int = 0
     listed: set[str] = field(default_factory=set)  # the sandbox's events read by earlier examples
 
 
 @pytest.fixture
-async def live(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Live]:
-    async with running_service(
-        database, sandbox_db, webhook_worker=False, usage_reporter=False, sandbox={"deliver_webhooks": False}
-    ) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            yield Live(service, gateway, await setup_catalog(gateway))
-        finally:
-            await gateway.close()
+def examples() -> Examples:
+    return Examples()
 
 
 @settings(EXAMPLES, max_examples=8)
 @given(data=st.data())
 async def test_events_held_back_while_the_lifecycle_goes_on_still_end_in_the_sandboxs_state(
-    live: Live, data: st.DataObject
+    live: Live, examples: Examples, data: st.DataObject
 ) -> None:
     service, gateway, prices = live.service, live.gateway, live.prices
     await truncate_all(service.database)
-    live.users += 1
-    user = f"u-late-{live.users}"  # the sandbox keeps earlier examples' customers: a new user each time
-    driver = Driver(service, gateway, prices, {}, live.listed)
+    examples.users += 1
+    user = f"u-late-{examples.users}"  # the sandbox keeps earlier examples' customers: a new user each time
+    driver = Driver(service, gateway, prices, {}, examples.listed)
     customers: list[str] = []
     delivered: set[str] = set()
 

@@ -25,8 +25,8 @@ from graph.permissions import PermissionExtension
 from graph.rate_limit import RateLimited
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema, schema
+from tests.graphql_support import error_codes, hs256_token, serve_api
 from tests.processes import BILLING, billing_serve
-from tests.test_graphql_support import error_codes, hs256_token, serve_api
 
 STRIPE_MUTATIONS = {
     "createCheckoutSession",

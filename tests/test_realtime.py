@@ -15,8 +15,8 @@ import pytest
 from db.engine import Database
 from tests.billing_flows import settle, setup_catalog, subscribe
 from tests.conftest import Service
-from tests.test_graphql_support import SERVICE_KEY, hs256_token, insert_account, serve_api
-from tests.test_realtime_support import DELIVERY, SUBSCRIPTION, live_socket, watch_commit
+from tests.graphql_support import SERVICE_KEY, hs256_token, insert_account, serve_api
+from tests.realtime_support import DELIVERY, SUBSCRIPTION, live_socket, watch_commit
 
 NEVER_SUBSCRIBED = {
     "status": "NONE",

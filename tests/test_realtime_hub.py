@@ -23,7 +23,7 @@ from db.migrate import upgrade
 from db.models import account_table
 from tests.billing_flows import account
 from tests.conftest import PG_HOST, PG_PORT, PG_USER, DbTarget
-from tests.test_graphql_support import insert_account
+from tests.graphql_support import insert_account
 
 WAIT = 10.0
 QUIET = 0.5

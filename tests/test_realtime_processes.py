@@ -18,12 +18,13 @@ import httpx
 import pytest
 from sqlalchemy import text
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from db.engine import Database
 from tests.billing_flows import checkout, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import PG_HOST, PG_PORT, PG_USER, Service, free_port
-from tests.test_graphql_support import hs256_token
-from tests.test_realtime_support import DELIVERY, WAIT, live_socket, watch_commit
+from tests.gateways import sandbox_gateway
+from tests.graphql_support import hs256_token
+from tests.realtime_support import DELIVERY, WAIT, live_socket, watch_commit
 
 BILLING = str(Path(sys.executable).with_name("billing"))
 QUIET = 0.5
@@ -113,7 +114,7 @@ async def test_two_serve_processes_a_change_applied_by_b_reaches_a_subscriber_of
     env_b = {**env, "PUBLIC_BASE_URL": b_url}
     env_a = {**env_b, "WEBHOOK_WORKER": "false", "USAGE_REPORTER": "false", "SANDBOX_SYNC_CATALOG": "false"}
     database = Database.from_url(fresh_pg_url)
-    gateway = StripeGateway(GatewayConfig(api_key="sk_test_realtime", api_base=f"{b_url}/sandbox"))
+    gateway = sandbox_gateway(b_url)
     try:
         async with (
             billing_serve(port_b, env_b, tmp_path) as b,
@@ -226,7 +227,7 @@ async def test_billing_sync_and_replay_in_other_processes_reach_a_sqlite_subscri
     try:
         async with billing_serve(port, env, tmp_path) as served:
             env = {**env, "PUBLIC_BASE_URL": served}
-            gateway = StripeGateway(GatewayConfig(api_key="sk_test_realtime", api_base=f"{served}/sandbox"))
+            gateway = sandbox_gateway(served)
             try:
                 prices = await sandbox_prices(gateway)
                 async with live_socket(served, hs256_token("rt-cli")) as socket:

@@ -9,8 +9,8 @@ import stripe
 
 from db.engine import Database
 from tests.conftest import DbTarget
+from tests.hooked import Hooked, created_for, hooked_service
 from tests.stripe_shapes import missing_keys, stripe_fixture
-from tests.test_sandbox_delivery import Hooked, created_for, hooked_service
 from tests.webhook_receiver import WebhookReceiver, run_receiver
 
 EVENTS: list[str] = ["customer.created", "customer.updated"]

@@ -33,8 +33,9 @@ from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
 from tests.billing_flows import setup_catalog
 from tests.conftest import DbTarget, free_port, running_service
+from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import Api, error_codes, hs256_token, serve_api
 from tests.stripe_events import event, post_event, sign
-from tests.test_graphql_support import Api, error_codes, hs256_token, serve_api
 
 RANDOM = {name: secrets.token_hex(16) for name in ("stripe", "hook1", "hook2", "jwt", "service", "db")}
 STRIPE_KEY = f"sk_test_{RANDOM['stripe']}"
@@ -119,11 +120,8 @@ async def stripe_and_service(database: Database, sandbox_db: DbTarget) -> AsyncI
         database, sandbox_db, webhook_worker=False, sandbox={"deliver_webhooks": False}
     ) as stripe_host:
         api_base = f"{stripe_host.url}/sandbox"
-        gateway = StripeGateway(GatewayConfig(api_key=STRIPE_KEY, api_base=api_base))
-        try:
+        async with open_sandbox_gateway(stripe_host.url, api_key=STRIPE_KEY) as gateway:
             await setup_catalog(gateway)
-        finally:
-            await gateway.close()
         async with serve_api(
             database, **secret_settings(stripe_api_base=api_base, webhook_worker=True)
         ) as api:

@@ -10,14 +10,9 @@ from httpx_ws import WebSocketUpgradeError, aconnect_ws
 
 from billing.settings import Settings
 from db.engine import Database
-from tests.test_graphql_support import hs256_token, serve_api
+from tests.graphql_support import PRODUCTION, hs256_token, serve_api
 
 PLANS = {"query": "{ plans { id } }"}
-PRODUCTION = {
-    "environment": "production",
-    "stripe_webhook_secret": "whsec_production_like_secret",
-    "auth_jwt_secret": "a-production-grade-secret-of-40-characters",
-}
 APP_ORIGIN = "http://app.test"  # the tests' APP_URL
 
 

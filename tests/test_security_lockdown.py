@@ -17,14 +17,8 @@ from strawberry.tools import merge_types
 from db.engine import Database
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
-from tests.test_graphql_support import hs256_token, only_error, serve_api
+from tests.graphql_support import PRODUCTION, PRODUCTION_SECRET, hs256_token, only_error, serve_api
 
-PRODUCTION_SECRET = "a-production-grade-secret-of-40-characters"
-PRODUCTION = {
-    "environment": "production",
-    "stripe_webhook_secret": "whsec_production_like_secret",
-    "auth_jwt_secret": PRODUCTION_SECRET,
-}
 ENVIRONMENTS = {"development": {}, "production": PRODUCTION}
 
 

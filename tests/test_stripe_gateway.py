@@ -11,6 +11,7 @@ import pytest
 from billing.errors import BillingError, ErrorCode
 from billing.stripe_gateway import GatewayConfig, StripeGateway, idempotency_key
 from tests.conftest import Service
+from tests.gateways import open_sandbox_gateway
 
 
 async def inject(service: Service, **fault: Any) -> None:
@@ -22,17 +23,10 @@ async def inject(service: Service, **fault: Any) -> None:
 @pytest.fixture
 async def quick_gateway(service: Service) -> AsyncIterator[StripeGateway]:
     """A gateway with a short timeout, so the timeout faults stay fast."""
-    gateway = StripeGateway(
-        GatewayConfig(
-            api_key="sk_test_tests",
-            api_base=f"{service.url}/sandbox",
-            max_network_retries=1,
-            timeout_seconds=0.5,
-            rate_limit_base_delay=0.01,
-        )
-    )
-    yield gateway
-    await gateway.close()
+    async with open_sandbox_gateway(
+        service.url, max_network_retries=1, timeout_seconds=0.5, rate_limit_base_delay=0.01
+    ) as gateway:
+        yield gateway
 
 
 async def create_customer(gateway: StripeGateway, key: str = "customer-1") -> str:

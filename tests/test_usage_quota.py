@@ -14,7 +14,7 @@ from db.engine import Database
 from db.enums import Tier
 from examples.host_app import create_host_app
 from tests.conftest import free_port, serve
-from tests.test_graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, settings_for
+from tests.graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, settings_for
 
 CATALOG = load_catalog()
 LIMIT = CATALOG.limit(Tier.STARTER, "api_calls")

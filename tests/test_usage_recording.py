@@ -15,7 +15,7 @@ from billing.plans import load_catalog
 from billing.usage import UsageInput, record_usage
 from db.engine import Database
 from db.models import rollup_table, usage_table
-from tests.test_graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, serve_api
+from tests.graphql_support import SERVICE_KEY, Api, hs256_token, insert_account, serve_api
 
 CATALOG = load_catalog()
 RECORD = """mutation($input: RecordUsageInput!) {

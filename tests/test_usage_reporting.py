@@ -10,46 +10,37 @@ from collections import Counter
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import select, update
 
 from billing.access import add_months
-from billing.plans import load_catalog
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.usage import UsageInput, record_usage
 from billing.usage.reporting import (
     ClaimedReport,
-    Outcome,
-    ReportPass,
     UsageReporter,
     flagged_reports,
 )
 from db.engine import Database
-from db.models import account_table, report_table, usage_table
-from stripe_sandbox.store import Store
+from db.models import account_table, usage_table
 from tests.billing_flows import advance, settle, setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, Service, running_service
-from tests.test_graphql_support import SERVICE_KEY
+from tests.gateways import SHORT_RETRIES, sandbox_gateway
+from tests.graphql_support import SERVICE_KEY
+from tests.usage_flows import (
+    CATALOG,
+    Clock,
+    metered_subscriber,
+    report_rows,
+    sandbox_meter_events,
+    spread_usage,
+    unreported_records,
+)
 
-CATALOG = load_catalog()
 EVENT_NAME = CATALOG.meters["api_calls"].event_name
 BILLING = str(Path(sys.executable).with_name("billing"))
-
-
-class Clock:
-    """Real time, moved forward on demand (backoffs and leases without waiting)."""
-
-    def __init__(self) -> None:
-        self.offset = timedelta()
-
-    def __call__(self) -> datetime:
-        return datetime.now(UTC) + self.offset
-
-    def advance(self, **amount: float) -> None:
-        self.offset += timedelta(**amount)
 
 
 @pytest.fixture
@@ -60,15 +51,7 @@ async def metered(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Ser
 
 
 def gateway_for(service: Service) -> StripeGateway:
-    return StripeGateway(
-        GatewayConfig(
-            api_key="sk_test_usage",
-            api_base=f"{service.url}/sandbox",
-            max_network_retries=1,  # one SDK retry: two requests per call
-            timeout_seconds=5,
-            rate_limit_base_delay=0.01,
-        )
-    )
+    return sandbox_gateway(service.url, **SHORT_RETRIES)  # one SDK retry: two requests per call
 
 
 @pytest.fixture
@@ -78,18 +61,6 @@ async def gateway(metered: Service) -> AsyncIterator[StripeGateway]:
         yield gateway
     finally:
         await gateway.close()
-
-
-async def metered_subscriber(
-    service: Service, gateway: StripeGateway, prices: dict[str, str], user_id: str
-) -> tuple[str, str]:
-    """A paid starter subscription with the metered price as a second item; (customer, subscription)."""
-    customer_id, subscription_id = await subscribe(service, gateway, prices, user_id, trial_days=None)
-    await gateway.v1.subscriptions.update_async(
-        subscription_id, {"items": [{"price": prices["starter_api_calls_metered"]}]}
-    )
-    await wait_for_account(service.database, user_id, status="active", stripe_customer_id=customer_id)
-    return customer_id, subscription_id
 
 
 async def annual_metered_subscriber(
@@ -126,16 +97,6 @@ async def fault(service: Service, status: int, count: int, *, after_apply: bool 
     assert response.status_code == 200, response.text
 
 
-async def sandbox_meter_events(service: Service) -> list[dict[str, Any]]:
-    """Every meter event the sandbox accepted (Stripe has no list endpoint; this is its store)."""
-    store = Store(service.sandbox_db.url, schema=service.sandbox_db.schema)
-    try:
-        async with store.transaction() as tx:
-            return await tx.all("billing.meter_event", lambda _event: True)
-    finally:
-        await store.dispose()
-
-
 async def summary(gateway: StripeGateway, customer_id: str, start: datetime, end: datetime) -> float:
     meters = await gateway.v1.billing.meters.list_async({"status": "active"})
     meter = next(m for m in meters.data if m.event_name == EVENT_NAME)
@@ -145,34 +106,6 @@ async def summary(gateway: StripeGateway, customer_id: str, start: datetime, end
         meter.id, {"customer": customer_id, "start_time": low, "end_time": high}
     )
     return float(found.data[0].aggregated_value)
-
-
-async def report_rows(database: Database) -> list[Any]:
-    async with database.read() as conn:
-        return list(await conn.execute(select(report_table).order_by(report_table.c.minute)))
-
-
-async def unreported_records(database: Database) -> int:
-    async with database.read() as conn:
-        found = await conn.execute(
-            select(func.count()).select_from(usage_table).where(usage_table.c.reported_at.is_(None))
-        )
-        return int(found.scalar() or 0)
-
-
-async def spread_usage(database: Database, users: list[str], minutes: int, now: datetime) -> dict[str, int]:
-    """Records in `minutes` distinct past minutes per user; returns each user's total."""
-    totals: dict[str, int] = {}
-    for user in users:
-        records = [
-            UsageInput(
-                user, "api_calls", 10 + minute, f"{user}-{minute}", now - timedelta(minutes=minute + 1)
-            )
-            for minute in range(minutes)
-        ]
-        await record_usage(database=database, catalog=CATALOG, records=records, now=now)
-        totals[user] = sum(record.quantity for record in records)
-    return totals
 
 
 # An outage in the middle ---------------------------------------------------------------------
@@ -256,8 +189,10 @@ async def test_a_drainer_that_died_after_sending_is_taken_over_without_a_duplica
     taken_over = await survivor.drain()
     assert (taken_over.sent, taken_over.already_recorded) == (0, 1)
 
-    # The dead drainer's late word cannot put the aggregate back in the queue.
-    await dying._settle(claimed, Outcome.UNAVAILABLE, "late timeout", ReportPass())
+    # The dead drainer's late word cannot put the aggregate back in the queue: it sends its claim
+    # again, Stripe is down for both requests, and it records the attempt as unavailable.
+    await fault(metered, 500, 2)
+    assert (await dying.send([claimed])).unavailable
     (row,) = await report_rows(metered.database)
     assert row.status == "reported" and row.attempts == 2
     assert [event["identifier"] for event in await sandbox_meter_events(metered)] == [claimed.id]

@@ -23,7 +23,7 @@ from billing.usage import (
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
 from db.models import rollup_table, usage_table
-from tests.test_graphql_support import hs256_token, insert_account, serve_api
+from tests.graphql_support import hs256_token, insert_account, serve_api
 
 CATALOG = load_catalog()
 POLICY = AccessPolicy(CATALOG, timedelta(days=7))

@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import httpx
-import pytest
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
-from db.engine import Database
-from tests.billing_flows import advance, card_fails, setup_catalog, subscribe, wait_for_account
-from tests.conftest import DbTarget, Service, running_service
-from tests.test_graphql_support import hs256_token
+from tests.billing_flows import advance, card_fails, subscribe, wait_for_account
+from tests.conftest import Service
+from tests.graphql_support import hs256_token
+from tests.live import Live
 
 VIEWER = "{ viewer { id subscription { status tier interval hasAccess cancelAtPeriodEnd priceId currentPeriodEnd } } }"
 DAY = 86_400
-
-
-@pytest.fixture
-async def live(
-    database: Database, sandbox_db: DbTarget
-) -> AsyncIterator[tuple[Service, StripeGateway, dict[str, str]]]:
-    async with running_service(database, sandbox_db) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            yield service, gateway, await setup_catalog(gateway)
-        finally:
-            await gateway.close()
 
 
 async def viewer(service: Service, user_id: str) -> dict[str, object]:
@@ -43,10 +27,8 @@ async def viewer(service: Service, user_id: str) -> dict[str, object]:
     return result
 
 
-async def test_the_viewer_follows_the_subscription_through_the_webhook_route(
-    live: tuple[Service, StripeGateway, dict[str, str]],
-) -> None:
-    service, gateway, prices = live
+async def test_the_viewer_follows_the_subscription_through_the_webhook_route(live: Live) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     before = await viewer(service, "u1")
     assert (before["status"], before["tier"], before["hasAccess"]) == ("NONE", "NONE", False)
 

@@ -10,9 +10,8 @@ import pytest
 from sqlalchemy import select, update
 
 from billing.clock import utcnow
-from billing.notifier import Notification, NotificationKind
+from billing.notifier import NotificationKind
 from billing.reconcile import customer_ids, reconcile
-from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.webhooks import HANDLED, target_of
 from db.engine import Database
 from db.models import account_table, event_table
@@ -21,34 +20,23 @@ from tests.billing_flows import (
     checkout,
     control,
     raw_events,
-    setup_catalog,
     subscribe,
     wait_for_account,
 )
-from tests.conftest import DbTarget, Service, running_service
+from tests.conftest import DbTarget
+from tests.live import Live, LiveOptions, Recorder, start_live
 from tests.stripe_events import event, post_event
 
 
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[Notification] = []
-
-    async def notify(self, notification: Notification) -> None:
-        self.sent.append(notification)
-
-
-Live = tuple[Service, StripeGateway, dict[str, str], Recorder]
+@pytest.fixture
+def recorder() -> Recorder:
+    return Recorder()
 
 
 @pytest.fixture
-async def live(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Live]:
-    recorder = Recorder()
-    async with running_service(database, sandbox_db, notifier=recorder) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            yield service, gateway, await setup_catalog(gateway), recorder
-        finally:
-            await gateway.close()
+def live_options(recorder: Recorder) -> LiveOptions:
+    """The service's notifications are kept."""
+    return LiveOptions(notifier=recorder)
 
 
 async def event_status(database: Database, event_id: str) -> tuple[str, str | None]:
@@ -62,7 +50,7 @@ async def event_status(database: Database, event_id: str) -> tuple[str, str | No
 
 
 async def test_an_unknown_event_type_is_acknowledged_and_recorded_as_ignored(live: Live) -> None:
-    service, *_ = live
+    service = live.service
     evt = event("charge.succeeded", {"id": "ch_1", "object": "charge"})
     async with httpx.AsyncClient() as client:
         response = await post_event(client, service.url, evt)
@@ -79,7 +67,7 @@ def test_the_worker_acts_on_exactly_the_handled_event_types() -> None:
 
 
 async def test_checkout_links_the_customer_to_the_user_by_client_reference_id(live: Live) -> None:
-    service, gateway, prices, _ = live
+    service, gateway, prices = live.service, live.gateway, live.prices
     customer = await gateway.v1.customers.create_async({"email": "no-metadata@example.com"})
     session = await gateway.v1.checkout.sessions.create_async(
         {
@@ -97,21 +85,17 @@ async def test_checkout_links_the_customer_to_the_user_by_client_reference_id(li
 
 
 @pytest.fixture
-async def undelivered(database: Database, sandbox_db: DbTarget) -> AsyncIterator[Live]:
+async def undelivered(database: Database, sandbox_db: DbTarget, recorder: Recorder) -> AsyncIterator[Live]:
     """The sandbox keeps its events: the test decides which ones reach the route."""
-    recorder = Recorder()
-    async with running_service(
-        database, sandbox_db, notifier=recorder, sandbox={"deliver_webhooks": False}
-    ) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            yield service, gateway, await setup_catalog(gateway), recorder
-        finally:
-            await gateway.close()
+    options = LiveOptions(notifier=recorder, sandbox={"deliver_webhooks": False})
+    async with start_live(database, sandbox_db, options) as live:
+        yield live
 
 
-async def test_an_unknown_customer_is_recorded_then_fixed_by_billing_sync(undelivered: Live) -> None:
-    service, gateway, prices, recorder = undelivered
+async def test_an_unknown_customer_is_recorded_then_fixed_by_billing_sync(
+    undelivered: Live, recorder: Recorder
+) -> None:
+    service, gateway, prices = undelivered.service, undelivered.gateway, undelivered.prices
     customer = await gateway.v1.customers.create_async({"email": "stranger@example.com"})
     session = await gateway.v1.checkout.sessions.create_async(
         {
@@ -142,8 +126,10 @@ async def test_an_unknown_customer_is_recorded_then_fixed_by_billing_sync(undeli
     assert any(r.created_account and r.user_id == "u-late" for r in report.results)
 
 
-async def test_billing_sync_repairs_drift_and_a_dry_run_only_reports_it(undelivered: Live) -> None:
-    service, gateway, prices, recorder = undelivered
+async def test_billing_sync_repairs_drift_and_a_dry_run_only_reports_it(
+    undelivered: Live, recorder: Recorder
+) -> None:
+    service, gateway, prices = undelivered.service, undelivered.gateway, undelivered.prices
     await subscribe(service, gateway, prices, "u1", "starter_monthly")
     ids = await customer_ids(database=service.database, gateway=gateway)
     first = await reconcile(
@@ -177,8 +163,10 @@ async def test_billing_sync_repairs_drift_and_a_dry_run_only_reports_it(undelive
     assert again.drifted == []
 
 
-async def test_two_live_subscriptions_follow_the_higher_tier_and_are_flagged(live: Live) -> None:
-    service, gateway, prices, recorder = live
+async def test_two_live_subscriptions_follow_the_higher_tier_and_are_flagged(
+    live: Live, recorder: Recorder
+) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     customer_id, first_session = await checkout(gateway, prices, "u2", "starter_monthly", trial_days=None)
     second = await gateway.v1.checkout.sessions.create_async(
         {
@@ -202,7 +190,7 @@ async def test_two_live_subscriptions_follow_the_higher_tier_and_are_flagged(liv
 
 
 async def test_a_deleted_customer_unlinks_the_account(live: Live) -> None:
-    service, gateway, prices, _ = live
+    service, gateway, prices = live.service, live.gateway, live.prices
     customer_id, _ = await subscribe(service, gateway, prices, "u3", "starter_monthly", trial_days=None)
     await wait_for_account(service.database, "u3", status="active")
     await gateway.v1.customers.delete_async(customer_id)
@@ -210,8 +198,8 @@ async def test_a_deleted_customer_unlinks_the_account(live: Live) -> None:
     assert row.status == "canceled"
 
 
-async def test_payment_action_required_notifies(live: Live) -> None:
-    service, gateway, prices, recorder = live
+async def test_payment_action_required_notifies(live: Live, recorder: Recorder) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     customer_id, _ = await subscribe(service, gateway, prices, "u4", "starter_monthly", trial_days=None)
     await wait_for_account(service.database, "u4", status="active")
     invoice = (await raw_events(service, type="invoice.paid"))[-1]["data"]["object"]

@@ -16,8 +16,8 @@ from billing.webhooks import HANDLED, WEBHOOK_PATH
 from db.engine import Database
 from tests.billing_flows import setup_catalog, subscribe, wait_for_account
 from tests.conftest import DbTarget, free_port, serve
+from tests.processes import run
 from tests.stripe_host import StripeHost, stripe_host
-from tests.test_cli import run
 
 OLD_VERSION = "2026-09-30.endive"
 

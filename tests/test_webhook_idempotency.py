@@ -13,11 +13,12 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.webhooks import Envelope, store_event
 from db.engine import Database
 from db.models import account_table, event_table
 from tests.conftest import DbTarget, Service, free_port, running_service
+from tests.gateways import sandbox_gateway
 from tests.processes import BILLING, billing_serve
 from tests.stripe_events import event, post_event
 
@@ -146,7 +147,7 @@ def two_processes(fresh_pg_url: str, tmp_path: Path) -> Iterator[list[str]]:
 async def test_copies_sent_to_two_processes_cause_one_effect(
     two_processes: list[str], fresh_pg_url: str
 ) -> None:
-    gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{two_processes[0]}/sandbox"))
+    gateway = sandbox_gateway(two_processes[0])
     database = Database.from_url(fresh_pg_url)
     try:
         customer = await new_customer(gateway, "u-two")

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from sqlalchemy import select
 
-from billing.notifier import Notification, NotificationKind
+from billing.notifier import NotificationKind
 from billing.plans import plan_of_price
-from billing.stripe_gateway import GatewayConfig, StripeGateway
 from billing.stripe_objects import stripe_time
-from db.engine import Database
 from db.models import invoice_table
 from tests.billing_flows import (
     advance,
@@ -22,33 +18,12 @@ from tests.billing_flows import (
     card_fails,
     eventually,
     period_end,
-    setup_catalog,
     subscribe,
     wait_for_account,
 )
-from tests.conftest import DbTarget, Service, running_service
+from tests.live import Live, LiveOptions, Recorder
 
 DAY = 86_400
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.sent: list[Notification] = []
-
-    async def notify(self, notification: Notification) -> None:
-        self.sent.append(notification)
-
-    def kinds(self) -> list[NotificationKind]:
-        return [n.kind for n in self.sent]
-
-    async def wait_for(self, kind: NotificationKind) -> Notification:
-        """Notifications follow events, which arrive in any order: wait a little."""
-        for _ in range(400):
-            for notification in self.sent:
-                if notification.kind is kind:
-                    return notification
-            await asyncio.sleep(0.05)
-        raise AssertionError(f"no {kind} notification; got {self.kinds()}")
 
 
 @pytest.fixture(params=["ordered", "shuffled_duplicated"])
@@ -62,24 +37,12 @@ def recorder() -> Recorder:
 
 
 @pytest.fixture
-async def live(
-    database: Database, sandbox_db: DbTarget, recorder: Recorder, delivery_mode: str
-) -> AsyncIterator[tuple[Service, StripeGateway, dict[str, str]]]:
-    async with running_service(database, sandbox_db, notifier=recorder) as service:
-        from tests.billing_flows import control
-
-        await control(service, "delivery", {"mode": delivery_mode})
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            yield service, gateway, await setup_catalog(gateway)
-        finally:
-            await gateway.close()
+def live_options(recorder: Recorder, delivery_mode: str) -> LiveOptions:
+    return LiveOptions(notifier=recorder, delivery=delivery_mode)
 
 
-async def test_checkout_with_a_trial_ends_trialing_then_active(
-    live: tuple[Service, StripeGateway, dict[str, str]], recorder: Recorder
-) -> None:
-    service, gateway, prices = live
+async def test_checkout_with_a_trial_ends_trialing_then_active(live: Live, recorder: Recorder) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     customer_id, subscription_id = await subscribe(service, gateway, prices, "u1", "pro_monthly")
     stripe_sub = await gateway.v1.subscriptions.retrieve_async(subscription_id)
     item = stripe_sub["items"].data[0]
@@ -112,10 +75,8 @@ async def test_checkout_with_a_trial_ends_trialing_then_active(
     assert all(invoice.stripe_subscription_id == subscription_id for invoice in invoices)
 
 
-async def test_a_failing_card_goes_past_due_then_canceled(
-    live: tuple[Service, StripeGateway, dict[str, str]], recorder: Recorder
-) -> None:
-    service, gateway, prices = live
+async def test_a_failing_card_goes_past_due_then_canceled(live: Live, recorder: Recorder) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     customer_id, subscription_id = await subscribe(
         service, gateway, prices, "u2", "starter_monthly", trial_days=None
     )
@@ -131,10 +92,8 @@ async def test_a_failing_card_goes_past_due_then_canceled(
     await recorder.wait_for(NotificationKind.SUBSCRIPTION_CANCELED)
 
 
-async def test_cancel_at_period_end_then_canceled(
-    live: tuple[Service, StripeGateway, dict[str, str]],
-) -> None:
-    service, gateway, prices = live
+async def test_cancel_at_period_end_then_canceled(live: Live) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     _, subscription_id = await subscribe(service, gateway, prices, "u3", "starter_annual", trial_days=None)
     await wait_for_account(service.database, "u3", status="active", interval="annual")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import random
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -13,32 +12,24 @@ from sqlalchemy import delete, select, text
 
 from billing.clock import utcnow
 from billing.plans import plan_of_price
-from billing.stripe_gateway import GatewayConfig, StripeGateway
+from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
 from billing.sync import licensed_item
 from billing.webhooks import requeue
 from db.engine import Database
 from db.models import account_table, event_table
-from tests.billing_flows import account, advance, raw_events, setup_catalog, subscribe
-from tests.conftest import DbTarget, Service, running_service
+from tests.billing_flows import account, advance, raw_events, subscribe
+from tests.conftest import Service
+from tests.live import Live, LiveOptions
 from tests.stripe_events import post_event
 
 DAY = 86_400
 
 
 @pytest.fixture
-async def quiet(
-    database: Database, sandbox_db: DbTarget
-) -> AsyncIterator[tuple[Service, StripeGateway, dict[str, str]]]:
+def live_options() -> LiveOptions:
     """No background worker and no automatic delivery: the test posts and applies events itself."""
-    async with running_service(
-        database, sandbox_db, webhook_worker=False, sandbox={"deliver_webhooks": False}
-    ) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_x", api_base=f"{service.url}/sandbox"))
-        try:
-            yield service, gateway, await setup_catalog(gateway)
-        finally:
-            await gateway.close()
+    return LiveOptions(settings={"webhook_worker": False}, sandbox={"deliver_webhooks": False})
 
 
 async def lifecycle(
@@ -85,10 +76,8 @@ def assert_row_matches(row: Any, subscription: Any) -> None:
     assert row.trial_used is True
 
 
-async def test_every_permutation_with_stale_duplicates_ends_in_stripes_state(
-    quiet: tuple[Service, StripeGateway, dict[str, str]],
-) -> None:
-    service, gateway, prices = quiet
+async def test_every_permutation_with_stale_duplicates_ends_in_stripes_state(live: Live) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     subscription_id, events = await lifecycle(service, gateway, prices)
     types = [e["type"] for e in events]
     assert types[0] == "customer.subscription.created" and types[-1] == "customer.subscription.deleted"
@@ -106,10 +95,8 @@ async def test_every_permutation_with_stale_duplicates_ends_in_stripes_state(
         assert_row_matches(await account(service.database, "u1"), final)
 
 
-async def test_an_update_before_its_create_still_converges(
-    quiet: tuple[Service, StripeGateway, dict[str, str]],
-) -> None:
-    service, gateway, prices = quiet
+async def test_an_update_before_its_create_still_converges(live: Live) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     _, subscription_id = await subscribe(service, gateway, prices, "u1", "starter_monthly")
     (created,) = await raw_events(service, type="customer.subscription.created")
     await gateway.v1.subscriptions.update_async(subscription_id, {"cancel_at_period_end": True})
@@ -121,10 +108,8 @@ async def test_an_update_before_its_create_still_converges(
     )
 
 
-async def test_pending_events_of_one_customer_are_coalesced_into_one_sync(
-    quiet: tuple[Service, StripeGateway, dict[str, str]],
-) -> None:
-    service, gateway, prices = quiet
+async def test_pending_events_of_one_customer_are_coalesced_into_one_sync(live: Live) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     _, events = await lifecycle(service, gateway, prices)
     async with httpx.AsyncClient() as client:
         for evt in events:
@@ -134,10 +119,8 @@ async def test_pending_events_of_one_customer_are_coalesced_into_one_sync(
     assert len(report.syncs) == 1
 
 
-async def test_a_database_error_mid_handler_is_recorded_and_replay_fixes_it(
-    quiet: tuple[Service, StripeGateway, dict[str, str]],
-) -> None:
-    service, gateway, prices = quiet
+async def test_a_database_error_mid_handler_is_recorded_and_replay_fixes_it(live: Live) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
     database = service.database
     async with database.write() as conn:
         if database.is_postgres:

@@ -1,4 +1,4 @@
-"""Helpers for the real-time tests (no tests here): a graphql-transport-ws client and timings.
+"""Helpers for the real-time tests: a graphql-transport-ws client and timings.
 
 The client is httpx-ws against the service's real port, speaking `graphql-transport-ws` as the
 `graphql-ws` npm client does. A background task receives every message as it arrives and stamps

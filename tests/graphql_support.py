@@ -1,4 +1,4 @@
-"""Helpers for the GraphQL tests (no tests here): a served app, real tokens, account rows.
+"""Helpers for the GraphQL tests: a served app, real tokens, account rows.
 
 The app is `graph.app.create_app` served by uvicorn on a loopback port and reached with httpx,
 exactly as a frontend reaches it. Tokens are signed here with PyJWT, independently of the code
@@ -23,6 +23,13 @@ from db.models import account_table
 from tests.conftest import free_port, serve
 
 SERVICE_KEY = "svc_" + "k" * 40
+PRODUCTION_SECRET = "a-production-grade-secret-of-40-characters"
+# The settings of a served app in production (`serve_api(database, **PRODUCTION)`).
+PRODUCTION = {
+    "environment": "production",
+    "stripe_webhook_secret": "whsec_production_like_secret",
+    "auth_jwt_secret": PRODUCTION_SECRET,
+}
 
 
 def settings_for(url: str, **overrides: Any) -> Settings:

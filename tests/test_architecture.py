@@ -217,3 +217,36 @@ def test_the_checker_catches_a_violation(relative: str, source: str) -> None:
 )
 def test_the_checker_allows_the_intended_direction(relative: str, source: str) -> None:
     assert violations(ROOT / relative, source) == []
+
+
+MAX_MODULE_LINES = 800  # outside the emulator; most modules stay under 500
+
+
+def test_no_project_module_is_over_800_lines() -> None:
+    sizes = {
+        path.relative_to(ROOT).as_posix(): len(path.read_text().splitlines())
+        for package in PROJECT
+        for path in (ROOT / package).rglob("*.py")
+    }
+    assert {path: lines for path, lines in sizes.items() if lines > MAX_MODULE_LINES} == {}
+
+
+def defines_tests(source: str) -> bool:
+    return any(
+        isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name.startswith("test_")
+        for node in ast.walk(ast.parse(source))
+    )
+
+
+def test_test_modules_hold_tests_and_import_no_other_test_module() -> None:
+    problems = []
+    for path in sorted((ROOT / "tests").glob("*.py")):
+        source = path.read_text()
+        if path.name.startswith("test_") and not defines_tests(source):
+            problems.append(f"{path.name} holds no test: name it for what it helps with")
+        problems.extend(
+            f"{path.name}:{imported.line} imports {imported.module}: move what it shares to a helper module"
+            for imported in imports_of(source)
+            if imported.module.startswith("tests.test_")
+        )
+    assert problems == []

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from stripe import RequestOptions
 from stripe._base_address import BaseAddresses
 
 from billing.errors import BillingError, ErrorCode
+from billing.metrics import STRIPE_DURATION, STRIPE_REQUESTS, STRIPE_RETRIES, stripe_operation
 from billing.settings import Settings
 
 log = logging.getLogger("billing.stripe")
@@ -109,6 +111,29 @@ class StripeGateway:
         `operation` receives the options and calls the SDK, e.g.
         `lambda options: gateway.v1.customers.create_async(params, options)`.
         """
+        label = stripe_operation(what)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            result = await self._call(operation, idempotency_key, what)
+            outcome = "ok"
+            return result
+        except _RateLimited:
+            outcome = "rate_limited"
+            raise
+        except BillingError as exc:
+            outcome = _OUTCOMES.get(exc.code, "error")
+            raise
+        finally:
+            STRIPE_DURATION.labels(label).observe(time.perf_counter() - started)
+            STRIPE_REQUESTS.labels(label, outcome).inc()
+
+    async def _call(
+        self,
+        operation: Callable[[RequestOptions], Awaitable[T]],
+        idempotency_key: str | None,
+        what: str,
+    ) -> T:
         options: RequestOptions = {}
         if idempotency_key is not None:
             options["idempotency_key"] = idempotency_key
@@ -119,9 +144,10 @@ class StripeGateway:
             except stripe.RateLimitError as exc:
                 if attempt >= self.config.rate_limit_retries:
                     log.warning("%s: rate limited after %d retries (%s)", what, attempt, exc.request_id)
-                    raise _unavailable(what) from exc
+                    raise _unavailable(what, rate_limited=True) from exc
                 delay = self.config.rate_limit_base_delay * 2**attempt
                 attempt += 1
+                STRIPE_RETRIES.labels("rate_limited").inc()
                 await self._sleep(delay + random.uniform(0, delay / 2))
             except stripe.CardError as exc:
                 raise BillingError(
@@ -156,8 +182,21 @@ class StripeGateway:
         await self.http_client.close_async()  # type: ignore[no-untyped-call]
 
 
-def _unavailable(what: str) -> BillingError:
-    return BillingError(
+# The outcome label of a call that ended in a domain error.
+_OUTCOMES = {
+    ErrorCode.CARD_DECLINED: "card_declined",
+    ErrorCode.BILLING_PROVIDER_UNAVAILABLE: "unavailable",
+    ErrorCode.INVALID_REQUEST: "refused",
+}
+
+
+class _RateLimited(BillingError):
+    """Stripe kept answering 429: unavailable, counted as `rate_limited`."""
+
+
+def _unavailable(what: str, *, rate_limited: bool = False) -> BillingError:
+    kind = _RateLimited if rate_limited else BillingError
+    return kind(
         "The billing provider is unavailable; try again shortly.",
         code=ErrorCode.BILLING_PROVIDER_UNAVAILABLE,
         operation=what,

@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from billing.background import BackgroundWorker
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError
+from billing.metrics import WEBHOOKS_APPLIED
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
@@ -393,6 +394,8 @@ class EventProcessor(BackgroundWorker):
                 .where(event_table.c.id.in_([event.id for event in events]))
                 .values(INBOX.settle(status.value, error=note))
             )
+        for event in events:
+            _count_applied(event, status.value)
 
     async def _fail(self, events: list[Claimed], exc: Exception) -> None:
         message = exc.message if isinstance(exc, BillingError) else f"{type(exc).__name__}: {exc}"
@@ -410,6 +413,13 @@ class EventProcessor(BackgroundWorker):
         except Exception:
             # The database itself is failing: the lease expires and the events are claimed again.
             log.exception("could not record the failure; the lease will expire and retry")
+            return
+        for event in events:
+            _count_applied(event, "failed" if event.attempts >= MAX_ATTEMPTS else "retried")
+
+
+def _count_applied(event: Claimed, outcome: str) -> None:
+    WEBHOOKS_APPLIED.labels(event.type if event.type in HANDLED else "other", outcome).inc()
 
 
 async def requeue(

@@ -16,6 +16,7 @@ from strawberry.schema import BaseSchema
 
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
+from billing.metrics import DatabaseGauges
 from billing.notifier import LogNotifier, Notifier
 from billing.plans import Catalog, load_catalog
 from billing.realtime import Realtime
@@ -26,6 +27,7 @@ from billing.webhooks import EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
 from graph.context import GraphQLServices
+from graph.metrics import metrics_endpoint, worker_exited
 from graph.schema import schema as billing_schema
 from graph.security import protect_graphql
 from graph.view import BillingGraphQL
@@ -54,6 +56,7 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
 GRAPHQL_PATH = "/graphql"
 GRAPHQL_METHODS = frozenset({"GET", "POST", "OPTIONS"})
 WEBHOOK_PATH = "/webhooks/stripe"
+METRICS_PATH = "/metrics"
 
 
 class BillingApp(FastAPI):
@@ -129,6 +132,7 @@ def create_app(
         app.state.database = database or Database.from_url(settings.database_url)
         app.state.database.use_fast_reads(settings.fast_paths)
         graphql_services.database = app.state.database
+        app.state.metrics_gauges = DatabaseGauges(app.state.database)
         app.state.realtime = Realtime.for_database(app.state.database, graphql_services.policy)
         await app.state.realtime.start()
         graphql_services.realtime = app.state.realtime.hub
@@ -164,6 +168,7 @@ def create_app(
             await app.state.stripe.close()
             if owned:
                 await app.state.database.dispose()
+            worker_exited()
 
     app = BillingApp(
         title="Billing API",
@@ -189,6 +194,9 @@ def create_app(
         except DatabaseNotReady as exc:
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+    if settings.metrics_enabled:  # Prometheus, with METRICS_TOKEN as a bearer token (graph/metrics.py)
+        app.router.routes.append(Route(METRICS_PATH, metrics_endpoint, methods=["GET"]))
 
     graphql_app = BillingGraphQL(schema or billing_schema, graphql_services)
     # Strawberry's own ASGI app, routed directly: FastAPI's GraphQLRouter adds dependency

@@ -27,8 +27,9 @@ the schema for an operation's results (`RuledStreams`).
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncGenerator, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
@@ -36,6 +37,7 @@ from graphql import (
     DocumentNode,
     GraphQLError,
     GraphQLSchema,
+    OperationDefinitionNode,
     OperationType,
     get_operation_ast,
     parse,
@@ -66,25 +68,51 @@ from strawberry.types.unset import UNSET, UnsetType
 from strawberry.utils.operation import get_operation_type
 
 from billing.errors import BillingError, ErrorCode
+from billing.metrics import REALTIME_CONNECTIONS
 from billing.settings import Settings
 from graph.auth import AuthUnavailable
 from graph.context import Context, GraphQLServices
-from graph.errors import format_errors, validation_failed, with_argument_rules
+from graph.errors import BAD_REQUEST, format_errors, validation_failed, with_argument_rules
 from graph.lean_executor import LeanExecutor
 from graph.limits import QueryLimits, limits_rule, polish_errors
+from graph.metrics import OperationMetrics, outcome_of, root_field
 
+METRIC_LABELS = "billing.graphql_labels"  # the scope key of a request's metric labels
 TRY_AGAIN_LATER = 1013  # RFC 6455: the graphql-ws client retries it
 VERDICT_CACHE_SIZE = 256
 LEAN_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 ANY_OPERATION = frozenset(StrawberryOperationType)
 
 
+NONE = "none"  # the metric labels of a request without an operation
+_NO_OPERATION = (NONE, NONE, "BAD_REQUEST")
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A query text's document (None when it does not parse) and its errors (none: it may run)."""
+    """A query text's document (None when it does not parse) and its errors (none: it may run),
+    and the (operation type, root field) metric labels of its operations, by operation name."""
 
     document: DocumentNode | None
     errors: list[GraphQLError]
+    shapes: dict[object, tuple[str, str]] = field(default_factory=dict)
+
+    def shape(self, operation_name: object) -> tuple[str, str]:
+        """The metric labels of the operation named `operation_name`: the root field only for an
+        accepted document (its fields are the schema's, not whatever a client sent)."""
+        shape = self.shapes.get(operation_name)
+        if shape is None:
+            operation: OperationDefinitionNode | None = None
+            if self.document is not None and (operation_name is None or isinstance(operation_name, str)):
+                operation = get_operation_ast(self.document, operation_name)
+            if operation is None:
+                shape = (NONE, NONE)
+            else:
+                field_name = NONE if self.errors else root_field(self.document, operation)  # type: ignore[arg-type]
+                shape = (operation.operation.value, field_name)
+            if len(self.shapes) < 16:
+                self.shapes[operation_name] = shape
+        return shape
 
 
 class OperationRules:
@@ -102,6 +130,7 @@ class OperationRules:
             rules = (*rules, NoSchemaIntrospectionCustomRule)
         self.validation_rules = (*rules, MaybeNullValidationRule, OneOfInputValidationRule)
         self.verdicts: dict[str, Verdict] = {}
+        self.metrics = OperationMetrics()
 
     def check(self, query: str) -> Verdict:
         """The verdict on `query`, kept for the last `VERDICT_CACHE_SIZE` distinct texts: the
@@ -122,6 +151,12 @@ class OperationRules:
             del self.verdicts[next(iter(self.verdicts))]
         self.verdicts[query] = verdict
         return verdict
+
+    def shape(self, query: object, operation_name: object) -> tuple[str, str]:
+        """The (operation type, root field) metric labels of a request (`none` without an operation)."""
+        if not query or not isinstance(query, str):
+            return NONE, NONE
+        return self.check(query).shape(operation_name)
 
     def refusal(
         self, query: object, operation_name: object, allowed: Collection[StrawberryOperationType]
@@ -174,8 +209,12 @@ class RuledStreams:
             context_value.begin_operation()  # one context serves every operation of a websocket
         allowed = ANY_OPERATION if allowed_operation_types is None else frozenset(allowed_operation_types)
         errors = self.rules.refusal(query, operation_name, allowed)
+        operation_type, field_name = self.rules.shape(query, operation_name)
         if errors is not None:
-            return _one(PreExecutionError(data=None, errors=self.rules.finish(errors, context_value)))
+            finished = self.rules.finish(errors, context_value)
+            self.rules.metrics.count(operation_type, field_name, outcome_of(finished))
+            return _one(PreExecutionError(data=None, errors=finished))
+        self.rules.metrics.count(operation_type, field_name, "ok")
         source = await self.schema.stream(
             query,
             variable_values=variable_values,
@@ -269,13 +308,28 @@ class BillingGraphQL(GraphQL[Context, None]):
             await websocket.close(code=TRY_AGAIN_LATER, reason="too many connections")
             return
         self.connections += 1
+        REALTIME_CONNECTIONS.inc()
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.connections -= 1
+            REALTIME_CONNECTIONS.dec()
 
     async def serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         request = Request(scope, receive=receive)
+        try:
+            await self._serve_http(request, scope, receive, send)
+        finally:
+            # The labels are left in the scope by the path that ran the operation; a request
+            # Strawberry answered before that (a GET without a query, a mutation over GET, ...)
+            # has none and counts as BAD_REQUEST.
+            labels = scope.get(METRIC_LABELS, _NO_OPERATION)
+            metrics = self.rules.metrics
+            metrics.count(*labels)
+            metrics.observe(labels[0], time.perf_counter() - started)
+
+    async def _serve_http(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         lean = self.lean
         if lean is not None and scope["method"] == "POST":
             response = await self.lean_response(lean, request)
@@ -314,8 +368,13 @@ class BillingGraphQL(GraphQL[Context, None]):
         context = await self.get_context(request, sub_response)
         result = await lean.execute(document, variables, operation_name, context)
         body: dict[str, Any] = {"data": result.data}
+        operation_type, field_name = verdict.shape(operation_name)
+        outcome = "ok"
         if result.errors:
-            body["errors"] = [error.formatted for error in self.rules.finish(result.errors, context)]
+            errors = self.rules.finish(result.errors, context)
+            outcome = outcome_of(errors)
+            body["errors"] = [error.formatted for error in errors]
+        request.scope[METRIC_LABELS] = (operation_type, field_name, outcome)
         return self.create_response(body, sub_response)  # type: ignore[arg-type]
 
     async def execute_single(  # Strawberry's HTTP path: one operation
@@ -329,8 +388,13 @@ class BillingGraphQL(GraphQL[Context, None]):
     ) -> ExecutionResult:
         allowed = StrawberryOperationType.from_http(request_adapter.method)  # type: ignore[arg-type]
         errors = self.rules.refusal(request_data.query, request_data.operation_name, allowed)
+        shape = self.rules.shape(request_data.query, request_data.operation_name)
         if errors is not None:
-            return ExecutionResult(data=None, errors=self.rules.finish(errors, context))
+            finished = self.rules.finish(errors, context)
+            request.scope[METRIC_LABELS] = (*shape, outcome_of(finished))
+            return ExecutionResult(data=None, errors=finished)
+        # Strawberry may still refuse it (an operation type the method does not allow): 400.
+        request.scope[METRIC_LABELS] = (*shape, BAD_REQUEST)
         result = await super().execute_single(
             request=request,
             request_adapter=request_adapter,
@@ -339,7 +403,9 @@ class BillingGraphQL(GraphQL[Context, None]):
             root_value=root_value,
             request_data=request_data,
         )
-        return self.rules.finish_result(result, context)
+        result = self.rules.finish_result(result, context)
+        request.scope[METRIC_LABELS] = (*shape, outcome_of(result.errors))
+        return result
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         return Context(request, response, self.services)

@@ -14,6 +14,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from billing.clock import utcnow
+from billing.metrics import WEBHOOKS_RECEIVED
 from billing.webhooks import InvalidWebhook, parse_event, store_event, verify_signature
 
 log = logging.getLogger("billing.webhooks")
@@ -34,12 +35,14 @@ async def stripe_webhook(request: Request) -> Response:
         envelope = parse_event(body)
     except InvalidWebhook as exc:
         log.warning("rejected a webhook: %s", exc)
+        WEBHOOKS_RECEIVED.labels("rejected").inc()
         return JSONResponse({"error": "invalid webhook", "reason": str(exc)}, status_code=400)
     try:
         new = await store_event(state.database, envelope, now=utcnow())
     except (DBAPIError, OSError) as exc:
         log.error("could not store webhook %s (%s): %s", envelope.id, envelope.type, type(exc).__name__)
         return JSONResponse({"error": "temporarily unavailable"}, status_code=503)
+    WEBHOOKS_RECEIVED.labels("new" if new else "duplicate").inc()
     if new:
         state.events.kick()
     return JSONResponse({"received": True, "duplicate": not new})

@@ -35,6 +35,7 @@ PRODUCTION = {
     "environment": "production",
     "stripe_webhook_secret": "whsec_production_like_secret",
     "auth_jwt_secret": "a-production-grade-secret-of-40-characters",
+    "metrics_token": "a-metrics-token-for-the-scraper-of-40-chars",
 }
 
 

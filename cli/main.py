@@ -6,7 +6,11 @@ import asyncio
 import difflib
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -92,16 +96,38 @@ def serve(host: str, port: int, reload: bool, workers: int) -> None:
         shown_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
         os.environ["PUBLIC_BASE_URL"] = f"http://{shown_host}:{port}"
     click.echo(f"serving on http://{host}:{port} (GraphQL at /graphql)", err=True)
-    uvicorn.run(
-        "graph.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        reload=reload,
-        workers=None if reload else workers,
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-    )
+    with _metrics_directory(workers if not reload else 1):
+        uvicorn.run(
+            "graph.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            reload=reload,
+            workers=None if reload else workers,
+            log_level=settings.log_level.lower(),
+            proxy_headers=True,
+        )
+
+
+@contextmanager
+def _metrics_directory(workers: int) -> Iterator[None]:
+    """Several workers: prometheus-client's multiprocess mode, in a directory emptied now (the
+    workers inherit it through PROMETHEUS_MULTIPROC_DIR) and removed afterwards unless it was
+    given. One process keeps the ordinary registry (and its process metrics)."""
+    from graph.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    if workers <= 1:
+        os.environ.pop(MULTIPROC_ENV, None)
+        yield
+        return
+    given = os.environ.get(MULTIPROC_ENV)
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="billing-metrics-"))
+    prepare_multiprocess_dir(path)
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @main.command()

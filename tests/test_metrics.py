@@ -25,6 +25,7 @@ from tests.conftest import DbTarget, Service, free_port, running_service
 from tests.processes import BILLING, wait_ready
 from tests.promtool import promtool
 from tests.stripe_events import event, post_event
+from tests.test_cli import assert_one_clear_line, run
 from tests.test_graphql_support import SERVICE_KEY, hs256_token, insert_account
 from tests.test_mutations_checkout import clear_faults, inject, subscribe_via_api
 
@@ -273,3 +274,16 @@ async def _served_by_both(url: str, metrics_dir: Path) -> None:
         assert value(parse(text), "billing_graphql_requests_total", **labels) - before == requests
         assert "process_cpu_seconds_total" not in text  # absent in multiprocess mode (docs)
     promtool("check", "metrics", stdin=text.encode())
+
+
+def test_production_refuses_to_serve_open_metrics_naming_metrics_token(tmp_path: Path) -> None:
+    production = {
+        "DATABASE_URL": f"sqlite+aiosqlite:///{tmp_path / 'billing.db'}",
+        "ENVIRONMENT": "production",
+        "STRIPE_SECRET_KEY": "sk_test_production_like",
+        "STRIPE_WEBHOOK_SECRET": "whsec_production_like_secret",
+        "AUTH_JWT_SECRET": "a-production-grade-secret-of-40-characters",
+    }
+    refused = run("serve", env=production, cwd=tmp_path)
+    assert_one_clear_line(refused, "METRICS_TOKEN")
+    assert "STRIPE" not in refused.stderr and "AUTH_JWT_SECRET" not in refused.stderr  # only what is wrong

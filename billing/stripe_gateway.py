@@ -27,6 +27,7 @@ from stripe import RequestOptions
 from stripe._base_address import BaseAddresses
 
 from billing.errors import BillingError, ErrorCode
+from billing.logs import STRIPE_REQUEST_ID
 from billing.metrics import STRIPE_DURATION, STRIPE_REQUESTS, STRIPE_RETRIES, stripe_operation
 from billing.settings import Settings
 
@@ -140,10 +141,16 @@ class StripeGateway:
         attempt = 0
         while True:
             try:
-                return await operation(options)
+                result = await operation(options)
             except stripe.RateLimitError as exc:
                 if attempt >= self.config.rate_limit_retries:
-                    log.warning("%s: rate limited after %d retries (%s)", what, attempt, exc.request_id)
+                    log.warning(
+                        "%s: rate limited after %d retries (%s)",
+                        what,
+                        attempt,
+                        exc.request_id,
+                        extra={STRIPE_REQUEST_ID: exc.request_id},
+                    )
                     raise _unavailable(what, rate_limited=True) from exc
                 delay = self.config.rate_limit_base_delay * 2**attempt
                 attempt += 1
@@ -161,6 +168,7 @@ class StripeGateway:
                     what,
                     type(exc).__name__,
                     exc.request_id,
+                    extra={STRIPE_REQUEST_ID: exc.request_id},
                 )
                 raise _unavailable(what) from exc
             except stripe.StripeError as exc:
@@ -170,6 +178,7 @@ class StripeGateway:
                     exc.user_message or str(exc),
                     exc.code,
                     exc.request_id,
+                    extra={STRIPE_REQUEST_ID: exc.request_id},
                 )
                 raise BillingError(
                     "The billing provider refused the request.",
@@ -177,6 +186,10 @@ class StripeGateway:
                     stripe_code=exc.code,
                     http_status=exc.http_status,
                 ) from exc
+            if log.isEnabledFor(logging.DEBUG):
+                request_id = getattr(getattr(result, "last_response", None), "request_id", None)
+                log.debug("%s: done (request %s)", what, request_id, extra={STRIPE_REQUEST_ID: request_id})
+            return result
 
     async def close(self) -> None:
         await self.http_client.close_async()  # type: ignore[no-untyped-call]

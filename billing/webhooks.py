@@ -29,6 +29,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from billing.background import BackgroundWorker
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError
+from billing.logs import EVENT_ID as APPLYING
 from billing.metrics import WEBHOOKS_APPLIED
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
@@ -325,6 +326,7 @@ class EventProcessor(BackgroundWorker):
             groups.setdefault(target.customer_id, []).append((event, target))
         for customer_id, members in groups.items():
             events = [event for event, _ in members]
+            APPLYING.set(",".join(event.id for event in events))  # on the log lines of this apply
             try:
                 result = await self._apply(customer_id, [target for _, target in members])
             except Exception as exc:  # recorded on the events, retried with backoff
@@ -343,6 +345,7 @@ class EventProcessor(BackgroundWorker):
             await notify_all(
                 self.notifier, [*notifications_for(result), *self._notifications(events, result)]
             )
+        APPLYING.set(None)
         return report
 
     async def _apply(self, customer_id: str, targets: list[Target]) -> SyncResult:

@@ -21,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from billing.catalog import sync_catalog
 from billing.clock import utcnow
 from billing.errors import BillingError, ConfigurationError
+from billing.logs import configure_logging, logging_config
 from billing.notifier import LogNotifier
 from billing.plans import PlansFileError, load_catalog
 from billing.reconcile import ReconcileReport, customer_ids, reconcile
@@ -56,14 +57,7 @@ def _sandbox_hint(exc: BillingError) -> str:
 
 def _settings() -> Settings:
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
-    if logging.getLogger().level > logging.DEBUG:  # a line per HTTP request: only when debugging
-        for chatty in ("httpx", "stripe"):
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+    configure_logging(as_json=settings.logs_as_json, level=settings.log_level)
     return settings
 
 
@@ -95,7 +89,11 @@ def serve(host: str, port: int, reload: bool, workers: int) -> None:
         # Worker processes read their settings from the environment: tell them where we listen.
         shown_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
         os.environ["PUBLIC_BASE_URL"] = f"http://{shown_host}:{port}"
-    click.echo(f"serving on http://{host}:{port} (GraphQL at /graphql)", err=True)
+    serving = f"serving on http://{host}:{port} (GraphQL at /graphql)"
+    if settings.logs_as_json:  # every line on stderr is then one JSON object
+        logging.getLogger("billing.cli").info(serving)
+    else:
+        click.echo(serving, err=True)
     with _metrics_directory(workers if not reload else 1):
         uvicorn.run(
             "graph.app:create_app",
@@ -105,6 +103,7 @@ def serve(host: str, port: int, reload: bool, workers: int) -> None:
             reload=reload,
             workers=None if reload else workers,
             log_level=settings.log_level.lower(),
+            log_config=logging_config(as_json=settings.logs_as_json, level=settings.log_level),
             proxy_headers=True,
         )
 

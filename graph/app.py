@@ -11,11 +11,12 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.schema import BaseSchema
 
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
+from billing.logs import REQUEST_ID, request_id_for
 from billing.metrics import DatabaseGauges
 from billing.notifier import LogNotifier, Notifier
 from billing.plans import Catalog, load_catalog
@@ -77,6 +78,16 @@ class BillingApp(FastAPI):
     stripe_webhook: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            # Every request's log lines carry its id: the caller's X-Request-ID when well-formed,
+            # else a new one, sent back on the HTTP response (billing/logs.py).
+            request_id = request_id_for(_header(scope, b"x-request-id"))
+            REQUEST_ID.set(request_id)  # each request runs in a task (a context) of its own
+            if scope["type"] == "http":
+                send = _with_request_id(send, request_id.encode())
+        await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path")
         if path in (GRAPHQL_PATH, WEBHOOK_PATH) and not self.user_middleware:
             endpoint = None
@@ -92,6 +103,22 @@ class BillingApp(FastAPI):
                 await endpoint(scope, receive, send)
                 return
         await super().__call__(scope, receive, send)
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _with_request_id(send: Send, request_id: bytes) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+        await send(message)
+
+    return sending
 
 
 def create_app(

@@ -68,6 +68,7 @@ from strawberry.types.unset import UNSET, UnsetType
 from strawberry.utils.operation import get_operation_type
 
 from billing.errors import BillingError, ErrorCode
+from billing.logs import set_operation
 from billing.metrics import REALTIME_CONNECTIONS
 from billing.settings import Settings
 from graph.auth import AuthUnavailable
@@ -207,6 +208,7 @@ class RuledStreams:
     ) -> AsyncGenerator[ExecutionResult, None]:
         if isinstance(context_value, Context):
             context_value.begin_operation()  # one context serves every operation of a websocket
+        set_operation(operation_name)
         allowed = ANY_OPERATION if allowed_operation_types is None else frozenset(allowed_operation_types)
         errors = self.rules.refusal(query, operation_name, allowed)
         operation_type, field_name = self.rules.shape(query, operation_name)
@@ -366,6 +368,7 @@ class BillingGraphQL(GraphQL[Context, None]):
             return None
         sub_response = await self.get_sub_response(request)
         context = await self.get_context(request, sub_response)
+        set_operation(operation_name)
         result = await lean.execute(document, variables, operation_name, context)
         body: dict[str, Any] = {"data": result.data}
         operation_type, field_name = verdict.shape(operation_name)
@@ -386,6 +389,7 @@ class BillingGraphQL(GraphQL[Context, None]):
         root_value: None,
         request_data: GraphQLRequestData,
     ) -> ExecutionResult:
+        set_operation(request_data.operation_name)
         allowed = StrawberryOperationType.from_http(request_adapter.method)  # type: ignore[arg-type]
         errors = self.rules.refusal(request_data.query, request_data.operation_name, allowed)
         shape = self.rules.shape(request_data.query, request_data.operation_name)

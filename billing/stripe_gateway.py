@@ -156,6 +156,7 @@ class StripeGateway:
                 attempt += 1
                 STRIPE_RETRIES.labels("rate_limited").inc()
                 await self._sleep(delay + random.uniform(0, delay / 2))
+                continue
             except stripe.CardError as exc:
                 raise BillingError(
                     exc.user_message or "The card was declined.",

@@ -26,6 +26,7 @@ import stripe
 from stripe import RequestOptions
 from stripe._base_address import BaseAddresses
 
+from billing import tracing
 from billing.errors import BillingError, ErrorCode
 from billing.logs import STRIPE_REQUEST_ID
 from billing.metrics import STRIPE_DURATION, STRIPE_REQUESTS, STRIPE_RETRIES, stripe_operation
@@ -116,7 +117,8 @@ class StripeGateway:
         started = time.perf_counter()
         outcome = "error"
         try:
-            result = await self._call(operation, idempotency_key, what)
+            with tracing.span(f"stripe {label}", attributes={"stripe.operation": label}):
+                result = await self._call(operation, idempotency_key, what)
             outcome = "ok"
             return result
         except _RateLimited:

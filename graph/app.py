@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
@@ -31,10 +31,13 @@ from graph.context import GraphQLServices
 from graph.metrics import metrics_endpoint, worker_exited
 from graph.schema import schema as billing_schema
 from graph.security import protect_graphql
+from graph.tracing import tracing_requested
 from graph.view import BillingGraphQL
 from graph.webhooks import stripe_webhook
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from stripe_sandbox.api import SandboxConfig
     from stripe_sandbox.app import Sandbox
 
@@ -128,6 +131,7 @@ def create_app(
     sandbox: SandboxConfig | None = None,
     notifier: Notifier | None = None,
     schema: BaseSchema | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> BillingApp:
     """Build the app.
 
@@ -141,6 +145,10 @@ def create_app(
     """
     settings = settings or load_settings()
     catalog = load_catalog(settings.billing_plans_file)
+    if tracer_provider is None and tracing_requested():
+        from graph.tracing import default_provider
+
+        tracer_provider = default_provider()
     sandbox_app: Sandbox | None = None
     if settings.sandbox_mode:
         from stripe_sandbox.app import Sandbox
@@ -157,7 +165,8 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database.from_url(settings.database_url)
-        app.state.database.use_fast_reads(settings.fast_paths)
+        # Traced: every statement through SQLAlchemy, so its instrumentation records each once.
+        app.state.database.use_fast_reads(settings.fast_paths and tracer_provider is None)
         graphql_services.database = app.state.database
         app.state.metrics_gauges = DatabaseGauges(app.state.database)
         app.state.realtime = Realtime.for_database(app.state.database, graphql_services.policy)
@@ -184,7 +193,8 @@ def create_app(
                 # Over HTTP like any Stripe call, so it must wait until the server listens.
                 start_background(_sync_sandbox_catalog(app, catalog, settings))
         try:
-            yield
+            with _traced(app.state.database, tracer_provider):
+                yield
         finally:
             for task in list(background):
                 task.cancel()
@@ -225,20 +235,35 @@ def create_app(
     if settings.metrics_enabled:  # Prometheus, with METRICS_TOKEN as a bearer token (graph/metrics.py)
         app.router.routes.append(Route(METRICS_PATH, metrics_endpoint, methods=["GET"]))
 
+    if tracer_provider is not None:  # graph/tracing.py
+        from graph.tracing import instrument_app, traced_schema
+
+        schema = schema or traced_schema(tracer_provider)
+        instrument_app(app, tracer_provider)
     graphql_app = BillingGraphQL(schema or billing_schema, graphql_services)
     # Strawberry's own ASGI app, routed directly: FastAPI's GraphQLRouter adds dependency
     # injection per request, which costs about half the throughput (shared performance notes).
     # Body size, content type, no batches, CORS (graph.security); OPTIONS for CORS preflights.
     guarded = protect_graphql(graphql_app, settings)
-    app.graphql_http, app.graphql_websocket = guarded, graphql_app
+    if tracer_provider is None:  # traced, every request goes through FastAPI's middleware
+        app.graphql_http, app.graphql_websocket = guarded, graphql_app
     app.router.routes.append(Route(GRAPHQL_PATH, guarded, methods=sorted(GRAPHQL_METHODS)))
     app.router.routes.append(WebSocketRoute(GRAPHQL_PATH, graphql_app))
     webhook_route = Route(WEBHOOK_PATH, stripe_webhook, methods=["POST"])
-    app.stripe_webhook = webhook_route.app
+    if tracer_provider is None:
+        app.stripe_webhook = webhook_route.app
     app.router.routes.append(webhook_route)
     if sandbox_app is not None:
         app.router.routes.append(Mount("/sandbox", app=sandbox_app))
     return app
+
+
+def _traced(database: Database, provider: TracerProvider | None) -> AbstractContextManager[object]:
+    if provider is None:
+        return nullcontext()
+    from graph.tracing import tracing_engine
+
+    return tracing_engine(database.engine, provider)
 
 
 async def _sync_sandbox_catalog(app: FastAPI, catalog: Catalog, settings: Settings) -> None:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import DBAPIError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from billing import tracing
 from billing.clock import utcnow
 from billing.metrics import WEBHOOKS_RECEIVED
 from billing.webhooks import InvalidWebhook, parse_event, store_event, verify_signature
@@ -23,6 +24,11 @@ MAX_BODY_BYTES = 1_000_000  # Stripe's events are far smaller
 
 
 async def stripe_webhook(request: Request) -> Response:
+    with tracing.span("webhook ingest"):
+        return await _ingest(request)
+
+
+async def _ingest(request: Request) -> Response:
     state = request.app.state
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > MAX_BODY_BYTES:

@@ -77,13 +77,17 @@ def outcome_of(errors: Iterable[GraphQLError] | None) -> str:
 
 
 class OperationMetrics:
-    """The GraphQL counters of one app, with their labelled children kept (no lookup per request)."""
+    """The GraphQL counters of one app, with their labelled children kept (no lookup per request).
+    With `METRICS_ENABLED=false` they count nothing (bench/: `--ab-env METRICS_ENABLED=...`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, enabled: bool = True) -> None:
+        self.enabled = enabled
         self._counts: dict[tuple[str, str, str], object] = {}
         self._durations: dict[str, object] = {}
 
     def count(self, operation_type: str, field_name: str, outcome: str) -> None:
+        if not self.enabled:
+            return
         key = (operation_type, field_name, outcome)
         child = self._counts.get(key)
         if child is None:
@@ -91,6 +95,8 @@ class OperationMetrics:
         child.inc()  # type: ignore[attr-defined]
 
     def observe(self, operation_type: str, seconds: float) -> None:
+        if not self.enabled:
+            return
         child = self._durations.get(operation_type)
         if child is None:
             child = self._durations[operation_type] = GRAPHQL_DURATION.labels(operation_type)

@@ -22,6 +22,11 @@ the body, a schema built with extra extensions, a refused document's answer, and
 with `FAST_PATHS` off) by Strawberry's view, with the rules applied in `execute_single`.
 Websockets run on Strawberry's graphql-transport-ws handler, with the rules applied where it asks
 the schema for an operation's results (`RuledStreams`).
+
+Metrics (graph/metrics.py, docs/operations.md): `serve_http` counts and times every HTTP request
+whichever path answered it, with the labels that path left in the scope (operation type, first
+root field of an accepted document, `ok` or the first error's code); `RuledStreams` counts each
+websocket operation as it starts.
 """
 
 from __future__ import annotations
@@ -131,7 +136,7 @@ class OperationRules:
             rules = (*rules, NoSchemaIntrospectionCustomRule)
         self.validation_rules = (*rules, MaybeNullValidationRule, OneOfInputValidationRule)
         self.verdicts: dict[str, Verdict] = {}
-        self.metrics = OperationMetrics()
+        self.metrics = OperationMetrics(enabled=settings.metrics_enabled)
 
     def check(self, query: str) -> Verdict:
         """The verdict on `query`, kept for the last `VERDICT_CACHE_SIZE` distinct texts: the
@@ -326,10 +331,19 @@ class BillingGraphQL(GraphQL[Context, None]):
             # The labels are left in the scope by the path that ran the operation; a request
             # Strawberry answered before that (a GET without a query, a mutation over GET, ...)
             # has none and counts as BAD_REQUEST.
-            labels = scope.get(METRIC_LABELS, _NO_OPERATION)
-            metrics = self.rules.metrics
-            metrics.count(*labels)
-            metrics.observe(labels[0], time.perf_counter() - started)
+            labels = scope.get(METRIC_LABELS)
+            if labels is not None or not self._ide_page(request):  # GraphiQL's page: no operation
+                labels = labels or _NO_OPERATION
+                metrics = self.rules.metrics
+                metrics.count(*labels)
+                metrics.observe(labels[0], time.perf_counter() - started)
+
+    def _ide_page(self, request: Request) -> bool:
+        return (
+            self.graphql_ide is not None
+            and request.method == "GET"
+            and "text/html" in request.headers.get("accept", "")
+        )
 
     async def _serve_http(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         lean = self.lean

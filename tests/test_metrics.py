@@ -20,7 +20,7 @@ from billing.webhooks import MAX_ATTEMPTS
 from db.engine import Database
 from db.migrate import upgrade
 from db.models import event_table
-from tests.billing_flows import control, setup_catalog
+from tests.billing_flows import control, eventually, setup_catalog
 from tests.conftest import DbTarget, Service, free_port, running_service
 from tests.processes import BILLING, wait_ready
 from tests.promtool import promtool
@@ -290,3 +290,31 @@ def test_production_refuses_to_serve_open_metrics_naming_metrics_token(tmp_path:
     refused = run("serve", env=production, cwd=tmp_path)
     assert_one_clear_line(refused, "METRICS_TOKEN")
     assert "STRIPE" not in refused.stderr and "AUTH_JWT_SECRET" not in refused.stderr  # only what is wrong
+
+
+async def test_websockets_and_subscriptions_are_live_gauges(observed: Service) -> None:
+    from tests.test_realtime_support import live_socket
+
+    await insert_account(observed.database, "watcher", tier="pro")
+    labels = {"operation_type": "subscription", "root_field": "billingStateChanged", "outcome": "ok"}
+    before = parse(await scrape(observed.url))
+    async with live_socket(observed.url, hs256_token("watcher")) as socket:
+        await socket.subscribe()
+        await socket.next_state()
+        during = parse(await scrape(observed.url))
+
+    async def closed() -> bool:  # the server notices the close a moment later
+        after = parse(await scrape(observed.url))
+        gauges = ("billing_realtime_connections", "billing_realtime_subscriptions")
+        return all(value(after, gauge) == value(before, gauge) for gauge in gauges)
+
+    await eventually(closed, what="the websocket's gauges back down", seconds=10)
+    assert value(during, "billing_realtime_connections") == value(before, "billing_realtime_connections") + 1
+    assert (
+        value(during, "billing_realtime_subscriptions") == value(before, "billing_realtime_subscriptions") + 1
+    )
+    assert (
+        value(during, "billing_graphql_requests_total", **labels)
+        - value(before, "billing_graphql_requests_total", **labels)
+        == 1
+    )

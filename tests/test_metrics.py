@@ -318,3 +318,18 @@ async def test_websockets_and_subscriptions_are_live_gauges(observed: Service) -
         - value(before, "billing_graphql_requests_total", **labels)
         == 1
     )
+
+
+def test_a_dead_workers_live_gauges_are_dropped_at_scrape_time(tmp_path: Path) -> None:
+    from graph.metrics import mark_dead_workers
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # a pid that no process has now
+    alive = os.getpid()
+    for pid in (dead.pid, alive):
+        (tmp_path / f"gauge_livesum_{pid}.db").write_bytes(b"")
+        (tmp_path / f"counter_{pid}.db").write_bytes(b"")
+    mark_dead_workers(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"counter_{dead.pid}.db", f"counter_{alive}.db", f"gauge_livesum_{alive}.db"]
+    )  # its counters stay: they never go back

@@ -30,6 +30,7 @@ from tests.test_graphql_support import SERVICE_KEY, hs256_token, insert_account
 from tests.test_mutations_checkout import clear_faults, inject, subscribe_via_api
 
 TOKEN = "metrics-scraper-token-" + "m" * 30
+OPERATIONS_DOC = Path(__file__).resolve().parents[1] / "docs" / "operations.md"
 RECORD = """mutation($input: RecordUsageInput!) { recordUsage(input: $input) { id duplicate } }"""
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -118,6 +119,11 @@ async def test_a_scrape_passes_promtool_check_metrics(observed: Service) -> None
         "process_cpu_seconds_total",  # one process: the default process metrics are there
     ):
         assert f"\n{name}" in text, name
+    documented = OPERATIONS_DOC.read_text()
+    for family in text_string_to_metric_families(text):
+        if family.name.startswith("billing_") and not family.name.endswith("_created"):
+            name = family.name + ("_total" if family.type == "counter" else "")
+            assert f"`{name}`" in documented, f"{name} is not in docs/operations.md"
 
 
 async def test_counters_and_gauges_move_by_exactly_what_happened(observed: Service) -> None:

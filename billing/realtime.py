@@ -43,6 +43,7 @@ from sqlalchemy.pool import ConnectionPoolEntry
 
 from billing.access import AccessPolicy, SubscriptionState, account_states
 from billing.clock import Clock, utcnow
+from billing.metrics import REALTIME_SUBSCRIPTIONS
 from db.engine import Database
 from db.enums import Tier
 from db.models import account_table
@@ -236,6 +237,7 @@ class BillingStateHub:
             return
         watcher = _Watcher(user_id)
         self._watchers.setdefault(user_id, set()).add(watcher)
+        REALTIME_SUBSCRIPTIONS.inc()
         self._dirty_users.add(user_id)  # the first state comes through the reader too: in order
         self._wake.set()
         last: _StateKey | None = None
@@ -253,6 +255,7 @@ class BillingStateHub:
                     last = key
                     yield state
         finally:
+            REALTIME_SUBSCRIPTIONS.dec()
             self._forget(watcher)
 
     def _key(self, state: SubscriptionState) -> _StateKey:

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     # /docs (Swagger UI) and /openapi.json: unset = on in development, off in production.
     api_docs: bool | None = None
     log_level: str = Field(default="INFO")
+    # One JSON object per line, or plain text (unset: json in production, text otherwise).
+    log_format: Literal["json", "text"] | None = None
+    # GET /metrics (Prometheus); with a token, scrapes need `Authorization: Bearer <token>`.
+    metrics_enabled: bool = True
+    metrics_token: SecretStr | None = None
 
     @field_validator("database_url")
     @classmethod
@@ -193,10 +198,19 @@ class Settings(BaseSettings):
             return DEV_JWT_SECRET
         return None
 
+    @property
+    def logs_as_json(self) -> bool:
+        """LOG_FORMAT, with its default: JSON lines in production."""
+        return self.log_format == "json" or (self.log_format is None and self.is_production)
+
+    @property
+    def metrics_token_value(self) -> str | None:
+        return self.metrics_token.get_secret_value() if self.metrics_token is not None else None
+
     def secret_values(self) -> list[str]:
         """Every configured secret, for checks that none leaks into logs or responses."""
         values = [self.jwt_secret, *self.webhook_secrets]
-        for secret in (self.stripe_secret_key, self.service_api_key):
+        for secret in (self.stripe_secret_key, self.service_api_key, self.metrics_token):
             if secret is not None:
                 values.append(secret.get_secret_value())
         return [value for value in values if value]
@@ -248,6 +262,13 @@ def _problems(settings: Settings) -> list[str]:
         problems.append("CORS_ALLOW_ORIGINS is * in production: list the frontend's origins")
     if settings.service_api_key is not None and _is_weak(settings.service_api_key.get_secret_value()):
         problems.append(f"SERVICE_API_KEY is a placeholder (use {MIN_SECRET_LENGTH}+ random characters)")
+    if settings.metrics_enabled and settings.metrics_token is None:
+        problems.append(
+            "METRICS_TOKEN is not set: production refuses to serve /metrics to anyone "
+            "(set METRICS_TOKEN for the scraper, or METRICS_ENABLED=false)"
+        )
+    elif settings.metrics_token is not None and _is_weak(settings.metrics_token.get_secret_value()):
+        problems.append(f"METRICS_TOKEN is a placeholder (use {MIN_SECRET_LENGTH}+ random characters)")
     return problems
 
 

@@ -16,6 +16,7 @@ import asyncio
 import hashlib
 import logging
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -25,7 +26,10 @@ import stripe
 from stripe import RequestOptions
 from stripe._base_address import BaseAddresses
 
+from billing import tracing
 from billing.errors import BillingError, ErrorCode
+from billing.logs import STRIPE_REQUEST_ID
+from billing.metrics import STRIPE_DURATION, STRIPE_REQUESTS, STRIPE_RETRIES, stripe_operation
 from billing.settings import Settings
 
 log = logging.getLogger("billing.stripe")
@@ -109,20 +113,52 @@ class StripeGateway:
         `operation` receives the options and calls the SDK, e.g.
         `lambda options: gateway.v1.customers.create_async(params, options)`.
         """
+        label = stripe_operation(what)
+        started = time.perf_counter()
+        outcome = "error"
+        try:
+            with tracing.span(f"stripe {label}", attributes={"stripe.operation": label}):
+                result = await self._call(operation, idempotency_key, what)
+            outcome = "ok"
+            return result
+        except _RateLimited:
+            outcome = "rate_limited"
+            raise
+        except BillingError as exc:
+            outcome = _OUTCOMES.get(exc.code, "error")
+            raise
+        finally:
+            STRIPE_DURATION.labels(label).observe(time.perf_counter() - started)
+            STRIPE_REQUESTS.labels(label, outcome).inc()
+
+    async def _call(
+        self,
+        operation: Callable[[RequestOptions], Awaitable[T]],
+        idempotency_key: str | None,
+        what: str,
+    ) -> T:
         options: RequestOptions = {}
         if idempotency_key is not None:
             options["idempotency_key"] = idempotency_key
         attempt = 0
         while True:
             try:
-                return await operation(options)
+                result = await operation(options)
             except stripe.RateLimitError as exc:
                 if attempt >= self.config.rate_limit_retries:
-                    log.warning("%s: rate limited after %d retries (%s)", what, attempt, exc.request_id)
-                    raise _unavailable(what) from exc
+                    log.warning(
+                        "%s: rate limited after %d retries (%s)",
+                        what,
+                        attempt,
+                        exc.request_id,
+                        extra={STRIPE_REQUEST_ID: exc.request_id},
+                    )
+                    raise _unavailable(what, rate_limited=True) from exc
                 delay = self.config.rate_limit_base_delay * 2**attempt
                 attempt += 1
+                STRIPE_RETRIES.labels("rate_limited").inc()
                 await self._sleep(delay + random.uniform(0, delay / 2))
+                continue
             except stripe.CardError as exc:
                 raise BillingError(
                     exc.user_message or "The card was declined.",
@@ -135,6 +171,7 @@ class StripeGateway:
                     what,
                     type(exc).__name__,
                     exc.request_id,
+                    extra={STRIPE_REQUEST_ID: exc.request_id},
                 )
                 raise _unavailable(what) from exc
             except stripe.StripeError as exc:
@@ -144,6 +181,7 @@ class StripeGateway:
                     exc.user_message or str(exc),
                     exc.code,
                     exc.request_id,
+                    extra={STRIPE_REQUEST_ID: exc.request_id},
                 )
                 raise BillingError(
                     "The billing provider refused the request.",
@@ -151,13 +189,30 @@ class StripeGateway:
                     stripe_code=exc.code,
                     http_status=exc.http_status,
                 ) from exc
+            if log.isEnabledFor(logging.DEBUG):
+                request_id = getattr(getattr(result, "last_response", None), "request_id", None)
+                log.debug("%s: done (request %s)", what, request_id, extra={STRIPE_REQUEST_ID: request_id})
+            return result
 
     async def close(self) -> None:
         await self.http_client.close_async()  # type: ignore[no-untyped-call]
 
 
-def _unavailable(what: str) -> BillingError:
-    return BillingError(
+# The outcome label of a call that ended in a domain error.
+_OUTCOMES = {
+    ErrorCode.CARD_DECLINED: "card_declined",
+    ErrorCode.BILLING_PROVIDER_UNAVAILABLE: "unavailable",
+    ErrorCode.INVALID_REQUEST: "refused",
+}
+
+
+class _RateLimited(BillingError):
+    """Stripe kept answering 429: unavailable, counted as `rate_limited`."""
+
+
+def _unavailable(what: str, *, rate_limited: bool = False) -> BillingError:
+    kind = _RateLimited if rate_limited else BillingError
+    return kind(
         "The billing provider is unavailable; try again shortly.",
         code=ErrorCode.BILLING_PROVIDER_UNAVAILABLE,
         operation=what,

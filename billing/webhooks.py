@@ -27,9 +27,12 @@ from typing import Any
 from sqlalchemy import Text, bindparam, cast, type_coerce, update
 from sqlalchemy.dialects import postgresql, sqlite
 
+from billing import tracing
 from billing.background import BackgroundWorker
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError
+from billing.logs import EVENT_ID as APPLYING
+from billing.metrics import WEBHOOKS_APPLIED
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
@@ -182,6 +185,7 @@ async def store_event(database: Database, envelope: Envelope, *, now: datetime) 
         "attempts": 0,
         "next_attempt_at": now,
         "payload_text": envelope.raw if envelope.raw is not None else json.dumps(envelope.payload),
+        "trace_context": tracing.traceparent(),
     }
     async with database.write_one() as conn:
         result = await conn.execute(_STORE_EVENT[database.engine.dialect.name], values)
@@ -261,6 +265,7 @@ class Claimed:
     type: str
     attempts: int
     payload: dict[str, Any]
+    trace_context: str | None = None
 
 
 @dataclass
@@ -335,8 +340,13 @@ class EventProcessor(BackgroundWorker):
             groups.setdefault(target.customer_id, []).append((event, target))
         for customer_id, members in groups.items():
             events = [event for event, _ in members]
+            ids = ",".join(event.id for event in events)
+            APPLYING.set(ids)  # on the log lines of this apply
+            # The child of the first event's ingest span (its traceparent is on the row).
+            parent = next((event.trace_context for event in events if event.trace_context), None)
             try:
-                result = await self._apply(customer_id, [target for _, target in members])
+                with tracing.span("webhook apply", parent=parent, attributes={"stripe.event_ids": ids}):
+                    result = await self._apply(customer_id, [target for _, target in members])
             except Exception as exc:  # recorded on the events, retried with backoff
                 await self._fail(events, exc)
                 report.failed += len(events)
@@ -353,6 +363,7 @@ class EventProcessor(BackgroundWorker):
             await notify_all(
                 self.notifier, [*notifications_for(result), *self._notifications(events, result)]
             )
+        APPLYING.set(None)
         return report
 
     async def _apply(self, customer_id: str, targets: list[Target]) -> SyncResult:
@@ -393,9 +404,9 @@ class EventProcessor(BackgroundWorker):
             now=self.clock(),
             limit=self.batch_size,
             order_by=[e.received_at],
-            returning=[e.id, e.type, e.attempts, e.payload],
+            returning=[e.id, e.type, e.attempts, e.payload, e.trace_context],
         )
-        return [Claimed(row.id, row.type, row.attempts, row.payload) for row in rows]
+        return [Claimed(row.id, row.type, row.attempts, row.payload, row.trace_context) for row in rows]
 
     async def _finish(self, events: list[Claimed], status: EventStatus, note: str | None) -> None:
         async with self.database.write() as conn:
@@ -404,6 +415,8 @@ class EventProcessor(BackgroundWorker):
                 .where(event_table.c.id.in_([event.id for event in events]))
                 .values(INBOX.settle(status.value, error=note))
             )
+        for event in events:
+            _count_applied(event, status.value)
 
     async def _fail(self, events: list[Claimed], exc: Exception) -> None:
         message = exc.message if isinstance(exc, BillingError) else f"{type(exc).__name__}: {exc}"
@@ -421,6 +434,13 @@ class EventProcessor(BackgroundWorker):
         except Exception:
             # The database itself is failing: the lease expires and the events are claimed again.
             log.exception("could not record the failure; the lease will expire and retry")
+            return
+        for event in events:
+            _count_applied(event, "failed" if event.attempts >= MAX_ATTEMPTS else "retried")
+
+
+def _count_applied(event: Claimed, outcome: str) -> None:
+    WEBHOOKS_APPLIED.labels(event.type if event.type in HANDLED else "other", outcome).inc()
 
 
 async def requeue(

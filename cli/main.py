@@ -6,7 +6,11 @@ import asyncio
 import difflib
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -17,6 +21,7 @@ from sqlalchemy.exc import DBAPIError
 from billing.catalog import sync_catalog
 from billing.clock import utcnow
 from billing.errors import BillingError, ConfigurationError
+from billing.logs import configure_logging, logging_config
 from billing.notifier import LogNotifier
 from billing.plans import PlansFileError, load_catalog
 from billing.reconcile import ReconcileReport, customer_ids, reconcile
@@ -52,14 +57,7 @@ def _sandbox_hint(exc: BillingError) -> str:
 
 def _settings() -> Settings:
     settings = load_settings()
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s %(message)s",
-    )
-    logging.getLogger("alembic.runtime.migration").setLevel(logging.WARNING)
-    if logging.getLogger().level > logging.DEBUG:  # a line per HTTP request: only when debugging
-        for chatty in ("httpx", "stripe"):
-            logging.getLogger(chatty).setLevel(logging.WARNING)
+    configure_logging(as_json=settings.logs_as_json, level=settings.log_level)
     return settings
 
 
@@ -99,18 +97,45 @@ def serve(host: str, port: int, reload: bool, workers: int, forwarded_allow_ips:
         shown_host = "127.0.0.1" if host in {"0.0.0.0", "::"} else host
         os.environ["PUBLIC_BASE_URL"] = f"http://{shown_host}:{port}"
     start = "" if settings.is_production else "; start at / (GraphiQL, API docs, sandbox)"
-    click.echo(f"serving on http://{host}:{port} (GraphQL at /graphql{start})", err=True)
-    uvicorn.run(
-        "graph.app:create_app",
-        factory=True,
-        host=host,
-        port=port,
-        reload=reload,
-        workers=None if reload else workers,
-        log_level=settings.log_level.lower(),
-        proxy_headers=True,
-        forwarded_allow_ips=forwarded_allow_ips,
-    )
+    serving = f"serving on http://{host}:{port} (GraphQL at /graphql{start})"
+    if settings.logs_as_json:  # every line on stderr is then one JSON object
+        logging.getLogger("billing.cli").info(serving)
+    else:
+        click.echo(serving, err=True)
+    with _metrics_directory(workers if not reload else 1):
+        uvicorn.run(
+            "graph.app:create_app",
+            factory=True,
+            host=host,
+            port=port,
+            reload=reload,
+            workers=None if reload else workers,
+            log_level=settings.log_level.lower(),
+            log_config=logging_config(as_json=settings.logs_as_json, level=settings.log_level),
+            proxy_headers=True,
+            forwarded_allow_ips=forwarded_allow_ips,
+        )
+
+
+@contextmanager
+def _metrics_directory(workers: int) -> Iterator[None]:
+    """Several workers: prometheus-client's multiprocess mode, in a directory emptied now (the
+    workers inherit it through PROMETHEUS_MULTIPROC_DIR) and removed afterwards unless it was
+    given. One process keeps the ordinary registry (and its process metrics)."""
+    from graph.metrics import MULTIPROC_ENV, prepare_multiprocess_dir
+
+    if workers <= 1:
+        os.environ.pop(MULTIPROC_ENV, None)
+        yield
+        return
+    given = os.environ.get(MULTIPROC_ENV)
+    path = Path(given) if given else Path(tempfile.mkdtemp(prefix="billing-metrics-"))
+    prepare_multiprocess_dir(path)
+    try:
+        yield
+    finally:
+        if not given:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 @main.command()

@@ -219,6 +219,9 @@ class StripeEvent(SQLModel, table=True):
     lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     last_error: str | None = Field(default=None, sa_type=Text)
     payload: dict[str, Any] = Field(sa_type=Json)
+    # The W3C traceparent of the request that stored it, when tracing is on: the worker's apply
+    # span is that ingest span's child (Stripe sends no trace context).
+    trace_context: str | None = Field(default=None, sa_type=String(64))
 
 
 class Invoice(SQLModel, table=True):

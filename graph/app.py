@@ -5,17 +5,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Coroutine
-from contextlib import asynccontextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 from starlette.routing import Mount, Route, WebSocketRoute
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.schema import BaseSchema
 
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
+from billing.logs import REQUEST_ID, request_id_for
+from billing.metrics import DatabaseGauges
 from billing.notifier import LogNotifier, Notifier
 from billing.plans import Catalog, load_catalog
 from billing.realtime import Realtime
@@ -26,13 +28,17 @@ from billing.webhooks import WEBHOOK_PATH, EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
 from graph.context import GraphQLServices
+from graph.metrics import metrics_endpoint, worker_exited
 from graph.rest_docs import install_front_door
 from graph.schema import schema as billing_schema
 from graph.security import protect_graphql
+from graph.tracing import tracing_requested
 from graph.view import BillingGraphQL
 from graph.webhooks import stripe_webhook
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
+
     from stripe_sandbox.api import SandboxConfig
     from stripe_sandbox.app import Sandbox
 
@@ -54,6 +60,7 @@ def sandbox_config(settings: Settings) -> SandboxConfig:
 
 GRAPHQL_PATH = "/graphql"
 GRAPHQL_METHODS = frozenset({"GET", "POST", "OPTIONS"})
+METRICS_PATH = "/metrics"
 
 
 class BillingApp(FastAPI):
@@ -74,6 +81,16 @@ class BillingApp(FastAPI):
     stripe_webhook: ASGIApp | None = None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            # Every request's log lines carry its id: the caller's X-Request-ID when well-formed,
+            # else a new one, sent back on the HTTP response (billing/logs.py).
+            request_id = request_id_for(_header(scope, b"x-request-id"))
+            REQUEST_ID.set(request_id)  # each request runs in a task (a context) of its own
+            if scope["type"] == "http":
+                send = _with_request_id(send, request_id.encode())
+        await self._dispatch(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = scope.get("path")
         if path in (GRAPHQL_PATH, WEBHOOK_PATH) and not self.user_middleware:
             endpoint = None
@@ -91,6 +108,22 @@ class BillingApp(FastAPI):
         await super().__call__(scope, receive, send)
 
 
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope.get("headers", ()):
+        if key == name:
+            return str(value.decode("latin-1"))
+    return None
+
+
+def _with_request_id(send: Send, request_id: bytes) -> Send:
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"x-request-id", request_id)]
+        await send(message)
+
+    return sending
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -98,6 +131,7 @@ def create_app(
     sandbox: SandboxConfig | None = None,
     notifier: Notifier | None = None,
     schema: BaseSchema | None = None,
+    tracer_provider: TracerProvider | None = None,
 ) -> BillingApp:
     """Build the app.
 
@@ -111,6 +145,10 @@ def create_app(
     """
     settings = settings or load_settings()
     catalog = load_catalog(settings.billing_plans_file)
+    if tracer_provider is None and tracing_requested():
+        from graph.tracing import default_provider
+
+        tracer_provider = default_provider()
     sandbox_app: Sandbox | None = None
     if settings.sandbox_mode:
         from stripe_sandbox.app import Sandbox
@@ -127,8 +165,10 @@ def create_app(
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         owned = database is None
         app.state.database = database or Database.from_url(settings.database_url)
-        app.state.database.use_fast_reads(settings.fast_paths)
+        # Traced: every statement through SQLAlchemy, so its instrumentation records each once.
+        app.state.database.use_fast_reads(settings.fast_paths and tracer_provider is None)
         graphql_services.database = app.state.database
+        app.state.metrics_gauges = DatabaseGauges(app.state.database)
         app.state.realtime = Realtime.for_database(app.state.database, graphql_services.policy)
         await app.state.realtime.start()
         graphql_services.realtime = app.state.realtime.hub
@@ -153,7 +193,8 @@ def create_app(
                 # Over HTTP like any Stripe call, so it must wait until the server listens.
                 start_background(_sync_sandbox_catalog(app, catalog, settings))
         try:
-            yield
+            with _traced(app.state.database, tracer_provider):
+                yield
         finally:
             for task in list(background):
                 task.cancel()
@@ -164,6 +205,7 @@ def create_app(
             await app.state.stripe.close()
             if owned:
                 await app.state.database.dispose()
+            worker_exited()
 
     app = BillingApp(
         title="Billing API",
@@ -198,21 +240,39 @@ def create_app(
             return JSONResponse({"status": "unavailable", "reason": str(exc)}, status_code=503)
         return JSONResponse({"status": "ready"})
 
+    if settings.metrics_enabled:  # Prometheus, with METRICS_TOKEN as a bearer token (graph/metrics.py)
+        app.router.routes.append(Route(METRICS_PATH, metrics_endpoint, methods=["GET"]))
+
+    if tracer_provider is not None:  # graph/tracing.py
+        from graph.tracing import instrument_app, traced_schema
+
+        schema = schema or traced_schema(tracer_provider)
+        instrument_app(app, tracer_provider)
     graphql_app = BillingGraphQL(schema or billing_schema, graphql_services)
     # Strawberry's own ASGI app, routed directly: FastAPI's GraphQLRouter adds dependency
     # injection per request, which costs about half the throughput (shared performance notes).
     # Body size, content type, no batches, CORS (graph.security); OPTIONS for CORS preflights.
     guarded = protect_graphql(graphql_app, settings)
-    app.graphql_http, app.graphql_websocket = guarded, graphql_app
+    if tracer_provider is None:  # traced, every request goes through FastAPI's middleware
+        app.graphql_http, app.graphql_websocket = guarded, graphql_app
     app.router.routes.append(Route(GRAPHQL_PATH, guarded, methods=sorted(GRAPHQL_METHODS)))
     app.router.routes.append(WebSocketRoute(GRAPHQL_PATH, graphql_app))
     webhook_route = Route(WEBHOOK_PATH, stripe_webhook, methods=["POST"])
-    app.stripe_webhook = webhook_route.app
+    if tracer_provider is None:
+        app.stripe_webhook = webhook_route.app
     app.router.routes.append(webhook_route)
     if sandbox_app is not None:
         app.router.routes.append(Mount("/sandbox", app=sandbox_app))
     install_front_door(app, settings, None if sandbox_app is None else sandbox_app.control_routes())
     return app
+
+
+def _traced(database: Database, provider: TracerProvider | None) -> AbstractContextManager[object]:
+    if provider is None:
+        return nullcontext()
+    from graph.tracing import tracing_engine
+
+    return tracing_engine(database.engine, provider)
 
 
 async def _sync_sandbox_catalog(app: FastAPI, catalog: Catalog, settings: Settings) -> None:

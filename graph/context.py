@@ -14,8 +14,6 @@ start-up.
 from __future__ import annotations
 
 import asyncio
-import re
-import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -26,6 +24,7 @@ import strawberry
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
+from billing.logs import REQUEST_ID, USER_ID, request_id_for
 from billing.plans import Catalog
 from billing.realtime import BillingStateHub
 from billing.settings import Settings
@@ -34,8 +33,6 @@ from billing.sync import CustomerLocks
 from billing.usage.reporting import UsageReporter
 from db.engine import Database
 from graph.auth import Authenticator, Principal, ServicePrincipal, User
-
-REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 T = TypeVar("T")
 
@@ -150,8 +147,12 @@ class Context:
     def request_id(self) -> str:
         """The caller's `X-Request-ID` when it is sane, else a new one (sent back as a header)."""
         if self._request_id is None:
+            current = REQUEST_ID.get()  # the app's (graph/app.py), already sent back as a header
+            if current is not None:
+                self._request_id = current
+                return current
             given = self.request.headers.get("x-request-id")
-            self._request_id = given if given and REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+            self._request_id = request_id_for(given)
             headers = getattr(self.response, "headers", None)
             if headers is not None and not self.is_websocket:
                 headers["x-request-id"] = self._request_id
@@ -180,7 +181,10 @@ class Context:
             self._principal = asyncio.ensure_future(
                 self.services.authenticator.authenticate(self.authorization)
             )
-        return await self._principal
+        principal = await self._principal
+        if isinstance(principal, User):
+            USER_ID.set(principal.id)  # on this request's log lines (billing/logs.py)
+        return principal
 
     async def user(self) -> User:
         """The signed-in user, or UNAUTHENTICATED (nobody) / FORBIDDEN (the service key)."""

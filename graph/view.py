@@ -22,13 +22,19 @@ the body, a schema built with extra extensions, a refused document's answer, and
 with `FAST_PATHS` off) by Strawberry's view, with the rules applied in `execute_single`.
 Websockets run on Strawberry's graphql-transport-ws handler, with the rules applied where it asks
 the schema for an operation's results (`RuledStreams`).
+
+Metrics (graph/metrics.py, docs/operations.md): `serve_http` counts and times every HTTP request
+whichever path answered it, with the labels that path left in the scope (operation type, first
+root field of an accepted document, `ok` or the first error's code); `RuledStreams` counts each
+websocket operation as it starts.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import AsyncGenerator, Collection, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cross_web import AsyncHTTPRequestAdapter, HTTPException
@@ -36,6 +42,7 @@ from graphql import (
     DocumentNode,
     GraphQLError,
     GraphQLSchema,
+    OperationDefinitionNode,
     OperationType,
     get_operation_ast,
     parse,
@@ -66,26 +73,53 @@ from strawberry.types.unset import UNSET, UnsetType
 from strawberry.utils.operation import get_operation_type
 
 from billing.errors import BillingError, ErrorCode
+from billing.logs import set_operation
+from billing.metrics import REALTIME_CONNECTIONS
 from billing.settings import Settings
 from graph.auth import AuthUnavailable
 from graph.context import Context, GraphQLServices
-from graph.errors import format_errors, validation_failed, with_argument_rules
+from graph.errors import BAD_REQUEST, format_errors, validation_failed, with_argument_rules
 from graph.front_door import graphiql_page
 from graph.lean_executor import LeanExecutor
 from graph.limits import QueryLimits, limits_rule, polish_errors
+from graph.metrics import OperationMetrics, outcome_of, root_field
 
+METRIC_LABELS = "billing.graphql_labels"  # the scope key of a request's metric labels
 TRY_AGAIN_LATER = 1013  # RFC 6455: the graphql-ws client retries it
 VERDICT_CACHE_SIZE = 256
 LEAN_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 ANY_OPERATION = frozenset(StrawberryOperationType)
 
 
+NONE = "none"  # the metric labels of a request without an operation
+_NO_OPERATION = (NONE, NONE, "BAD_REQUEST")
+
+
 @dataclass(frozen=True, slots=True)
 class Verdict:
-    """A query text's document (None when it does not parse) and its errors (none: it may run)."""
+    """A query text's document (None when it does not parse) and its errors (none: it may run),
+    and the (operation type, root field) metric labels of its operations, by operation name."""
 
     document: DocumentNode | None
     errors: list[GraphQLError]
+    shapes: dict[object, tuple[str, str]] = field(default_factory=dict)
+
+    def shape(self, operation_name: object) -> tuple[str, str]:
+        """The metric labels of the operation named `operation_name`: the root field only for an
+        accepted document (its fields are the schema's, not whatever a client sent)."""
+        shape = self.shapes.get(operation_name)
+        if shape is None:
+            operation: OperationDefinitionNode | None = None
+            if self.document is not None and (operation_name is None or isinstance(operation_name, str)):
+                operation = get_operation_ast(self.document, operation_name)
+            if operation is None:
+                shape = (NONE, NONE)
+            else:
+                field_name = NONE if self.errors else root_field(self.document, operation)  # type: ignore[arg-type]
+                shape = (operation.operation.value, field_name)
+            if len(self.shapes) < 16:
+                self.shapes[operation_name] = shape
+        return shape
 
 
 class OperationRules:
@@ -103,6 +137,7 @@ class OperationRules:
             rules = (*rules, NoSchemaIntrospectionCustomRule)
         self.validation_rules = (*rules, MaybeNullValidationRule, OneOfInputValidationRule)
         self.verdicts: dict[str, Verdict] = {}
+        self.metrics = OperationMetrics(enabled=settings.metrics_enabled)
 
     def check(self, query: str) -> Verdict:
         """The verdict on `query`, kept for the last `VERDICT_CACHE_SIZE` distinct texts: the
@@ -123,6 +158,12 @@ class OperationRules:
             del self.verdicts[next(iter(self.verdicts))]
         self.verdicts[query] = verdict
         return verdict
+
+    def shape(self, query: object, operation_name: object) -> tuple[str, str]:
+        """The (operation type, root field) metric labels of a request (`none` without an operation)."""
+        if not query or not isinstance(query, str):
+            return NONE, NONE
+        return self.check(query).shape(operation_name)
 
     def refusal(
         self, query: object, operation_name: object, allowed: Collection[StrawberryOperationType]
@@ -197,12 +238,17 @@ class RuledStreams:
     ) -> AsyncGenerator[ExecutionResult, None]:
         if isinstance(context_value, Context):
             context_value.begin_operation()  # one context serves every operation of a websocket
+        set_operation(operation_name)
         allowed = ANY_OPERATION if allowed_operation_types is None else frozenset(allowed_operation_types)
         errors = self.rules.refusal(query, operation_name, allowed) or self.rules.no_such_operation(
             query, operation_name
         )
+        operation_type, field_name = self.rules.shape(query, operation_name)
         if errors:
-            return _one(PreExecutionError(data=None, errors=self.rules.finish(errors, context_value)))
+            finished = self.rules.finish(errors, context_value)
+            self.rules.metrics.count(operation_type, field_name, outcome_of(finished))
+            return _one(PreExecutionError(data=None, errors=finished))
+        self.rules.metrics.count(operation_type, field_name, "ok")
         source = await self.schema.stream(
             query,
             variable_values=variable_values,
@@ -300,13 +346,37 @@ class BillingGraphQL(GraphQL[Context, None]):
             await websocket.close(code=TRY_AGAIN_LATER, reason="too many connections")
             return
         self.connections += 1
+        REALTIME_CONNECTIONS.inc()
         try:
             await super().__call__(scope, receive, send)
         finally:
             self.connections -= 1
+            REALTIME_CONNECTIONS.dec()
 
     async def serve_http(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         request = Request(scope, receive=receive)
+        try:
+            await self._serve_http(request, scope, receive, send)
+        finally:
+            # The labels are left in the scope by the path that ran the operation; a request
+            # Strawberry answered before that (a GET without a query, a mutation over GET, ...)
+            # has none and counts as BAD_REQUEST.
+            labels = scope.get(METRIC_LABELS)
+            if labels is not None or not self._ide_page(request):  # GraphiQL's page: no operation
+                labels = labels or _NO_OPERATION
+                metrics = self.rules.metrics
+                metrics.count(*labels)
+                metrics.observe(labels[0], time.perf_counter() - started)
+
+    def _ide_page(self, request: Request) -> bool:
+        return (
+            self.graphql_ide is not None
+            and request.method == "GET"
+            and "text/html" in request.headers.get("accept", "")
+        )
+
+    async def _serve_http(self, request: Request, scope: Scope, receive: Receive, send: Send) -> None:
         lean = self.lean
         if lean is not None and scope["method"] == "POST":
             response = await self.lean_response(lean, request)
@@ -343,10 +413,16 @@ class BillingGraphQL(GraphQL[Context, None]):
             return None
         sub_response = await self.get_sub_response(request)
         context = await self.get_context(request, sub_response)
+        set_operation(operation_name)
         result = await lean.execute(document, variables, operation_name, context)
         body: dict[str, Any] = {"data": result.data}
+        operation_type, field_name = verdict.shape(operation_name)
+        outcome = "ok"
         if result.errors:
-            body["errors"] = [error.formatted for error in self.rules.finish(result.errors, context)]
+            errors = self.rules.finish(result.errors, context)
+            outcome = outcome_of(errors)
+            body["errors"] = [error.formatted for error in errors]
+        request.scope[METRIC_LABELS] = (operation_type, field_name, outcome)
         return self.create_response(body, sub_response)  # type: ignore[arg-type]
 
     async def execute_single(  # Strawberry's HTTP path: one operation
@@ -358,10 +434,16 @@ class BillingGraphQL(GraphQL[Context, None]):
         root_value: None,
         request_data: GraphQLRequestData,
     ) -> ExecutionResult:
+        set_operation(request_data.operation_name)
         allowed = StrawberryOperationType.from_http(request_adapter.method)  # type: ignore[arg-type]
         errors = self.rules.refusal(request_data.query, request_data.operation_name, allowed)
+        shape = self.rules.shape(request_data.query, request_data.operation_name)
         if errors is not None:
-            return ExecutionResult(data=None, errors=self.rules.finish(errors, context))
+            finished = self.rules.finish(errors, context)
+            request.scope[METRIC_LABELS] = (*shape, outcome_of(finished))
+            return ExecutionResult(data=None, errors=finished)
+        # Strawberry may still refuse it (an operation type the method does not allow): 400.
+        request.scope[METRIC_LABELS] = (*shape, BAD_REQUEST)
         if self.rules.is_subscription(request_data.query, request_data.operation_name):
             # Strawberry allows them on POST for its HTTP streams, which this view does not offer:
             # executed as a query, a subscription's root field would be null.
@@ -374,7 +456,9 @@ class BillingGraphQL(GraphQL[Context, None]):
             root_value=root_value,
             request_data=request_data,
         )
-        return self.rules.finish_result(result, context)
+        result = self.rules.finish_result(result, context)
+        request.scope[METRIC_LABELS] = (*shape, outcome_of(result.errors))
+        return result
 
     async def get_context(self, request: Request | WebSocket, response: Response | WebSocket) -> Context:
         return Context(request, response, self.services)

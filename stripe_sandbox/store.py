@@ -239,6 +239,9 @@ def _sdk_api_version() -> str:
 API_VERSION = _sdk_api_version()
 
 
+GLOBAL_LOCK = 7355608  # the PostgreSQL advisory lock of every sandbox write
+
+
 class Store:
     """The sandbox database of one process."""
 
@@ -252,6 +255,10 @@ class Store:
 
     async def create_tables(self) -> None:
         async with self.engine.begin() as conn:
+            if self.is_postgres:
+                # Several processes start at once (`billing serve --workers N`): one creates, the
+                # others then find it made (CREATE ... IF NOT EXISTS alone races on the catalog).
+                await conn.execute(text(f"SELECT pg_advisory_xact_lock({GLOBAL_LOCK})"))
             if self.is_postgres and self.schema:
                 await conn.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{self.schema}"'))
                 await conn.execute(text(f'SET search_path TO "{self.schema}"'))
@@ -265,7 +272,7 @@ class Store:
                 conn = await conn.execution_options(sqlite_begin="IMMEDIATE")
             async with conn.begin():
                 if self.is_postgres:
-                    await conn.execute(text("SELECT pg_advisory_xact_lock(7355608)"))
+                    await conn.execute(text(f"SELECT pg_advisory_xact_lock({GLOBAL_LOCK})"))
                 tx = Transaction(conn, 0)
                 tx.clock_offset = int(await tx.get_state("clock_offset", "0"))
                 yield tx

@@ -29,6 +29,7 @@ PRODUCTION = {
     "environment": "production",
     "stripe_webhook_secret": "whsec_production_like_secret",
     "auth_jwt_secret": PRODUCTION_SECRET,
+    "metrics_token": "a-metrics-token-for-the-scraper-of-40-chars",
 }
 
 

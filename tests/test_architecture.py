@@ -131,6 +131,7 @@ PRODUCTION = {
     "STRIPE_SECRET_KEY": "sk_test_production_like_key",
     "STRIPE_WEBHOOK_SECRET": "whsec_production_like_secret",
     "AUTH_JWT_SECRET": "a-production-grade-secret-of-40-characters",
+    "METRICS_TOKEN": "a-metrics-token-for-the-scraper-of-40-chars",
 }
 
 

@@ -299,6 +299,7 @@ def test_billing_token_is_refused_in_production(tmp_path: Path) -> None:
         "STRIPE_SECRET_KEY": "sk_test_production_like",
         "STRIPE_WEBHOOK_SECRET": "whsec_production_like_secret",
         "AUTH_JWT_SECRET": STRONG_SECRET,
+        "METRICS_TOKEN": STRONG_SECRET,
     }
     result = run_billing("token", "someone", env=env, cwd=tmp_path)
     assert result.returncode == 1

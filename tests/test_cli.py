@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -14,19 +13,9 @@ import httpx
 import pytest
 
 from tests.conftest import free_port
-from tests.processes import billing_serve, run
+from tests.processes import assert_one_clear_line, billing_serve, run
 
 BILLING = str(Path(sys.executable).with_name("billing"))
-
-
-def assert_one_clear_line(result: subprocess.CompletedProcess[str], *needles: str) -> None:
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1, result.stderr
-    assert "Traceback" not in result.stderr
-    for needle in needles:
-        assert needle in errors[0]
 
 
 @pytest.fixture

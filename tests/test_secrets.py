@@ -1,14 +1,16 @@
 """Secrets never reach a log line, an error, a response or `/readyz`.
 
-The Stripe key, both webhook secrets (rotation), the JWT secret, the service key and a database
-password are set to distinctive values; representative flows run with every logger at DEBUG
-(ours, Stripe's SDK, httpx, httpcore, uvicorn, SQLAlchemy), and no captured line, response body,
-header or CLI output may contain any of them, nor any 12-character piece of their random part.
+The Stripe key, both webhook secrets (rotation), the JWT secret, the service key, the metrics
+token and a database password are set to distinctive values; representative flows run with every
+logger at DEBUG (ours, Stripe's SDK, httpx, httpcore, uvicorn, SQLAlchemy), and no captured line
+(as text and as LOG_FORMAT=json writes it), response body, header or CLI output may contain any
+of them, nor any 12-character piece of their random part.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import secrets
 import traceback
@@ -23,6 +25,7 @@ from click.testing import CliRunner
 from sqlalchemy import select
 from strawberry.tools import merge_types
 
+from billing.logs import ContextFilter, json_formatter
 from billing.stripe_gateway import GatewayConfig, StripeGateway
 from cli.main import main
 from db.engine import Database
@@ -37,12 +40,15 @@ from tests.gateways import open_sandbox_gateway
 from tests.graphql_support import Api, error_codes, hs256_token, serve_api
 from tests.stripe_events import event, post_event, sign
 
-RANDOM = {name: secrets.token_hex(16) for name in ("stripe", "hook1", "hook2", "jwt", "service", "db")}
+RANDOM = {
+    name: secrets.token_hex(16) for name in ("stripe", "hook1", "hook2", "jwt", "service", "db", "metrics")
+}
 STRIPE_KEY = f"sk_test_{RANDOM['stripe']}"
 WEBHOOK_SECRETS = [f"whsec_{RANDOM['hook1']}", f"whsec_{RANDOM['hook2']}"]
 JWT_SECRET = f"jwt-{RANDOM['jwt']}"
 SERVICE_KEY = f"svc-{RANDOM['service']}"
 DB_PASSWORD = f"pw{RANDOM['db']}"
+METRICS_TOKEN = f"mt-{RANDOM['metrics']}"
 WINDOW = 12
 
 
@@ -52,6 +58,7 @@ def secret_settings(**overrides: Any) -> dict[str, Any]:
         "stripe_webhook_secret": ",".join(WEBHOOK_SECRETS),
         "auth_jwt_secret": JWT_SECRET,
         "service_api_key": SERVICE_KEY,
+        "metrics_token": METRICS_TOKEN,
         **overrides,
     }
 
@@ -88,6 +95,15 @@ class Evidence:
             if record.exc_info and record.exc_info[1] is not None:
                 text += "\n" + "".join(traceback.format_exception(record.exc_info[1]))
             self.texts.append(text)
+        # The same records as LOG_FORMAT=json writes them (the handler has the JSON formatter and
+        # the context filter: every_logger_at_debug): every line parses, and our own lines and
+        # the access log show no email either (SQLAlchemy's DEBUG lines show statement parameters).
+        for line in caplog.text.splitlines():
+            fields = json.loads(line)
+            assert {"time", "level", "logger", "message"} <= fields.keys(), line
+            self.texts.append(line)
+            if fields["logger"].startswith(("billing", "graph", "uvicorn", "strawberry")):
+                assert "@example.test" not in line, line
 
     def check(self) -> None:
         assert self.texts
@@ -102,6 +118,8 @@ def every_logger_at_debug(caplog: pytest.LogCaptureFixture) -> Iterator[pytest.L
     names += list(logging.root.manager.loggerDict)
     for name in dict.fromkeys(names):
         caplog.set_level(logging.DEBUG, logger=name)
+    caplog.handler.addFilter(ContextFilter())
+    caplog.handler.setFormatter(json_formatter())
     yield caplog
 
 
@@ -181,6 +199,10 @@ async def test_checkout_and_webhooks_show_no_secret(
                 await post_event(client, api.url, hook, secret=WEBHOOK_SECRETS[0], timestamp=1)
             ),
         ]
+        scraped = [
+            evidence.response(await client.get(f"{api.url}/metrics", headers={"Authorization": auth}))
+            for auth in (f"Bearer {METRICS_TOKEN}", f"Bearer {METRICS_TOKEN}x", "")
+        ]
         status = await applied(database, hook["id"])
     evidence.logs(every_logger_at_debug)
 
@@ -192,6 +214,7 @@ async def test_checkout_and_webhooks_show_no_secret(
     assert accepted.status_code == 200 and status == "processed"
     assert [r.status_code for r in bad] == [400, 400, 400, 400]
     assert any("rejected a webhook" in text for text in evidence.texts)
+    assert [r.status_code for r in scraped] == [200, 401, 401]
     evidence.check()
 
 

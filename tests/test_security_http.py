@@ -210,6 +210,7 @@ def _production_secrets() -> dict[str, str]:
         "stripe_secret_key": "sk_test_production_like",
         "stripe_webhook_secret": "whsec_production_like_secret",
         "auth_jwt_secret": "a-production-grade-secret-of-40-characters",
+        "metrics_token": "a-metrics-token-for-the-scraper-of-40-chars",
     }
 
 

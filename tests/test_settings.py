@@ -23,6 +23,9 @@ SETTING_NAMES = [
     "AUTH_AUDIENCE",
     "SERVICE_API_KEY",
     "BILLING_PLANS_FILE",
+    "METRICS_TOKEN",
+    "METRICS_ENABLED",
+    "LOG_FORMAT",
 ]
 STRONG = "s" * 40
 PRODUCTION = {
@@ -30,6 +33,7 @@ PRODUCTION = {
     "STRIPE_SECRET_KEY": "sk_test_123",
     "STRIPE_WEBHOOK_SECRET": "whsec_real",
     "AUTH_JWT_SECRET": STRONG,
+    "METRICS_TOKEN": STRONG,
 }
 
 
@@ -69,6 +73,8 @@ def test_a_complete_production_configuration_is_accepted(monkeypatch: pytest.Mon
         ({"AUTH_JWT_SECRET": DEV_JWT_SECRET}, "AUTH_JWT_SECRET"),
         ({"AUTH_JWT_SECRET": "changethis"}, "AUTH_JWT_SECRET"),
         ({"SERVICE_API_KEY": "changeme"}, "SERVICE_API_KEY"),
+        ({"METRICS_TOKEN": None}, "METRICS_TOKEN is not set"),
+        ({"METRICS_TOKEN": "changeme"}, "METRICS_TOKEN"),
         (
             {
                 "STRIPE_SECRET_KEY": "sk_live_abc",
@@ -88,6 +94,13 @@ def test_production_refuses_unsafe_configuration(
     configure(monkeypatch, {k: v for k, v in {**PRODUCTION, **change}.items() if v is not None})
     with pytest.raises(ConfigurationError, match=named):
         load_settings()
+
+
+def test_production_may_turn_metrics_off_instead_of_setting_a_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    production = {k: v for k, v in PRODUCTION.items() if k != "METRICS_TOKEN"}
+    configure(monkeypatch, {**production, "METRICS_ENABLED": "false"})
+    settings = load_settings()
+    assert not settings.metrics_enabled and settings.metrics_token is None and settings.logs_as_json
 
 
 def test_jwks_alone_is_a_valid_production_auth_configuration(

@@ -38,6 +38,7 @@ from billing.access import (
 )
 from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
+from billing.metrics import USAGE_RECORDS
 from billing.plans import Catalog
 from db.engine import Database
 from db.enums import Tier
@@ -244,7 +245,10 @@ async def record_usage(
             _check_same(records[seen], record, index)
 
     if len(records) == 1 and database.is_postgres:
-        return [await _record_one(database, records[0], times[0], now, past_due_grace)]
+        recorded = await _record_one(database, records[0], times[0], now, past_due_grace)
+        if not recorded.duplicate:
+            USAGE_RECORDS.inc()
+        return [recorded]
     async with database.write() as conn:
         accounts = await _live_accounts(conn, records, now, past_due_grace)
         rows = [
@@ -276,6 +280,7 @@ async def record_usage(
                 _check_same_row(row, record, index)
             results.append(_recorded(row, record.user_id, duplicate=duplicate))
         await _add_to_rollups(database, conn, new.values())
+    USAGE_RECORDS.inc(len(new))  # committed
     return results
 
 

@@ -362,7 +362,13 @@ class EventProcessor(BackgroundWorker):
             invoice_ids=invoices,
             host_events=self.host_events,
             triggers=[
-                StripeTrigger(event.id, event.type, event.payload["data"]["object"]) for event, _ in members
+                StripeTrigger(
+                    event.id,
+                    event.type,
+                    event.payload["data"]["object"],
+                    int(event.payload.get("created") or 0),
+                )
+                for event, _ in members
             ],
         )
 

@@ -98,6 +98,7 @@ class StripeTrigger:
     event_id: str
     type: str
     object: dict[str, Any] = field(default_factory=dict)
+    created: int = 0  # Stripe's `created`: orders the events one sync applies
 
 
 @dataclass(frozen=True)
@@ -239,12 +240,12 @@ async def write_sync_events(
     if row is None:
         return 0
     state = SubscriptionState.from_row(row)
+    # Causal order within one sync: the Stripe events' own host events in the order Stripe made
+    # them (a checkout, a trial's notice, a failed or paid invoice), then the state they led to.
+    in_order = sorted(triggers, key=lambda trigger: (trigger.created, trigger.event_id))
+    triggered = [event for trigger in in_order for event in trigger_events(trigger)]
     pending = [PendingHostEvent(kind, {}) for kind in state_events(changes, state.status)]
-    triggered = [event for trigger in triggers for event in trigger_events(trigger)]
-    # Causal order within one sync: a checkout before the subscription it created.
-    checkouts = [event for event in triggered if event.type == CHECKOUT_COMPLETED]
-    others = [event for event in triggered if event.type != CHECKOUT_COMPLETED]
-    ordered = [*checkouts, *pending, *others]
+    ordered = [*triggered, *pending]
     wanted = [event for event in ordered if config.wants(event.type)]
     if not wanted:
         return 0

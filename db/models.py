@@ -168,6 +168,23 @@ class UsageRollup(SQLModel, table=True):
     quantity: int = Field(sa_type=BigInteger)
 
 
+class UsageWindowTotal(SQLModel, table=True):
+    """The running total of a feature's usage per account and quota window, upserted in the same
+    transaction as each record while host events are on: its old and new values tell when a
+    record crosses 80% or 100% of the quota (`usage.threshold`), without summing the window."""
+
+    __tablename__ = "usage_window_total"
+    __table_args__ = (CheckConstraint("quantity >= 0", name="quantity_non_negative"),)
+
+    account_id: int = Field(
+        foreign_key="billing_account.id", ondelete="CASCADE", primary_key=True, sa_type=BigId
+    )
+    feature: str = Field(primary_key=True, sa_type=String(64))
+    window_start: datetime = Field(primary_key=True, sa_type=UTCDateTime)
+    window_end: datetime = Field(sa_type=UTCDateTime)
+    quantity: int = Field(sa_type=BigInteger)
+
+
 class UsageReport(SQLModel, table=True):
     """One meter event for Stripe: the sum of a customer's records of one feature in one minute.
 
@@ -338,3 +355,4 @@ rate_limit_table = RateLimit.__table__  # type: ignore[attr-defined]
 host_event_table = HostEvent.__table__  # type: ignore[attr-defined]
 host_attempt_table = HostEventAttempt.__table__  # type: ignore[attr-defined]
 host_endpoint_table = HostEndpoint.__table__  # type: ignore[attr-defined]
+usage_total_table = UsageWindowTotal.__table__  # type: ignore[attr-defined]

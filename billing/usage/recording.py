@@ -30,6 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.access import (
     MAX_USER_ID_LENGTH,
+    AccessPolicy,
+    SubscriptionState,
     account_states,
     check_feature_name,
     effective_tier,
@@ -38,6 +40,7 @@ from billing.access import (
 )
 from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
+from billing.host_events.events import HostEventConfig
 from billing.plans import Catalog
 from db.engine import Database
 from db.enums import Tier
@@ -214,6 +217,7 @@ async def record_usage(
     now: datetime | None = None,
     max_quantity: int = DEFAULT_MAX_QUANTITY,
     past_due_grace: timedelta = DEFAULT_PAST_DUE_GRACE,
+    host_events: HostEventConfig | None = None,
 ) -> list[RecordedUsage]:
     """Record usage, all or nothing; returns one record per input, in order.
 
@@ -222,6 +226,10 @@ async def record_usage(
     Refusals carry `extensions.index` (the item) and write nothing: BAD_USER_INPUT (unknown
     feature, quantity out of 1..max_quantity, recordedAt outside Stripe's window, more than
     1,000 items), NO_BILLING_ACCOUNT (unknown user), NO_SUBSCRIPTION (no live subscription).
+
+    With `host_events`, each quota window's running total is upserted in the same transaction
+    (one more statement) and a record crossing 80% or 100% writes `usage.threshold`
+    (billing/usage/thresholds.py); the one-statement path for a single record is then not used.
     """
     now = now or utcnow()
     if len(records) > MAX_BATCH:
@@ -243,10 +251,12 @@ async def record_usage(
         if seen != index:
             _check_same(records[seen], record, index)
 
-    if len(records) == 1 and database.is_postgres:
+    if len(records) == 1 and database.is_postgres and host_events is None:
         return [await _record_one(database, records[0], times[0], now, past_due_grace)]
+    written = 0
     async with database.write() as conn:
-        accounts = await _live_accounts(conn, records, now, past_due_grace)
+        states: dict[int, SubscriptionState] = {}
+        accounts = await _live_accounts(conn, records, now, past_due_grace, states)
         rows = [
             {
                 "account_id": accounts[records[index].user_id],
@@ -276,6 +286,20 @@ async def record_usage(
                 _check_same_row(row, record, index)
             results.append(_recorded(row, record.user_id, duplicate=duplicate))
         await _add_to_rollups(database, conn, new.values())
+        if host_events is not None and new:
+            from billing.usage.thresholds import add_to_totals  # it reads the windows, which read us
+
+            written = await add_to_totals(
+                conn,
+                database,
+                host_events,
+                AccessPolicy(catalog=catalog, past_due_grace=past_due_grace),
+                rows=new.values(),
+                states=states,
+                now=now,
+            )
+    if host_events is not None and written:
+        host_events.notify_written()
     return results
 
 
@@ -341,9 +365,14 @@ def _conflict(record: UsageInput, feature: str, quantity: int, index: int) -> Bi
 
 
 async def _live_accounts(
-    conn: AsyncConnection, records: Sequence[UsageInput], now: datetime, grace: timedelta
+    conn: AsyncConnection,
+    records: Sequence[UsageInput],
+    now: datetime,
+    grace: timedelta,
+    states: dict[int, SubscriptionState] | None = None,
 ) -> dict[str, int]:
-    """user id -> account id, for users whose subscription grants access now; else the refusal."""
+    """user id -> account id, for users whose subscription grants access now; else the refusal.
+    (`states`, when given, receives each account's state by account id.)"""
     found = await account_states(conn, sorted({record.user_id for record in records}))
     accounts: dict[str, int] = {}
     for index, record in enumerate(records):
@@ -365,6 +394,8 @@ async def _live_accounts(
                 userId=record.user_id,
             )
         accounts[record.user_id] = state.account_id
+        if states is not None:
+            states[state.account_id] = state
     return accounts
 
 

@@ -1,4 +1,5 @@
-"""host events: the outbox of Standard Webhooks events for the host app, its attempts, its endpoint
+"""host events: the outbox of Standard Webhooks events for the host app, its attempts, its endpoint;
+usage totals per quota window (usage.threshold)
 
 Revision ID: 0006
 Revises: 0005
@@ -76,8 +77,24 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("url", name=op.f("pk_host_endpoint")),
     )
 
+    op.create_table(
+        "usage_window_total",
+        sa.Column("account_id", BigId, nullable=False),
+        sa.Column("feature", sa.String(64), nullable=False),
+        sa.Column("window_start", UTCDateTime(), nullable=False),
+        sa.Column("window_end", UTCDateTime(), nullable=False),
+        sa.Column("quantity", sa.BigInteger(), nullable=False),
+        sa.CheckConstraint("quantity >= 0", name=op.f("ck_usage_window_total_quantity_non_negative")),
+        sa.ForeignKeyConstraint(
+            ["account_id"], ["billing_account.id"],
+            name=op.f("fk_usage_window_total_account_id_billing_account"), ondelete="CASCADE",
+        ),
+        sa.PrimaryKeyConstraint("account_id", "feature", "window_start", name=op.f("pk_usage_window_total")),
+    )
+
 
 def downgrade() -> None:
+    op.drop_table("usage_window_total")
     op.drop_table("host_endpoint")
     op.drop_index(op.f("ix_host_event_attempt_event_id_id"), table_name="host_event_attempt")
     op.drop_table("host_event_attempt")

@@ -233,6 +233,10 @@ async def write_sync_events(
     """Write the host events of one sync, inside its transaction; how many were new."""
     if account_id is None:
         return 0
+    in_order = sorted(triggers, key=lambda trigger: (trigger.created, trigger.event_id))
+    triggered = [event for trigger in in_order for event in trigger_events(trigger)]
+    if not changes and not triggered:
+        return 0  # the common case (a duplicate or late event): no read, no write
     query = account_state_select(account_table.c.id == account_id).add_columns(
         account_table.c.stripe_subscription_id
     )
@@ -242,8 +246,6 @@ async def write_sync_events(
     state = SubscriptionState.from_row(row)
     # Causal order within one sync: the Stripe events' own host events in the order Stripe made
     # them (a checkout, a trial's notice, a failed or paid invoice), then the state they led to.
-    in_order = sorted(triggers, key=lambda trigger: (trigger.created, trigger.event_id))
-    triggered = [event for trigger in in_order for event in trigger_events(trigger)]
     pending = [PendingHostEvent(kind, {}) for kind in state_events(changes, state.status)]
     ordered = [*triggered, *pending]
     wanted = [event for event in ordered if config.wants(event.type)]

@@ -256,3 +256,56 @@ async def test_an_accounts_later_event_waits_while_an_earlier_one_is_retried(
         ("subscription.created", 200),
         ("subscription.updated", 200),
     ]
+
+
+async def test_an_event_claimed_by_a_worker_that_died_is_delivered_when_its_lease_runs_out(
+    database: Database, receiver: HostReceiver
+) -> None:
+    await add(database, "checkout.completed")
+    dead = worker(database, receiver, [1], lease=timedelta(seconds=0.5))
+    survivor = worker(database, receiver, [1], lease=timedelta(seconds=0.5))
+    try:
+        assert len(await dead.claim()) == 1  # ... and the process dies before the POST
+        assert (await survivor.drain()).total == 0  # leased: not due yet
+        await asyncio.sleep(0.6)
+        assert (await survivor.drain()).delivered == 1
+    finally:
+        await dead.close()
+        await survivor.close()
+    [row] = await rows(database)
+    assert (row.status, row.attempts) == ("delivered", 2)
+    assert len(receiver.delivered) == 1
+
+
+@pytest.mark.postgres_only
+async def test_several_workers_deliver_each_event_once_in_order_per_account(
+    database: Database, receiver: HostReceiver
+) -> None:
+    for account in range(8):
+        await add(database, *(["subscription.updated"] * 6), account_id=account, user_id=f"user-{account}")
+    workers = [worker(database, receiver, [0.05], batch_size=3) for _ in range(3)]
+
+    async def done() -> bool:
+        return all(row.status == "delivered" for row in await rows(database))
+
+    async def run(delivery: HostEventDelivery) -> None:
+        deadline = time.monotonic() + 20
+        while not await done():
+            assert time.monotonic() < deadline
+            await delivery.drain()
+            await asyncio.sleep(0.005)
+
+    try:
+        await asyncio.gather(*(run(delivery) for delivery in workers))
+    finally:
+        for delivery in workers:
+            await delivery.close()
+    ids = [d.message_id for d in receiver.deliveries]
+    assert len(ids) == len(set(ids)) == 48
+    for account in range(8):
+        sequence = [
+            d.event["data"]["n"]
+            for d in receiver.deliveries
+            if d.event["data"]["userId"] == f"user-{account}"
+        ]
+        assert sequence == list(range(6))

@@ -150,12 +150,16 @@ class HostEventDelivery(BackgroundWorker):
         batch_size: int = 50,
         poll_seconds: float = 1.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        lease: timedelta = LEASE,
     ) -> None:
         super().__init__(poll_seconds=poll_seconds)
         self.database = database
         self.config = config
         self.clock = clock
         self.batch_size = batch_size
+        self.queue = (
+            OUTBOX if lease == LEASE else LeasedQueue(host_event_table, OUTBOX.waiting, OUTBOX.claimed, lease)
+        )
         self._client = httpx.AsyncClient(
             timeout=config.timeout_seconds, follow_redirects=False, transport=transport
         )
@@ -192,7 +196,7 @@ class HostEventDelivery(BackgroundWorker):
 
     async def claim(self) -> list[Claimed]:
         e = host_event_table.c
-        rows = await OUTBOX.claim(
+        rows = await self.queue.claim(
             self.database,
             now=self.clock(),
             limit=self.batch_size,

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
 import pytest
 from sqlalchemy import func, select
 
@@ -30,6 +31,7 @@ from tests.billing_flows import (
 )
 from tests.conftest import DbTarget, Service, running_service
 from tests.host_receiver import SECRET, HostReceiver, run_host_receiver
+from tests.test_graphql_support import hs256_token
 
 DAY = 86_400
 HOUR = 3_600
@@ -199,3 +201,26 @@ async def test_a_subscribers_lifecycle_yields_each_event_once_in_causal_order(li
     report = await service.app.state.events.drain()
     assert report.failed == 0
     assert await outbox_count(service.database) == before
+
+
+async def test_a_change_made_by_a_mutation_sends_its_event_once(live: Live) -> None:
+    """The mutation's own sync (not only the webhook's) writes the event: whichever sync sees the
+    change first writes it, and the other one sees no change."""
+    service, gateway, prices, receiver = live.service, live.gateway, live.prices, live.receiver
+    await subscribe(service, gateway, prices, "m1", "starter_monthly", trial_days=None)
+    await wait_for_account(service.database, "m1", status="active")
+    async with httpx.AsyncClient(timeout=60) as client:
+        response = await client.post(
+            f"{service.url}/graphql",
+            json={"query": "mutation { cancelSubscription { cancelAtPeriodEnd } }"},
+            headers={"Authorization": f"Bearer {hs256_token('m1')}"},
+        )
+    assert response.json() == {"data": {"cancelSubscription": {"cancelAtPeriodEnd": True}}}
+    await receiver.wait_for(
+        lambda r: any(e["data"]["subscription"]["cancelAtPeriodEnd"] for e in of(r, "subscription.updated"))
+    )
+    await all_delivered(live)
+    await receiver.settle(quiet=1.0)
+    updates = of(receiver, "subscription.updated")
+    assert [e["data"]["subscription"]["cancelAtPeriodEnd"] for e in updates] == [True]
+    assert updates[0]["data"]["previous"]["cancelAtPeriodEnd"] is False

@@ -31,7 +31,20 @@ async def thresholds(database: Database) -> list[dict[str, Any]]:
             .where(host_event_table.c.type == "usage.threshold")
             .order_by(host_event_table.c.id)
         )
-        return [row.payload["data"] for row in rows]
+        payloads = [row.payload for row in rows]
+    for payload in payloads:  # the same document from the one-statement path and the batch path
+        assert set(payload) == {"type", "timestamp", "data"} and payload["type"] == "usage.threshold"
+        assert datetime.fromisoformat(payload["timestamp"]).tzinfo is not None
+        assert set(payload["data"]) == {
+            "userId",
+            "feature",
+            "percent",
+            "limit",
+            "used",
+            "windowStart",
+            "windowEnd",
+        }
+    return [payload["data"] for payload in payloads]
 
 
 counter = iter(range(10**9))
@@ -137,3 +150,22 @@ async def test_record_usage_over_graphql_writes_the_threshold_event(database: Da
     result = await api.query(mutation, {"input": value}, token=SERVICE_KEY)
     assert "errors" not in result, result
     assert [t["percent"] for t in await thresholds(database)] == [80]
+
+
+async def test_a_batch_and_single_records_share_the_total(database: Database) -> None:
+    await insert_account(database, "m", tier="starter")
+    await record_usage(
+        database=database,
+        catalog=CATALOG,
+        records=[UsageInput("m", "api_calls", 4_000, "b-1"), UsageInput("m", "api_calls", 3_000, "b-2")],
+        host_events=CONFIG,
+    )
+    await use(database, 1_000)  # 8,000 through the single-record path
+    await use(database, 1_000, config=CONFIG)
+    await record_usage(
+        database=database,
+        catalog=CATALOG,
+        records=[UsageInput("m", "api_calls", 1_000, "b-3")],
+        host_events=CONFIG,
+    )
+    assert [(t["percent"], t["used"]) for t in await thresholds(database)] == [(80, 8_000), (100, 10_000)]

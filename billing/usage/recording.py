@@ -42,6 +42,7 @@ from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.host_events.events import HostEventConfig
 from billing.plans import Catalog
+from billing.usage.window_totals import total_and_threshold_ctes
 from db.engine import Database
 from db.enums import Tier
 from db.models import rollup_table, usage_table
@@ -159,7 +160,7 @@ class _Statements:
 _STATEMENTS = {"postgresql": _Statements.build(postgresql.insert), "sqlite": _Statements.build(sqlite.insert)}
 
 
-def _record_one_statement() -> Any:
+def _record_one_statement(*, with_totals: bool = False) -> Any:
     """PostgreSQL, one record in one atomic statement (autocommit, one round trip): the insert
     (ON CONFLICT on the idempotency key DO NOTHING), its hour's rollup upsert when it inserted,
     and the row already stored under the key when it did not (`new` tells which)."""
@@ -199,10 +200,12 @@ def _record_one_statement() -> Any:
         select(
             c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at, false().label("new")
         ).where(c.account_id == bindparam("account_id"), c.idempotency_key == bindparam("idempotency_key")),
-    ).add_cte(added)
+    ).add_cte(added, *(total_and_threshold_ctes(inserted) if with_totals else ()))
 
 
 _RECORD_ONE = _record_one_statement()
+# ... and the window total and the usage.threshold events (billing/usage/window_totals.py).
+_RECORD_ONE_WITH_TOTAL = _record_one_statement(with_totals=True)
 
 
 def _statements(database: Database) -> _Statements:
@@ -228,8 +231,8 @@ async def record_usage(
     1,000 items), NO_BILLING_ACCOUNT (unknown user), NO_SUBSCRIPTION (no live subscription).
 
     With `host_events`, each quota window's running total is upserted in the same transaction
-    (one more statement) and a record crossing 80% or 100% writes `usage.threshold`
-    (billing/usage/thresholds.py); the one-statement path for a single record is then not used.
+    (one more statement; for a single record on PostgreSQL, within its one statement) and a
+    record crossing 80% or 100% writes `usage.threshold` (billing/usage/thresholds.py).
     """
     now = now or utcnow()
     if len(records) > MAX_BATCH:
@@ -251,8 +254,9 @@ async def record_usage(
         if seen != index:
             _check_same(records[seen], record, index)
 
-    if len(records) == 1 and database.is_postgres and host_events is None:
-        return [await _record_one(database, records[0], times[0], now, past_due_grace)]
+    if len(records) == 1 and database.is_postgres:
+        policy = AccessPolicy(catalog=catalog, past_due_grace=past_due_grace)
+        return [await _record_one(database, records[0], times[0], now, policy, host_events)]
     written = 0
     async with database.write() as conn:
         states: dict[int, SubscriptionState] = {}
@@ -304,13 +308,22 @@ async def record_usage(
 
 
 async def _record_one(
-    database: Database, record: UsageInput, at: datetime, now: datetime, past_due_grace: timedelta
+    database: Database,
+    record: UsageInput,
+    at: datetime,
+    now: datetime,
+    policy: AccessPolicy,
+    host_events: HostEventConfig | None,
 ) -> RecordedUsage:
     """One record on PostgreSQL in two round trips instead of five (BEGIN, the account, the
     insert, the rollup, COMMIT): the account read, then `_RECORD_ONE`, each in autocommit. The
-    transaction's account read took no lock either, so the answers are the same."""
+    transaction's account read took no lock either, so the answers are the same. With host
+    events, the same statement also adds to the window total and writes `usage.threshold`."""
     async with database.write_one() as conn:
-        account_id = (await _live_accounts(conn, [record], now, past_due_grace))[record.user_id]
+        states: dict[int, SubscriptionState] = {}
+        account_id = (await _live_accounts(conn, [record], now, policy.past_due_grace, states))[
+            record.user_id
+        ]
         key = (account_id, record.idempotency_key)
         parameters = {
             "account_id": account_id,
@@ -321,7 +334,14 @@ async def _record_one(
             "created_at": now,
             "hour": hour_of(at),
         }
-        rows = (await conn.execute(_RECORD_ONE, parameters)).all()
+        statement = _RECORD_ONE
+        if host_events is not None:
+            from billing.usage.thresholds import one_record_parameters  # it reads the windows
+
+            more = one_record_parameters(host_events, policy, states[account_id], record, at, now)
+            if more is not None:
+                statement, parameters = _RECORD_ONE_WITH_TOTAL, {**parameters, **more}
+        rows = (await conn.execute(statement, parameters)).all()
         row: Any = next((row for row in rows if row.new), None)
         duplicate = row is None
         if row is None:

@@ -22,12 +22,17 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.access import AccessPolicy, SubscriptionState
-from billing.host_events.events import USAGE_THRESHOLD, HostEventConfig, PendingHostEvent, insert_events
+from billing.host_events.events import (
+    USAGE_THRESHOLD,
+    HostEventConfig,
+    PendingHostEvent,
+    insert_events,
+    new_message_id,
+)
+from billing.usage.window_totals import PERCENTS
 from billing.usage.windows import feature_limit, quota_window
 from db.engine import Database
 from db.models import usage_total_table
-
-PERCENTS = (80, 100)
 
 
 def _upsert(insert: Any) -> Any:
@@ -44,6 +49,50 @@ def _upsert(insert: Any) -> Any:
 
 
 _UPSERT = {"postgresql": _upsert(postgresql.insert), "sqlite": _upsert(sqlite.insert)}
+
+
+def one_record_parameters(
+    config: HostEventConfig,
+    policy: AccessPolicy,
+    state: SubscriptionState,
+    record: Any,
+    at: datetime,
+    now: datetime,
+) -> dict[str, Any] | None:
+    """The parameters of the one-statement recording with its window total and threshold events
+    (billing/usage/window_totals.py); None when the feature has no limit or the events are off."""
+    if not config.wants(USAGE_THRESHOLD) or state.account_id is None:
+        return None
+    limit = feature_limit(policy, state, record.feature, now)
+    if not limit:
+        return None
+    window = quota_window(state, at)
+    values: dict[str, Any] = {
+        "window_start": window.start,
+        "window_end": window.end,
+        "window_start_iso": _iso(window.start),
+        "window_end_iso": _iso(window.end),
+        "timestamp_iso": _iso(now),
+        "event_now": now,
+        "event_account_id": state.account_id,
+        "event_user_id": state.user_id,
+        "event_feature": record.feature,
+        "event_limit": limit,
+        "added": record.quantity,
+    }
+    for percent in PERCENTS:
+        values[f"threshold_{percent}"] = math.ceil(limit * percent / 100)
+        values[f"message_id_{percent}"] = new_message_id()
+        values[f"dedupe_key_{percent}"] = dedupe_key(state.account_id, record.feature, window.start, percent)
+    return values
+
+
+def dedupe_key(account_id: int, feature: str, window_start: datetime, percent: int) -> str:
+    return f"{USAGE_THRESHOLD}:{account_id}:{feature}:{window_start.isoformat()}:{percent}"
+
+
+def _iso(moment: datetime) -> str:
+    return moment.isoformat().replace("+00:00", "Z")
 
 
 def crossed(old: int, new: int, limit: int) -> list[int]:
@@ -110,10 +159,10 @@ async def add_to_totals(
                     "percent": percent,
                     "limit": limit,
                     "used": new,
-                    "windowStart": key[2].isoformat().replace("+00:00", "Z"),
-                    "windowEnd": end.isoformat().replace("+00:00", "Z"),
+                    "windowStart": _iso(key[2]),
+                    "windowEnd": _iso(end),
                 },
-                f"{USAGE_THRESHOLD}:{total.account_id}:{total.feature}:{key[2].isoformat()}:{percent}",
+                dedupe_key(total.account_id, total.feature, key[2], percent),
             )
             for percent in crossed(old, new, limit)
         ]

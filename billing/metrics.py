@@ -31,7 +31,16 @@ from sqlalchemy import CompoundSelect, Label, String, and_, func, literal, null,
 from db.engine import Database
 from db.enums import EventStatus
 from db.health import DatabaseNotReady, ensure_ready
-from db.models import UsageReportStatus, account_table, event_table, report_table, usage_table
+from db.models import (
+    HostEventStatus,
+    UsageReportStatus,
+    account_table,
+    event_table,
+    host_endpoint_table,
+    host_event_table,
+    report_table,
+    usage_table,
+)
 
 # GraphQL (graph/view.py) ---------------------------------------------------------------------
 
@@ -110,6 +119,7 @@ CACHE_SECONDS = 5.0
 _PENDING_EVENTS = (EventStatus.PENDING.value, EventStatus.PROCESSING.value)
 _PENDING_REPORTS = (UsageReportStatus.PENDING.value, UsageReportStatus.SENDING.value)
 _FAILED_REPORTS = (UsageReportStatus.FAILED.value, UsageReportStatus.EXPIRED.value)
+_PENDING_HOST_EVENTS = (HostEventStatus.PENDING.value, HostEventStatus.SENDING.value)
 
 
 def _gauge_query() -> CompoundSelect[Any]:
@@ -147,7 +157,27 @@ def _gauge_query() -> CompoundSelect[Any]:
     subscriptions = select(row("subscriptions"), a.status, a.tier, func.count(), no_time).group_by(
         a.status, a.tier
     )
-    return union_all(inbox_pending, inbox_failed, reports_pending, reports_failed, unreported, subscriptions)
+    h = host_event_table.c
+    host_pending = select(row("host_pending"), no_text, no_text, func.count(), func.min(h.created_at)).where(
+        h.status.in_(_PENDING_HOST_EVENTS)
+    )
+    host_failed = select(row("host_failed"), no_text, no_text, func.count(), no_time).where(
+        h.status == HostEventStatus.FAILED.value
+    )
+    host_disabled = select(row("host_disabled"), no_text, no_text, func.count(), no_time).where(
+        host_endpoint_table.c.disabled_at.is_not(None)
+    )
+    return union_all(
+        inbox_pending,
+        inbox_failed,
+        reports_pending,
+        reports_failed,
+        unreported,
+        subscriptions,
+        host_pending,
+        host_failed,
+        host_disabled,
+    )
 
 
 @dataclass
@@ -225,6 +255,13 @@ class SnapshotCollector:
             ("billing_webhook_inbox_failed", "Webhook events that failed for good.", "inbox_failed"),
             ("billing_usage_report_pending", "Usage aggregates waiting for Stripe.", "usage_pending"),
             ("billing_usage_report_failed", "Usage aggregates failed or expired.", "usage_failed"),
+            ("billing_host_events_pending", "Events for the host app not delivered yet.", "host_pending"),
+            ("billing_host_events_failed", "Events for the host app that failed for good.", "host_failed"),
+            (
+                "billing_host_endpoint_disabled",
+                "1 while the host app's endpoint answered 410 Gone (deliveries stopped until a replay).",
+                "host_disabled",
+            ),
         )
         for name, documentation, kind in simple:
             yield GaugeMetricFamily(name, documentation, value=s.counts.get(kind, 0))
@@ -232,6 +269,11 @@ class SnapshotCollector:
             "billing_webhook_inbox_oldest_pending_age_seconds",
             "Age of the oldest webhook event not applied yet (0 when none).",
             value=s.age("inbox_pending"),
+        )
+        yield GaugeMetricFamily(
+            "billing_host_events_oldest_pending_age_seconds",
+            "Age of the oldest event for the host app not delivered yet (0 when none).",
+            value=s.age("host_pending"),
         )
         yield GaugeMetricFamily(
             "billing_usage_oldest_unreported_age_seconds",

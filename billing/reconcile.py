@@ -8,6 +8,7 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from billing.host_events.events import HostEventConfig
 from billing.notifier import Notifier
 from billing.stripe_gateway import StripeGateway
 from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
@@ -65,8 +66,9 @@ async def reconcile(
     now: datetime,
     dry_run: bool = False,
     on_customer: Callable[[str], None] | None = None,
+    host_events: HostEventConfig | None = None,
 ) -> ReconcileReport:
-    locks = CustomerLocks(database)
+    locks = CustomerLocks(database, host_events=host_events)
     report = ReconcileReport(dry_run)
     for customer_id in customers:
         result = await sync_customer(

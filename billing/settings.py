@@ -23,6 +23,10 @@ DEV_JWT_SECRET = "development-only-jwt-secret-not-for-production"
 STRIPE_API_HOSTS = {"api.stripe.com", "files.stripe.com", "connect.stripe.com"}
 PLACEHOLDERS = {"changethis", "changeme", "secret", "password", "xxx", "todo"}
 MIN_SECRET_LENGTH = 32
+DEV_HOST_WEBHOOK_SECRET = "whsec_ZGV2ZWxvcG1lbnQtb25seS1ub3QtYS1zZWNyZXQ="  # base64 of a dev-only text
+# Seconds before each retry of a host event: seconds, then minutes, then hours; 13 attempts over
+# about 3.2 days, like the Standard Webhooks providers' own schedules.
+DEFAULT_HOST_RETRY_SCHEDULE = "5,300,1800,7200,18000,36000,36000,36000,36000,36000,36000,36000"
 
 
 class Settings(BaseSettings):
@@ -52,6 +56,16 @@ class Settings(BaseSettings):
     webhook_worker: bool = True
     # Run the usage reporter (usage records -> Stripe meter events) in this process.
     usage_reporter: bool = True
+    # Events for the host app's backend (billing/host_events/): one Standard Webhooks endpoint,
+    # its `whsec_` secrets (comma-separated while rotating: every message is signed with each),
+    # the event types to send (comma-separated; unset = all), and the delays in seconds before
+    # each retry. Nothing is written to the outbox while HOST_WEBHOOK_URL is unset.
+    host_webhook_url: str | None = None
+    host_webhook_secret: SecretStr | None = None
+    host_webhook_events: str | None = None
+    host_webhook_retry_schedule: str = DEFAULT_HOST_RETRY_SCHEDULE
+    # Run the host-event delivery worker in this process (when HOST_WEBHOOK_URL is set).
+    host_events_worker: bool = True
     # The largest quantity one usage record may carry (recordUsage refuses more: BAD_USER_INPUT).
     usage_max_quantity: int = Field(default=1_000_000, ge=1, le=2**31 - 1)
     # GraphQL abuse limits (graph/limits.py), checked before any resolver runs.
@@ -112,7 +126,27 @@ class Settings(BaseSettings):
         Rate.parse(value)  # raises ValueError naming the expected form
         return value
 
-    @field_validator("stripe_api_base", "public_base_url", "app_url", "auth_jwks_url")
+    @field_validator("host_webhook_retry_schedule")
+    @classmethod
+    def _schedule(cls, value: str) -> str:
+        parse_retry_schedule(value)  # raises ValueError naming the expected form
+        return value
+
+    @field_validator("host_webhook_events")
+    @classmethod
+    def _host_event_types(cls, value: str | None) -> str | None:
+        from billing.host_events.events import HOST_EVENT_TYPES
+
+        if value is None:
+            return None
+        unknown = [name for name in _split(value) if name not in HOST_EVENT_TYPES]
+        if unknown:
+            raise ValueError(
+                f"unknown event type(s) {', '.join(unknown)}; known: {', '.join(HOST_EVENT_TYPES)}"
+            )
+        return value
+
+    @field_validator("stripe_api_base", "public_base_url", "app_url", "auth_jwks_url", "host_webhook_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
         if value is None:
@@ -207,13 +241,42 @@ class Settings(BaseSettings):
     def metrics_token_value(self) -> str | None:
         return self.metrics_token.get_secret_value() if self.metrics_token is not None else None
 
+    @cached_property
+    def host_webhook_secrets(self) -> list[str]:
+        """The `whsec_` secrets that sign every host event (all of them, during a rotation)."""
+        if self.host_webhook_secret is None:
+            return [DEV_HOST_WEBHOOK_SECRET]
+        return _split_secrets(self.host_webhook_secret)
+
+    @property
+    def host_event_types(self) -> frozenset[str] | None:
+        """HOST_WEBHOOK_EVENTS: the event types to send, or None for all."""
+        return None if self.host_webhook_events is None else frozenset(_split(self.host_webhook_events))
+
+    @property
+    def host_retry_delays(self) -> list[float]:
+        return parse_retry_schedule(self.host_webhook_retry_schedule)
+
     def secret_values(self) -> list[str]:
         """Every configured secret, for checks that none leaks into logs or responses."""
         values = [self.jwt_secret, *self.webhook_secrets]
+        if self.host_webhook_secret is not None:
+            values.extend(_split_secrets(self.host_webhook_secret))
         for secret in (self.stripe_secret_key, self.service_api_key, self.metrics_token):
             if secret is not None:
                 values.append(secret.get_secret_value())
         return [value for value in values if value]
+
+
+def parse_retry_schedule(raw: str) -> list[float]:
+    """HOST_WEBHOOK_RETRY_SCHEDULE: comma-separated seconds before each retry, e.g. "5,300,1800"."""
+    try:
+        delays = [float(part) for part in _split(raw)]
+    except ValueError:
+        raise ValueError(f"{raw!r} is not a comma-separated list of seconds (e.g. 5,300,1800)") from None
+    if not delays or any(not 0 <= delay <= 7 * 86400 for delay in delays):
+        raise ValueError(f"{raw!r}: give at least one delay, each between 0 and 604800 seconds")
+    return delays
 
 
 def _split(raw: str) -> list[str]:
@@ -240,6 +303,12 @@ def _problems(settings: Settings) -> list[str]:
             )
     if settings.stripe_webhook_secret is not None and not _split_secrets(settings.stripe_webhook_secret):
         problems.append("STRIPE_WEBHOOK_SECRET is set but holds no secret")
+    if settings.host_webhook_secret is not None:
+        secrets = _split_secrets(settings.host_webhook_secret)
+        if not secrets:
+            problems.append("HOST_WEBHOOK_SECRET is set but holds no secret")
+        elif any(not secret.startswith("whsec_") for secret in secrets):
+            problems.append("HOST_WEBHOOK_SECRET: each secret is a Standard Webhooks secret, whsec_<base64>")
     if not settings.is_production:
         return problems
 
@@ -249,6 +318,15 @@ def _problems(settings: Settings) -> list[str]:
         problems.append("STRIPE_WEBHOOK_SECRET is not set: production needs Stripe's signing secret")
     elif DEV_WEBHOOK_SECRET in _split_secrets(settings.stripe_webhook_secret):
         problems.append("STRIPE_WEBHOOK_SECRET holds the development secret")
+    if settings.host_webhook_url is not None:
+        if urlsplit(settings.host_webhook_url).scheme != "https":
+            problems.append("HOST_WEBHOOK_URL is not https: production sends host events over TLS only")
+        if settings.host_webhook_secret is None:
+            problems.append(
+                "HOST_WEBHOOK_SECRET is not set: production signs host events with its own secret"
+            )
+        elif DEV_HOST_WEBHOOK_SECRET in _split_secrets(settings.host_webhook_secret):
+            problems.append("HOST_WEBHOOK_SECRET holds the development secret")
     if settings.auth_jwt_secret is None and settings.auth_jwks_url is None:
         problems.append("AUTH_JWT_SECRET or AUTH_JWKS_URL must be set in production")
     if settings.auth_jwt_secret is not None:

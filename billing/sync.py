@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.errors import BillingError
+from billing.host_events.events import HostEventConfig, StripeTrigger, write_sync_events
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.plans import plan_of_price, tier_rank
 from billing.realtime import publish_account_change
@@ -195,10 +196,15 @@ class CustomerLocks:
     PostgreSQL: a session-level advisory lock on a connection in autocommit mode, so it spans
     the Stripe call without an open transaction, and holds across processes. SQLite (one
     service process): an asyncio lock per customer.
+
+    One per process, shared by every path that syncs (webhooks, mutations, CLI): it also
+    carries the process's `host_events` configuration, so every sync that changes an account
+    writes its host events, whichever path ran it.
     """
 
-    def __init__(self, database: Database) -> None:
+    def __init__(self, database: Database, *, host_events: HostEventConfig | None = None) -> None:
         self.database = database
+        self.host_events = host_events
         self._local: dict[str, asyncio.Lock] = {}
 
     @asynccontextmanager
@@ -231,6 +237,8 @@ class SyncResult:
     unknown_customer: bool = False
     customer_deleted: bool = False
     conflict: str | None = None
+    account_id: int | None = None  # the account row written (None: none, or a dry run's new one)
+    host_events: int = 0  # host events written to the outbox with the change
 
     @property
     def multiple_live(self) -> bool:
@@ -247,14 +255,22 @@ async def sync_customer(
     user_id_hint: str | None = None,
     invoice_ids: Iterable[str] = (),
     dry_run: bool = False,
+    host_events: HostEventConfig | None = None,
+    triggers: Sequence[StripeTrigger] = (),
 ) -> SyncResult:
-    """Fetch the customer's subscriptions (and the named invoices) and write the account row."""
+    """Fetch the customer's subscriptions (and the named invoices) and write the account row.
+
+    With `host_events`, the events for the host app that the change (and the applied Stripe
+    events, `triggers`) make are written to the outbox in the same transaction (default: the
+    configuration `locks` carries).
+    """
+    host_events = host_events or locks.host_events
     async with locks.hold(customer_id):
         customer = await _customer(gateway, customer_id)
         if customer is None:
             return SyncResult(customer_id, None, None, unknown_customer=True)
         if get(customer, "deleted"):
-            return await _customer_deleted(database, customer_id, now, dry_run)
+            return await _customer_deleted(database, customer_id, now, dry_run, host_events, triggers)
         subscriptions = await _subscriptions(gateway, customer_id)
         schedules = await _schedules(gateway, subscriptions)
         invoices = [await _invoice(gateway, invoice_id) for invoice_id in invoice_ids]
@@ -268,6 +284,10 @@ async def sync_customer(
             if not dry_run and not result.unknown_customer:
                 for invoice in invoices:
                     await upsert_invoice(conn, database, invoice, now)
+            if host_events is not None and not dry_run and result.conflict is None:
+                await _write_host_events(conn, database, host_events, result, triggers, now)
+        if result.host_events and host_events is not None:
+            host_events.notify_written()
         return result
 
 
@@ -390,10 +410,11 @@ async def _write_account(
                 .values(user_id=user_id_hint, stripe_customer_id=customer_id, created_at=now, **values)
                 .returning(account_table.c.id)
             )
-            await publish_account_change(conn, database, inserted.scalar_one())
+            result.account_id = inserted.scalar_one()
+            await publish_account_change(conn, database, result.account_id)
         return result
 
-    result = SyncResult(customer_id, row.user_id, state)
+    result = SyncResult(customer_id, row.user_id, state, account_id=row.id)
     if row.stripe_customer_id not in (None, customer_id, stale_link):
         # The user already pays through another customer: keep that link unless it has no live
         # subscription and this one does (e.g. the old customer was replaced).
@@ -421,7 +442,14 @@ async def _write_account(
     return result
 
 
-async def _customer_deleted(database: Database, customer_id: str, now: datetime, dry_run: bool) -> SyncResult:
+async def _customer_deleted(
+    database: Database,
+    customer_id: str,
+    now: datetime,
+    dry_run: bool,
+    host_events: HostEventConfig | None,
+    triggers: Sequence[StripeTrigger],
+) -> SyncResult:
     """The customer is gone: so are its subscriptions. Unlink it; a new checkout makes a new one."""
     async with database.write() as conn:
         row = await _locked_row(conn, database, account_table.c.stripe_customer_id == customer_id)
@@ -439,14 +467,40 @@ async def _customer_deleted(database: Database, customer_id: str, now: datetime,
             "synced_at": now,
             "updated_at": now,
         }
-        result = SyncResult(customer_id, row.user_id, None, customer_deleted=True)
+        result = SyncResult(customer_id, row.user_id, None, customer_deleted=True, account_id=row.id)
         result.changes = {
             name: (getattr(row, name), value) for name, value in values.items() if name in STATE_FIELDS
         }
         if not dry_run:
             await conn.execute(update(account_table).where(account_table.c.id == row.id).values(**values))
             await publish_account_change(conn, database, row.id)
-        return result
+            if host_events is not None:
+                await _write_host_events(conn, database, host_events, result, triggers, now)
+    if result.host_events and host_events is not None:
+        host_events.notify_written()
+    return result
+
+
+async def _write_host_events(
+    conn: AsyncConnection,
+    database: Database,
+    config: HostEventConfig,
+    result: SyncResult,
+    triggers: Sequence[StripeTrigger],
+    now: datetime,
+) -> None:
+    """The host events of this change, in its transaction (billing/host_events/events.py)."""
+    changed = {name: pair for name, pair in result.changes.items() if pair[0] != pair[1]}
+    result.host_events = await write_sync_events(
+        conn,
+        database,
+        config,
+        account_id=result.account_id,
+        customer_id=result.customer_id,
+        changes=changed,
+        triggers=triggers,
+        now=now,
+    )
 
 
 async def _locked_row(conn: AsyncConnection, database: Database, condition: Any) -> Any:

@@ -31,6 +31,7 @@ from billing import tracing
 from billing.background import BackgroundWorker
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError
+from billing.host_events.events import HostEventConfig, StripeTrigger
 from billing.logs import EVENT_ID as APPLYING
 from billing.metrics import WEBHOOKS_APPLIED
 from billing.notifier import Notification, NotificationKind, Notifier
@@ -290,14 +291,17 @@ class EventProcessor(BackgroundWorker):
         clock: Clock = utcnow,
         batch_size: int = 100,
         poll_seconds: float = 1.0,
+        host_events: HostEventConfig | None = None,
     ) -> None:
         super().__init__(poll_seconds=poll_seconds)
         self.database = database
         self.gateway = gateway
         self.notifier = notifier
+        # Events for the host app, written with each sync (None: HOST_WEBHOOK_URL is not set).
+        self.host_events = host_events
         self.clock = clock
         self.batch_size = batch_size
-        self.locks = CustomerLocks(database)
+        self.locks = CustomerLocks(database, host_events=host_events)
 
     async def drain(self, *, max_batches: int = 1000) -> BatchReport:
         """Apply everything due now (tests, CLI)."""
@@ -346,7 +350,7 @@ class EventProcessor(BackgroundWorker):
             parent = next((event.trace_context for event in events if event.trace_context), None)
             try:
                 with tracing.span("webhook apply", parent=parent, attributes={"stripe.event_ids": ids}):
-                    result = await self._apply(customer_id, [target for _, target in members])
+                    result = await self._apply(customer_id, members)
             except Exception as exc:  # recorded on the events, retried with backoff
                 await self._fail(events, exc)
                 report.failed += len(events)
@@ -366,7 +370,8 @@ class EventProcessor(BackgroundWorker):
         APPLYING.set(None)
         return report
 
-    async def _apply(self, customer_id: str, targets: list[Target]) -> SyncResult:
+    async def _apply(self, customer_id: str, members: list[tuple[Claimed, Target]]) -> SyncResult:
+        targets = [target for _, target in members]
         hint = next((t.user_id_hint for t in targets if t.user_id_hint), None)
         invoices = sorted({t.invoice_id for t in targets if t.invoice_id})
         return await sync_customer(
@@ -377,6 +382,16 @@ class EventProcessor(BackgroundWorker):
             now=self.clock(),
             user_id_hint=hint,
             invoice_ids=invoices,
+            host_events=self.host_events,
+            triggers=[
+                StripeTrigger(
+                    event.id,
+                    event.type,
+                    event.payload["data"]["object"],
+                    int(event.payload.get("created") or 0),
+                )
+                for event, _ in members
+            ],
         )
 
     def _notifications(self, events: list[Claimed], result: SyncResult) -> list[Notification]:

@@ -57,10 +57,15 @@ class LeasedQueue:
         limit: int,
         order_by: Sequence[ColumnElement[Any]],
         returning: Sequence[ColumnElement[Any]],
+        where: ColumnElement[bool] | None = None,
     ) -> list[Row[Any]]:
-        """Claim up to `limit` due rows with a lease; their `returning` columns, claimed."""
+        """Claim up to `limit` due rows with a lease; their `returning` columns, claimed.
+
+        `where` narrows the due rows further (the host-event worker: an account's oldest only).
+        """
         c = self.table.c
-        query = select(c.id).where(self.due(now)).order_by(*order_by).limit(limit)
+        condition = self.due(now) if where is None else and_(self.due(now), where)
+        query = select(c.id).where(condition).order_by(*order_by).limit(limit)
         if database.is_sqlite:
             # An idle poll must not take SQLite's one write lock: look first, in a read.
             async with database.read() as conn:
@@ -98,10 +103,14 @@ class LeasedQueue:
     def retry_later(self, *, attempts: int, now: datetime, error: str | None) -> dict[str, Any]:
         """The values that put a claimed row back to wait `backoff(attempts)` (with `error`,
         else keeping the last one)."""
+        return self.retry_at(now + backoff(attempts), error=error)
+
+    def retry_at(self, when: datetime, *, error: str | None) -> dict[str, Any]:
+        """The values that put a claimed row back to wait until `when` (a schedule of its own)."""
         values: dict[str, Any] = {
             "status": self.waiting,
             "lease_expires_at": None,
-            "next_attempt_at": now + backoff(attempts),
+            "next_attempt_at": when,
         }
         if error is not None:
             values["last_error"] = error[:MAX_ERROR_LENGTH]

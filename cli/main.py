@@ -21,6 +21,9 @@ from sqlalchemy.exc import DBAPIError
 from billing.catalog import sync_catalog
 from billing.clock import utcnow
 from billing.errors import BillingError, ConfigurationError
+from billing.host_events import admin as host_admin
+from billing.host_events.config import delivery_config, host_event_config
+from billing.host_events.delivery import DeliveryReport, HostEventDelivery
 from billing.logs import configure_logging, logging_config
 from billing.notifier import LogNotifier
 from billing.plans import PlansFileError, load_catalog
@@ -213,6 +216,7 @@ def sync(dry_run: bool) -> None:
                     now=utcnow(),
                     dry_run=dry_run,
                     on_customer=lambda _id: bar.update(1),
+                    host_events=host_event_config(settings),
                 )
         finally:
             await gateway.close()
@@ -266,7 +270,12 @@ def events_replay(event_id: str | None, failed: bool) -> None:
         try:
             await ensure_ready(database.engine)
             queued = await requeue(database, event_id=event_id, failed=failed, now=utcnow())
-            processor = EventProcessor(database=database, gateway=gateway, notifier=LogNotifier())
+            processor = EventProcessor(
+                database=database,
+                gateway=gateway,
+                notifier=LogNotifier(),
+                host_events=host_event_config(settings),
+            )
             return queued, await processor.drain()
         finally:
             await gateway.close()
@@ -280,6 +289,101 @@ def events_replay(event_id: str | None, failed: bool) -> None:
         f"{report.failed} failed again"
     )
     if report.failed:
+        sys.exit(1)
+
+
+@main.group("host-events")
+def host_events() -> None:
+    """Events for the host app's backend (HOST_WEBHOOK_URL): the outbox and its deliveries."""
+
+
+@host_events.command("list")
+@click.option("--failed", is_flag=True, help="Only the events that failed for good.")
+@click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--dry-run", is_flag=True, help="Accepted for symmetry: listing never changes anything.")
+def host_events_list(failed: bool, limit: int, dry_run: bool) -> None:
+    """The newest host events (or the failed ones), newest first, and the endpoint's state."""
+    settings = _settings()
+
+    async def run() -> tuple[list[host_admin.HostEventRow], host_admin.EndpointState | None]:
+        database = Database.from_url(settings.database_url)
+        try:
+            await ensure_ready(database.engine)
+            rows = await host_admin.list_events(database, failed=failed, limit=limit)
+            url = settings.host_webhook_url
+            return rows, None if url is None else await host_admin.endpoint_state(database, url)
+        finally:
+            await database.dispose()
+
+    rows, endpoint = asyncio.run(run())
+    if endpoint is None:
+        click.echo("HOST_WEBHOOK_URL is not set: no host events are written.", err=True)
+    elif endpoint.disabled_at is not None:
+        click.echo(
+            f"endpoint {endpoint.url} DISABLED since {endpoint.disabled_at.isoformat()} "
+            f"({endpoint.disabled_reason}); `billing host-events replay` enables it again",
+            err=True,
+        )
+    else:
+        click.echo(f"endpoint {endpoint.url} enabled", err=True)
+    for row in rows:
+        code = row.last_status_code if row.last_status_code is not None else "-"
+        error = f"  {row.last_error}" if row.last_error and row.status != "delivered" else ""
+        click.echo(
+            f"{row.id}\t{row.message_id}\t{row.type}\t{row.status}\tattempts={row.attempts}\t"
+            f"last={code}\tuser={row.user_id or '-'}\t{row.created_at.isoformat()}{error}"
+        )
+    click.echo(f"{len(rows)} event(s)", err=True)
+
+
+@host_events.command("replay")
+@click.argument("event", required=False)
+@click.option("--failed", is_flag=True, help="Replay every event that failed for good.")
+@click.option("--dry-run", is_flag=True, help="List what would be replayed; change and send nothing.")
+def host_events_replay(event: str | None, failed: bool, dry_run: bool) -> None:
+    """Send host events again now: one by id or webhook-id, or every failed one.
+
+    Enables the endpoint again if a 410 Gone disabled it. The same webhook-id is sent, so a
+    receiver that saw an event before recognises it."""
+    if (event is None) == (not failed):
+        raise click.UsageError("give either EVENT (an id or a msg_ webhook-id) or --failed")
+    settings = _settings()
+    config = delivery_config(settings)
+    if config is None:
+        raise click.ClickException("HOST_WEBHOOK_URL is not set: there is nowhere to send events")
+
+    async def run() -> tuple[list[host_admin.HostEventRow], DeliveryReport | None]:
+        database = Database.from_url(settings.database_url)
+        try:
+            await ensure_ready(database.engine)
+            chosen = await host_admin.replay(
+                database, event=event, failed=failed, url=config.url, now=utcnow(), dry_run=dry_run
+            )
+            if dry_run or not chosen:
+                return chosen, None
+            worker = HostEventDelivery(database=database, config=config)
+            try:
+                return chosen, await worker.drain()
+            finally:
+                await worker.close()
+        finally:
+            await database.dispose()
+
+    chosen, report = asyncio.run(run())
+    if event is not None and not chosen:
+        raise click.ClickException(f"no host event {event}")
+    for row in chosen:
+        click.echo(f"{row.id}\t{row.message_id}\t{row.type}\t{row.status}", err=True)
+    if report is None:
+        verb = "would be replayed (dry run: nothing changed or sent)" if dry_run else "replayed"
+        click.echo(f"{len(chosen)} event(s) {verb}.")
+        return
+    click.echo(
+        f"{len(chosen)} event(s) replayed: {report.delivered} delivered, {report.retrying} to retry, "
+        f"{report.failed} failed again"
+        + (" (the endpoint answered 410 Gone: disabled)" if report.disabled else "")
+    )
+    if report.retrying or report.failed or report.disabled:
         sys.exit(1)
 
 

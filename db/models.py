@@ -168,6 +168,23 @@ class UsageRollup(SQLModel, table=True):
     quantity: int = Field(sa_type=BigInteger)
 
 
+class UsageWindowTotal(SQLModel, table=True):
+    """The running total of a feature's usage per account and quota window, upserted in the same
+    transaction as each record while host events are on: its old and new values tell when a
+    record crosses 80% or 100% of the quota (`usage.threshold`), without summing the window."""
+
+    __tablename__ = "usage_window_total"
+    __table_args__ = (CheckConstraint("quantity >= 0", name="quantity_non_negative"),)
+
+    account_id: int = Field(
+        foreign_key="billing_account.id", ondelete="CASCADE", primary_key=True, sa_type=BigId
+    )
+    feature: str = Field(primary_key=True, sa_type=String(64))
+    window_start: datetime = Field(primary_key=True, sa_type=UTCDateTime)
+    window_end: datetime = Field(sa_type=UTCDateTime)
+    quantity: int = Field(sa_type=BigInteger)
+
+
 class UsageReport(SQLModel, table=True):
     """One meter event for Stripe: the sum of a customer's records of one feature in one minute.
 
@@ -260,6 +277,76 @@ class RateLimit(SQLModel, table=True):
     hits: int = Field(sa_type=Integer)
 
 
+class HostEventStatus(StrEnum):
+    """Life of an event for the host app (`host_event`, billing/host_events/)."""
+
+    PENDING = "pending"  # waiting for its (next) delivery attempt
+    SENDING = "sending"  # claimed by a delivery worker until `lease_expires_at`
+    DELIVERED = "delivered"  # the host answered 2xx
+    FAILED = "failed"  # every attempt of the retry schedule failed: `billing host-events replay`
+
+
+class HostEvent(SQLModel, table=True):
+    """The outbox of events for the host app, written in the same transaction as their cause.
+
+    `id` orders an account's events; `message_id` is the Standard Webhooks `webhook-id`, the same
+    on every attempt; `dedupe_key` (NULL for state changes) makes a Stripe event seen twice add
+    no second event.
+    """
+
+    __tablename__ = "host_event"
+    __table_args__ = (
+        UniqueConstraint("message_id"),
+        UniqueConstraint("dedupe_key"),
+        CheckConstraint(f"status IN ({sql_in(HostEventStatus)})", name="status"),
+        Index(None, "status", "next_attempt_at"),
+        Index(None, "account_id", "id"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    message_id: str = Field(sa_type=String(64))
+    type: str = Field(sa_type=String(64))
+    account_id: int | None = Field(default=None, sa_type=BigId)
+    user_id: str | None = Field(default=None, sa_type=String(255))
+    dedupe_key: str | None = Field(default=None, sa_type=String(320))
+    payload: dict[str, Any] = Field(sa_type=Json)  # the document sent: type, timestamp, data
+    created_at: datetime = Field(sa_type=UTCDateTime)
+    status: str = Field(default=HostEventStatus.PENDING.value, sa_type=String(16))
+    attempts: int = Field(default=0)
+    next_attempt_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    lease_expires_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    last_error: str | None = Field(default=None, sa_type=Text)
+    last_status_code: int | None = Field(default=None)
+    delivered_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+
+
+class HostEventAttempt(SQLModel, table=True):
+    """One delivery attempt of a host event (append-only): its answer and latency."""
+
+    __tablename__ = "host_event_attempt"
+    __table_args__ = (Index(None, "event_id", "id"),)
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    event_id: int = Field(foreign_key="host_event.id", ondelete="CASCADE", sa_type=BigId)
+    attempt: int = Field()
+    url: str = Field(sa_type=Text)
+    attempted_at: datetime = Field(sa_type=UTCDateTime)
+    status_code: int | None = Field(default=None)  # None: no answer (connection error, timeout)
+    latency_ms: int = Field()
+    error: str | None = Field(default=None, sa_type=Text)
+
+
+class HostEndpoint(SQLModel, table=True):
+    """The host's webhook endpoint, by URL: disabled after a `410 Gone` until a replay."""
+
+    __tablename__ = "host_endpoint"
+
+    url: str = Field(primary_key=True, sa_type=String(2048))
+    disabled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    disabled_reason: str | None = Field(default=None, sa_type=Text)
+    updated_at: datetime = Field(sa_type=UTCDateTime)
+
+
 account_table = BillingAccount.__table__  # type: ignore[attr-defined]
 usage_table = UsageRecord.__table__  # type: ignore[attr-defined]
 rollup_table = UsageRollup.__table__  # type: ignore[attr-defined]
@@ -268,3 +355,7 @@ event_table = StripeEvent.__table__  # type: ignore[attr-defined]
 invoice_table = Invoice.__table__  # type: ignore[attr-defined]
 quote_table = PlanChangeQuote.__table__  # type: ignore[attr-defined]
 rate_limit_table = RateLimit.__table__  # type: ignore[attr-defined]
+host_event_table = HostEvent.__table__  # type: ignore[attr-defined]
+host_attempt_table = HostEventAttempt.__table__  # type: ignore[attr-defined]
+host_endpoint_table = HostEndpoint.__table__  # type: ignore[attr-defined]
+usage_total_table = UsageWindowTotal.__table__  # type: ignore[attr-defined]

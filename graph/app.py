@@ -16,6 +16,8 @@ from strawberry.schema import BaseSchema
 
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
+from billing.host_events.config import delivery_config, host_event_config
+from billing.host_events.delivery import HostEventDelivery
 from billing.logs import REQUEST_ID, request_id_for
 from billing.metrics import DatabaseGauges
 from billing.notifier import LogNotifier, Notifier
@@ -174,8 +176,21 @@ def create_app(
         graphql_services.realtime = app.state.realtime.hub
         app.state.stripe = StripeGateway(GatewayConfig.from_settings(settings))
         graphql_services.gateway = app.state.stripe
+        # Events for the host app (HOST_WEBHOOK_URL): written with every sync, delivered here.
+        app.state.host_delivery = None
+        host_events = host_event_config(settings)
+        delivery = delivery_config(settings)
+        if delivery is not None:
+            app.state.host_delivery = HostEventDelivery(database=app.state.database, config=delivery)
+            host_events = host_event_config(settings, kick=app.state.host_delivery.kick)
+            if settings.host_events_worker:
+                start_background(app.state.host_delivery.run())
+        app.state.host_events = host_events
         app.state.events = EventProcessor(
-            database=app.state.database, gateway=app.state.stripe, notifier=notifier or LogNotifier()
+            database=app.state.database,
+            gateway=app.state.stripe,
+            notifier=notifier or LogNotifier(),
+            host_events=host_events,
         )
         graphql_services.locks = app.state.events.locks
         if settings.webhook_worker:
@@ -203,6 +218,8 @@ def create_app(
             if sandbox_app is not None:
                 await sandbox_app.stop()
             await app.state.stripe.close()
+            if app.state.host_delivery is not None:
+                await app.state.host_delivery.close()
             if owned:
                 await app.state.database.dispose()
             worker_exited()

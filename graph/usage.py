@@ -94,6 +94,8 @@ async def _record(context: Context, inputs: list[RecordUsageInput]) -> list[Usag
         now=context.now,
         max_quantity=settings.usage_max_quantity,
         past_due_grace=context.policy.past_due_grace,
+        # usage.threshold events, when HOST_WEBHOOK_URL is set (the sync's configuration).
+        host_events=locks.host_events if (locks := context.services.locks) is not None else None,
     )
     reporter = context.reporter
     if reporter is not None:

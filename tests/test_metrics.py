@@ -13,13 +13,13 @@ from pathlib import Path
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from sqlalchemy import update
+from sqlalchemy import insert, update
 
 from billing.stripe_gateway import StripeGateway
 from billing.webhooks import MAX_ATTEMPTS
 from db.engine import Database
 from db.migrate import upgrade
-from db.models import event_table
+from db.models import HostEventStatus, event_table, host_endpoint_table, host_event_table
 from tests.billing_flows import control, eventually, setup_catalog
 from tests.checkout_flows import subscribe_via_api
 from tests.conftest import DbTarget, Service, free_port, running_service
@@ -339,3 +339,38 @@ def test_a_dead_workers_live_gauges_are_dropped_at_scrape_time(tmp_path: Path) -
     assert sorted(os.listdir(tmp_path)) == sorted(
         [f"counter_{dead.pid}.db", f"counter_{alive}.db", f"gauge_livesum_{alive}.db"]
     )  # its counters stay: they never go back
+
+
+async def test_the_host_event_gauges_count_the_outbox_and_a_disabled_endpoint(observed: Service) -> None:
+    now = datetime.now(UTC)
+    rows = [
+        (HostEventStatus.PENDING, now - timedelta(seconds=90)),
+        (HostEventStatus.SENDING, now - timedelta(seconds=30)),
+        (HostEventStatus.FAILED, now - timedelta(days=4)),
+        (HostEventStatus.DELIVERED, now - timedelta(days=9)),
+    ]
+    async with observed.database.write() as conn:  # before the service's first scrape: none cached
+        await conn.execute(
+            insert(host_event_table),
+            [
+                {
+                    "message_id": f"msg_gauges_{n}",
+                    "type": "subscription.updated",
+                    "payload": {},
+                    "created_at": created,
+                    "status": status.value,
+                    "attempts": 0,
+                }
+                for n, (status, created) in enumerate(rows)
+            ],
+        )
+        await conn.execute(
+            insert(host_endpoint_table).values(
+                url="https://host.example/hooks", disabled_at=now, disabled_reason="410 Gone", updated_at=now
+            )
+        )
+    after = parse(await scrape(observed.url))
+    assert value(after, "billing_host_events_pending") == 2
+    assert value(after, "billing_host_events_failed") == 1
+    assert value(after, "billing_host_endpoint_disabled") == 1
+    assert 90 <= value(after, "billing_host_events_oldest_pending_age_seconds") < 120

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 
 from billing.errors import ConfigurationError
-from billing.settings import DEV_JWT_SECRET, DEV_WEBHOOK_SECRET, Settings, load_settings
+from billing.settings import (
+    DEV_HOST_WEBHOOK_SECRET,
+    DEV_JWT_SECRET,
+    DEV_WEBHOOK_SECRET,
+    Settings,
+    load_settings,
+)
 
 SETTING_NAMES = [
     "ENVIRONMENT",
@@ -26,8 +32,13 @@ SETTING_NAMES = [
     "METRICS_TOKEN",
     "METRICS_ENABLED",
     "LOG_FORMAT",
+    "HOST_WEBHOOK_URL",
+    "HOST_WEBHOOK_SECRET",
+    "HOST_WEBHOOK_EVENTS",
+    "HOST_WEBHOOK_RETRY_SCHEDULE",
 ]
 STRONG = "s" * 40
+HOST_SECRET = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"
 PRODUCTION = {
     "ENVIRONMENT": "production",
     "STRIPE_SECRET_KEY": "sk_test_123",
@@ -85,6 +96,18 @@ def test_a_complete_production_configuration_is_accepted(monkeypatch: pytest.Mon
         (
             {"STRIPE_SECRET_KEY": "rk_live_abc", "STRIPE_API_BASE": "https://evil.example.com"},
             "STRIPE_API_BASE",
+        ),
+        (
+            {"HOST_WEBHOOK_URL": "http://app.example.com/hooks", "HOST_WEBHOOK_SECRET": HOST_SECRET},
+            "HOST_WEBHOOK_URL is not https",
+        ),
+        ({"HOST_WEBHOOK_URL": "https://app.example.com/hooks"}, "HOST_WEBHOOK_SECRET is not set"),
+        (
+            {
+                "HOST_WEBHOOK_URL": "https://app.example.com/hooks",
+                "HOST_WEBHOOK_SECRET": DEV_HOST_WEBHOOK_SECRET,
+            },
+            "HOST_WEBHOOK_SECRET holds the development secret",
         ),
     ],
 )
@@ -155,6 +178,11 @@ def test_webhook_secrets_rotate_as_a_comma_separated_list(monkeypatch: pytest.Mo
         ("ENVIRONMENT", "staging"),
         ("APP_URL", "ftp://example.com"),
         ("STRIPE_WEBHOOK_SECRET", " , "),
+        ("HOST_WEBHOOK_URL", "app.example.com/hooks"),
+        ("HOST_WEBHOOK_SECRET", "not-a-whsec-secret"),
+        ("HOST_WEBHOOK_EVENTS", "subscription.created,subscription.exploded"),
+        ("HOST_WEBHOOK_RETRY_SCHEDULE", "5,soon"),
+        ("HOST_WEBHOOK_RETRY_SCHEDULE", "-1"),
     ],
 )
 def test_bad_values_are_refused_naming_the_setting(
@@ -179,3 +207,31 @@ def test_secrets_do_not_show_in_the_settings_repr(monkeypatch: pytest.MonkeyPatc
     configure(monkeypatch, PRODUCTION)
     shown = repr(load_settings())
     assert STRONG not in shown and "sk_test_123" not in shown and "whsec_real" not in shown
+
+
+def test_host_webhooks_in_production_over_https_with_rotating_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    other = "whsec_dGhpcyBpcyBhbm90aGVyIHNlY3JldCBlbnRpcmVseQ=="
+    configure(
+        monkeypatch,
+        {
+            **PRODUCTION,
+            "HOST_WEBHOOK_URL": "https://app.example.com/hooks/billing",
+            "HOST_WEBHOOK_SECRET": f"{HOST_SECRET}, {other}",
+            "HOST_WEBHOOK_EVENTS": "payment.failed, subscription.canceled",
+            "HOST_WEBHOOK_RETRY_SCHEDULE": "1,60,3600",
+        },
+    )
+    settings = load_settings()
+    assert settings.host_webhook_secrets == [HOST_SECRET, other]
+    assert settings.host_event_types == {"payment.failed", "subscription.canceled"}
+    assert settings.host_retry_delays == [1.0, 60.0, 3600.0]
+    assert HOST_SECRET in settings.secret_values()
+
+
+def test_the_default_retry_schedule_spans_at_least_three_days() -> None:
+    delays = load_settings().host_retry_delays
+    assert sum(delays) >= 3 * 86_400
+    assert delays[0] < 60 <= max(delays[:3]) and max(delays) >= 3600  # seconds, minutes, hours
+    assert load_settings().host_webhook_url is None  # no host events unless configured

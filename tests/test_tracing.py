@@ -19,12 +19,12 @@ from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from billing import tracing as billing_tracing
-from billing.stripe_gateway import GatewayConfig, StripeGateway
 from db.engine import Database
 from graph.tracing import tracing_requested
 from tests.billing_flows import setup_catalog
 from tests.checkout_flows import create_checkout, token
 from tests.conftest import DbTarget, Service, free_port, serve, service_settings
+from tests.gateways import sandbox_gateway
 from tests.stripe_events import event, post_event
 
 
@@ -77,7 +77,7 @@ async def test_a_checkout_is_one_trace_http_graphql_database_stripe(
     database: Database, sandbox_db: DbTarget, provider: TracerProvider, exporter: InMemorySpanExporter
 ) -> None:
     async with traced_service(database, sandbox_db, provider, webhook_worker=False) as service:
-        gateway = StripeGateway(GatewayConfig(api_key="sk_test_tests", api_base=f"{service.url}/sandbox"))
+        gateway = sandbox_gateway(service.url)
         try:
             await setup_catalog(gateway)
         finally:

@@ -30,6 +30,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.access import (
     MAX_USER_ID_LENGTH,
+    AccessPolicy,
+    SubscriptionState,
     account_states,
     check_feature_name,
     effective_tier,
@@ -38,8 +40,10 @@ from billing.access import (
 )
 from billing.clock import utcnow
 from billing.errors import BillingError, ErrorCode
+from billing.host_events.events import HostEventConfig
 from billing.metrics import USAGE_RECORDS
 from billing.plans import Catalog
+from billing.usage.window_totals import total_and_threshold_ctes
 from db.engine import Database
 from db.enums import Tier
 from db.models import rollup_table, usage_table
@@ -157,7 +161,7 @@ class _Statements:
 _STATEMENTS = {"postgresql": _Statements.build(postgresql.insert), "sqlite": _Statements.build(sqlite.insert)}
 
 
-def _record_one_statement() -> Any:
+def _record_one_statement(*, with_totals: bool = False) -> Any:
     """PostgreSQL, one record in one atomic statement (autocommit, one round trip): the insert
     (ON CONFLICT on the idempotency key DO NOTHING), its hour's rollup upsert when it inserted,
     and the row already stored under the key when it did not (`new` tells which)."""
@@ -197,10 +201,12 @@ def _record_one_statement() -> Any:
         select(
             c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at, false().label("new")
         ).where(c.account_id == bindparam("account_id"), c.idempotency_key == bindparam("idempotency_key")),
-    ).add_cte(added)
+    ).add_cte(added, *(total_and_threshold_ctes(inserted) if with_totals else ()))
 
 
 _RECORD_ONE = _record_one_statement()
+# ... and the window total and the usage.threshold events (billing/usage/window_totals.py).
+_RECORD_ONE_WITH_TOTAL = _record_one_statement(with_totals=True)
 
 
 def _statements(database: Database) -> _Statements:
@@ -215,6 +221,7 @@ async def record_usage(
     now: datetime | None = None,
     max_quantity: int = DEFAULT_MAX_QUANTITY,
     past_due_grace: timedelta = DEFAULT_PAST_DUE_GRACE,
+    host_events: HostEventConfig | None = None,
 ) -> list[RecordedUsage]:
     """Record usage, all or nothing; returns one record per input, in order.
 
@@ -223,6 +230,10 @@ async def record_usage(
     Refusals carry `extensions.index` (the item) and write nothing: BAD_USER_INPUT (unknown
     feature, quantity out of 1..max_quantity, recordedAt outside Stripe's window, more than
     1,000 items), NO_BILLING_ACCOUNT (unknown user), NO_SUBSCRIPTION (no live subscription).
+
+    With `host_events`, each quota window's running total is upserted in the same transaction
+    (one more statement; for a single record on PostgreSQL, within its one statement) and a
+    record crossing 80% or 100% writes `usage.threshold` (billing/usage/thresholds.py).
     """
     now = now or utcnow()
     if len(records) > MAX_BATCH:
@@ -245,12 +256,15 @@ async def record_usage(
             _check_same(records[seen], record, index)
 
     if len(records) == 1 and database.is_postgres:
-        recorded = await _record_one(database, records[0], times[0], now, past_due_grace)
+        policy = AccessPolicy(catalog=catalog, past_due_grace=past_due_grace)
+        recorded = await _record_one(database, records[0], times[0], now, policy, host_events)
         if not recorded.duplicate:
             USAGE_RECORDS.inc()
         return [recorded]
+    written = 0
     async with database.write() as conn:
-        accounts = await _live_accounts(conn, records, now, past_due_grace)
+        states: dict[int, SubscriptionState] = {}
+        accounts = await _live_accounts(conn, records, now, past_due_grace, states)
         rows = [
             {
                 "account_id": accounts[records[index].user_id],
@@ -280,18 +294,41 @@ async def record_usage(
                 _check_same_row(row, record, index)
             results.append(_recorded(row, record.user_id, duplicate=duplicate))
         await _add_to_rollups(database, conn, new.values())
+        if host_events is not None and new:
+            from billing.usage.thresholds import add_to_totals  # it reads the windows, which read us
+
+            written = await add_to_totals(
+                conn,
+                database,
+                host_events,
+                AccessPolicy(catalog=catalog, past_due_grace=past_due_grace),
+                rows=new.values(),
+                states=states,
+                now=now,
+            )
     USAGE_RECORDS.inc(len(new))  # committed
+    if host_events is not None and written:
+        host_events.notify_written()
     return results
 
 
 async def _record_one(
-    database: Database, record: UsageInput, at: datetime, now: datetime, past_due_grace: timedelta
+    database: Database,
+    record: UsageInput,
+    at: datetime,
+    now: datetime,
+    policy: AccessPolicy,
+    host_events: HostEventConfig | None,
 ) -> RecordedUsage:
     """One record on PostgreSQL in two round trips instead of five (BEGIN, the account, the
     insert, the rollup, COMMIT): the account read, then `_RECORD_ONE`, each in autocommit. The
-    transaction's account read took no lock either, so the answers are the same."""
+    transaction's account read took no lock either, so the answers are the same. With host
+    events, the same statement also adds to the window total and writes `usage.threshold`."""
     async with database.write_one() as conn:
-        account_id = (await _live_accounts(conn, [record], now, past_due_grace))[record.user_id]
+        states: dict[int, SubscriptionState] = {}
+        account_id = (await _live_accounts(conn, [record], now, policy.past_due_grace, states))[
+            record.user_id
+        ]
         key = (account_id, record.idempotency_key)
         parameters = {
             "account_id": account_id,
@@ -302,7 +339,14 @@ async def _record_one(
             "created_at": now,
             "hour": hour_of(at),
         }
-        rows = (await conn.execute(_RECORD_ONE, parameters)).all()
+        statement = _RECORD_ONE
+        if host_events is not None:
+            from billing.usage.thresholds import one_record_parameters  # it reads the windows
+
+            more = one_record_parameters(host_events, policy, states[account_id], record, at, now)
+            if more is not None:
+                statement, parameters = _RECORD_ONE_WITH_TOTAL, {**parameters, **more}
+        rows = (await conn.execute(statement, parameters)).all()
         row: Any = next((row for row in rows if row.new), None)
         duplicate = row is None
         if row is None:
@@ -346,9 +390,14 @@ def _conflict(record: UsageInput, feature: str, quantity: int, index: int) -> Bi
 
 
 async def _live_accounts(
-    conn: AsyncConnection, records: Sequence[UsageInput], now: datetime, grace: timedelta
+    conn: AsyncConnection,
+    records: Sequence[UsageInput],
+    now: datetime,
+    grace: timedelta,
+    states: dict[int, SubscriptionState] | None = None,
 ) -> dict[str, int]:
-    """user id -> account id, for users whose subscription grants access now; else the refusal."""
+    """user id -> account id, for users whose subscription grants access now; else the refusal.
+    (`states`, when given, receives each account's state by account id.)"""
     found = await account_states(conn, sorted({record.user_id for record in records}))
     accounts: dict[str, int] = {}
     for index, record in enumerate(records):
@@ -370,6 +419,8 @@ async def _live_accounts(
                 userId=record.user_id,
             )
         accounts[record.user_id] = state.account_id
+        if states is not None:
+            states[state.account_id] = state
     return accounts
 
 

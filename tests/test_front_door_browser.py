@@ -230,6 +230,19 @@ def test_graphiql_renders_its_editor_from_the_service_alone(browser: WebDriver, 
     assert any(url.endswith("/static/vendor/graphiql/graphiql.min.js") for url in requested)
 
 
+def test_graphiql_opens_signed_in_as_the_default_test_user(browser: WebDriver, service: str) -> None:
+    drain_logs(browser)
+    open_graphiql(browser, service)
+    status = browser.find_element(By.ID, "act-as-status")
+    wait(browser, lambda d: "acting as demo_user" in status.text, "the automatic token")
+    wait(browser, lambda d: d.find_elements(By.CSS_SELECTOR, ".graphiql-execute-button"), "a fresh IDE")
+    run_operation(browser)  # nothing clicked but the play button
+    answer = response_json(browser, "demo_user")
+    assert "errors" not in answer, answer
+    assert answer["data"]["viewer"]["id"] == "demo_user"
+    assert_clean(browser, service)
+
+
 def test_act_as_a_test_user_then_the_example_shows_the_viewer(
     browser: WebDriver, service: str, shots: Path
 ) -> None:

@@ -7,7 +7,7 @@
   var subscriptionUrl = graphqlUrl.replace(/^http/, "ws");
   var tokenUrl = host.dataset.devTokenUrl || null;
   var params = new URLSearchParams(window.location.search);
-  var initialQuery = params.get("q") || host.dataset.example;
+  var currentQuery = params.get("q") || host.dataset.example;
   var root = ReactDOM.createRoot(host);
   var generation = 0;
 
@@ -22,13 +22,19 @@
       shouldPersistHeaders: false,
       inputValueDeprecation: true,
     };
-    if (generation === 1) props.query = initialQuery; // after that the IDE keeps the user's text
+    props.query = currentQuery; // a fresh IDE (a new token) keeps the text being edited
+    props.onEditQuery = function (text) {
+      currentQuery = text;
+    };
     if (headers) props.headers = headers;
     root.render(React.createElement(GraphiQL, props));
   }
 
+  var latest = 0; // only the last request's token is used, whichever answers first
+
   function actAs(event) {
-    event.preventDefault();
+    if (event) event.preventDefault();
+    var mine = ++latest;
     var user = document.getElementById("act-as-user").value.trim();
     var status = document.getElementById("act-as-status");
     status.textContent = "…";
@@ -44,16 +50,21 @@
         });
       })
       .then(function (body) {
+        if (mine !== latest) return;
         render(JSON.stringify({ Authorization: "Bearer " + body.token }, null, 2));
         status.textContent = "acting as " + body.userId + " (token valid " + body.expiresIn / 60 + " min)";
         status.dataset.user = body.userId;
       })
       .catch(function (error) {
+        if (mine !== latest) return;
         status.textContent = "no token: " + error.message;
       });
   }
 
   var form = document.getElementById("act-as");
-  if (form && tokenUrl) form.addEventListener("submit", actAs);
   render(null);
+  if (form && tokenUrl) {
+    form.addEventListener("submit", actAs);
+    actAs(null); // development: signed in as the default test user from the start
+  }
 })();

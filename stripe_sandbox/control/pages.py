@@ -6,11 +6,16 @@ transaction, so it emits the same events; then it redirects (303) as Stripe's pa
 
 - `GET /checkout/{id}` (a session's `url`): plan, price and interval, trial, email, then
   `POST /checkout/{id}/pay` (as `POST /_control/checkout/{id}/complete {"outcome": "paid"}`,
-  then 303 to the success URL) or `POST /checkout/{id}/decline` (the card is refused: the page
+  then 303 to the success URL, its `{CHECKOUT_SESSION_ID}` filled in: the session keeps the
+  template, as on Stripe) or `POST /checkout/{id}/decline` (the card is refused: the page
   shows the decline and the session stays open, as on Stripe; "Cancel" links to cancel_url).
 - `GET /portal/{id}` (a portal session's `url`): each live subscription (plan, status, period
   end, pending cancellation), the payment method, invoice history, a link to `return_url`.
-  `POST /portal/{id}/subscriptions/{sub}/cancel` and `.../resume`, and
+  "Cancel subscription" opens `GET /portal/{id}/subscriptions/{sub}/cancel`, Stripe's
+  confirmation step (when it ends, and the reason survey if the configuration's
+  `subscription_cancel.cancellation_reason` is enabled); its form posts `confirm=true` (and
+  `feedback`) to `POST .../cancel`, which without `confirm` only redirects to the confirmation.
+  `POST /portal/{id}/subscriptions/{sub}/resume`, and
   `POST /portal/{id}/payment_method` (`fails=true|false`), each allowed only when the portal
   configuration enables the feature, then 303 back to the portal.
 - `GET /invoices/{id}` (an invoice's `hosted_invoice_url`): lines and amounts; an open invoice
@@ -26,6 +31,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -59,6 +65,11 @@ def esc(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def lines_of(*values: object) -> str:
+    """The given values, escaped, one per line; empty ones left out (no blank lines)."""
+    return "<br>".join(esc(v) for v in values if v not in (None, ""))
+
+
 def href(url: object) -> str:
     """An escaped link target; anything but http(s) or a path becomes inert."""
     text = "" if url is None else str(url)
@@ -80,6 +91,15 @@ def moment(ts: int) -> str:
 
 def money(amount: object, currency: object) -> str:
     return periods.format_amount(int(str(amount or 0)), str(currency or "usd"))
+
+
+def unit_price(price: Obj) -> str:
+    """A metered price as Stripe shows it: its amount per unit (sub-cent amounts kept)."""
+    decimal = price.get("unit_amount_decimal")
+    amount = (
+        Decimal(str(decimal)) if decimal not in (None, "") else Decimal(int(price.get("unit_amount") or 0))
+    )
+    return f"{periods.format_amount(amount, str(price.get('currency') or 'usd'))} per unit"
 
 
 def interval_label(price: Obj) -> str:
@@ -107,6 +127,7 @@ def page(
         "<!doctype html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<link rel="icon" href="{esc(root(request))}/favicon.svg" type="image/svg+xml">'
         f'<link rel="stylesheet" href="{esc(root(request))}/pages.css"></head><body><main>'
         f'<p><span class="badge">TEST MODE</span> <span class="muted">Stripe sandbox{clock}</span></p>'
         f"{body}</main></body></html>"
@@ -122,6 +143,24 @@ async def stylesheet(sandbox: SandboxHost, request: Request) -> Response:
         STYLESHEET.read_bytes(),
         media_type="text/css",
         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+FAVICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+    'fill="#635bff"/><path d="M20.5 11.6c-1.3-.7-2.8-1.1-4.2-1.1-1.5 0-2.4.5-2.4 1.4 0 2.6 7.8 1.4 '
+    "7.8 6.9 0 2.9-2.4 4.7-5.9 4.7-1.8 0-3.8-.5-5.3-1.3v-3.3c1.5.9 3.5 1.5 5.3 1.5 1.5 0 2.4-.4 "
+    '2.4-1.4 0-2.7-7.8-1.5-7.8-6.8 0-2.8 2.3-4.7 5.8-4.7 1.5 0 3 .3 4.3.8z" fill="#fff"/></svg>'
+)
+
+
+@control("GET", "/favicon.svg")
+async def favicon(sandbox: SandboxHost, request: Request) -> Response:
+    """The hosted pages' icon."""
+    return Response(
+        FAVICON,
+        media_type="image/svg+xml",
+        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -149,6 +188,12 @@ def root(request: Request) -> str:
     return str(request.scope.get("root_path", ""))
 
 
+def success_redirect(session: Obj) -> str:
+    """Where Checkout sends the customer: `success_url` with `{CHECKOUT_SESSION_ID}` filled in
+    (the session keeps the template, as on Stripe)."""
+    return str(session.get("success_url") or "").replace("{CHECKOUT_SESSION_ID}", str(session["id"]))
+
+
 def see_other(url: str) -> Response:
     return RedirectResponse(url, status_code=303)
 
@@ -172,6 +217,12 @@ class CheckoutLine:
     quantity: int | None
     amount: str
     interval: str
+    metered: bool = False
+
+
+def plan_title(names: list[str]) -> str:
+    """Each product named once, in order (a plan's licensed and metered lines share no name)."""
+    return ", ".join(dict.fromkeys(names))
 
 
 @dataclass
@@ -205,13 +256,14 @@ async def checkout_view(tx: Transaction, session_id: str) -> CheckoutView | None
     for spec in request.get("line_items", []):
         price = await tx.get("price", spec["price"])
         quantity = spec.get("quantity")
-        amount = (
-            "metered usage"
-            if periods.is_metered(price)
-            else money(periods.price_amount(price, int(quantity or 1)), price.get("currency"))
-        )
         name = await periods.product_name(tx, price)
-        lines.append(CheckoutLine(name, quantity, amount, interval_label(price)))
+        if periods.is_metered(price):
+            lines.append(
+                CheckoutLine(name, None, unit_price(price), f"{interval_label(price)}, by usage", True)
+            )
+        else:
+            amount = money(periods.price_amount(price, int(quantity or 1)), price.get("currency"))
+            lines.append(CheckoutLine(name, quantity, amount, interval_label(price)))
     data = request.get("subscription_data") or {}
     trial_end = int(data["trial_end"]) if data.get("trial_end") is not None else None
     trial_days = int(data["trial_period_days"]) if data.get("trial_period_days") else None
@@ -234,7 +286,7 @@ def render_checkout(
             f'<div class="card"><h1>This checkout session is complete</h1>{banner(error=error)}'
             "<p>The payment went through and the subscription has started. Nothing more to do "
             "here.</p>"
-            f'<p><a href="{href(session.get("success_url"))}">Continue</a></p></div>'
+            f'<p><a href="{href(success_redirect(session))}">Continue</a></p></div>'
         )
         return page(request, "Checkout complete", body, status=status, now=view.now)
     if view.expired:
@@ -271,7 +323,7 @@ def render_checkout(
         )
     body = (
         f'{back}<div class="card"><p class="muted">Subscribe to</p>'
-        f"<h1>{esc(', '.join(line.name for line in view.lines))}</h1>"
+        f"<h1>{esc(plan_title([line.name for line in view.lines if not line.metered]))}</h1>"
         f"<table>{rows}</table>{trial}"
         f'<p>Total due today: <span class="big">{esc(today)}</span></p>{who}</div>'
         f'<div class="card"><h2>Payment</h2>{banner(error=error)}'
@@ -316,8 +368,7 @@ async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
             view = await checkout_view(tx, session_id)
         assert view is not None
         return render_checkout(request, view, error=error.message, status=409)
-    success = str(result["session"]["success_url"]).replace("{CHECKOUT_SESSION_ID}", session_id)
-    return see_other(success)
+    return see_other(success_redirect(result["session"]))
 
 
 @control("POST", "/checkout/{session_id}/decline")
@@ -375,13 +426,14 @@ async def _subscription_view(tx: Transaction, subscription: Obj) -> PortalSubscr
     names, prices = [], []
     for item in periods.items_of(subscription):
         price = item["price"]
-        names.append(await periods.product_name(tx, price))
+        name = await periods.product_name(tx, price)
         if periods.is_metered(price):
-            prices.append("metered usage")
+            prices.append(f"{name} at {unit_price(price)}")
         else:
+            names.append(name)
             amount = periods.price_amount(price, int(item.get("quantity") or 1))
             prices.append(f"{money(amount, price.get('currency'))} {interval_label(price)}")
-    return PortalSubscription(subscription, " + ".join(names), " + ".join(prices))
+    return PortalSubscription(subscription, plan_title(names) or "Subscription", " + ".join(prices))
 
 
 async def portal_view(tx: Transaction, session_id: str) -> PortalView | None:
@@ -439,25 +491,79 @@ def _subscription_card(base: str, view: PortalView, item: PortalSubscription) ->
             '<button type="submit">Renew subscription (undo the cancellation)</button></form>'
         )
     elif cancel.get("enabled"):
-        reasons = (cancel.get("cancellation_reason") or {}).get("options") or []
-        select = ""
-        if (cancel.get("cancellation_reason") or {}).get("enabled") and reasons:
-            options = "".join(
-                f'<option value="{esc(r)}">{esc(r.replace("_", " "))}</option>' for r in reasons
-            )
-            select = (
-                '<p><label>Why are you canceling?<select name="feedback">'
-                f'<option value="">(no answer)</option>{options}</select></label></p>'
-            )
-        when = (
-            "now" if cancel.get("mode") == "immediately" else f"at the end of the period ({day(period_end)})"
-        )
+        # As on Stripe's portal: the button opens a confirmation (with the reason survey, when
+        # the configuration enables it); only the confirmation's form cancels.
         lines.append(
-            f'<form method="post" action="{esc(action)}/cancel">{select}'
-            f'<button type="submit" class="danger">Cancel subscription</button>'
-            f'<span class="muted">ends it {esc(when)}</span></form>'
+            f'<form method="get" action="{esc(action)}/cancel">'
+            '<button type="submit" class="danger">Cancel subscription</button></form>'
         )
     return f'<div class="card">{"".join(lines)}</div>'
+
+
+REASON_LABELS = {
+    "too_expensive": "It's too expensive",
+    "missing_features": "Some features are missing",
+    "switched_service": "I'm switching to a different service",
+    "unused": "I don't use the service enough",
+    "customer_service": "Customer service was less than expected",
+    "too_complex": "Ease of use was less than expected",
+    "low_quality": "Quality was less than expected",
+    "other": "Other reason",
+}
+
+
+def render_cancel_confirmation(request: Request, view: PortalView, item: PortalSubscription) -> HTMLResponse:
+    """Stripe's "Cancel your plan" step: when it ends, the reason survey if enabled, confirm."""
+    subscription = item.subscription
+    base = f"{root(request)}/portal/{view.session['id']}"
+    cancel = view.features.get("subscription_cancel") or {}
+    period_end = periods.period_of(subscription)[1]
+    if cancel.get("mode") == "immediately":
+        when = "Your subscription will be canceled immediately."
+    else:
+        when = (
+            f"Your subscription will be canceled, but is still available until the end of your "
+            f"billing period on {day(period_end)}."
+        )
+    reason = cancel.get("cancellation_reason") or {}
+    survey = ""
+    if reason.get("enabled") and reason.get("options"):
+        choices = "".join(
+            f'<p><label class="choice"><input type="radio" name="feedback" value="{esc(option)}">'
+            f"{esc(REASON_LABELS.get(option, option.replace('_', ' ')))}</label></p>"
+            for option in reason["options"]
+        )
+        survey = f"<fieldset><legend>Why are you canceling? (optional)</legend>{choices}</fieldset>"
+    body = (
+        f'<p><a href="{esc(base)}">&larr; Back</a></p><div class="card"><h1>Cancel your plan</h1>'
+        f"<p><strong>{esc(item.plan)}</strong> &middot; {esc(item.price)}</p><p>{esc(when)}</p>"
+        f'<form method="post" action="{esc(base)}/subscriptions/{esc(subscription["id"])}/cancel">'
+        f'<input type="hidden" name="confirm" value="true">{survey}'
+        '<button type="submit" class="danger">Confirm cancellation</button></form>'
+        f'<p><a href="{esc(base)}">Go back (keep the subscription)</a></p></div>'
+    )
+    return page(request, "Cancel your plan", body, now=view.now)
+
+
+@control("GET", "/portal/{session_id}/subscriptions/{subscription_id}/cancel")
+async def portal_cancel_confirmation(sandbox: SandboxHost, request: Request) -> Response:
+    """The portal's cancellation step: confirm, and say why when the configuration asks."""
+    session_id = request.path_params["session_id"]
+    subscription_id = request.path_params["subscription_id"]
+    async with sandbox.transaction() as tx:
+        view = await portal_view(tx, session_id)
+    if view is None:
+        return missing(request, "portal session", session_id)
+    item = next((i for i in view.subscriptions if i.id == subscription_id), None)
+    if item is None:
+        return render_portal(
+            request, view, error="This subscription does not belong to this customer.", status=404
+        )
+    if not (view.features.get("subscription_cancel") or {}).get("enabled"):
+        return render_portal(
+            request, view, error="Canceling is not enabled in this portal's configuration.", status=403
+        )
+    return render_cancel_confirmation(request, view, item)
 
 
 def render_portal(
@@ -476,7 +582,7 @@ def render_portal(
         f"<h1>{esc(headline or 'Manage your billing')}</h1>",
         banner(notice, error),
         '<div class="card"><h2>Account</h2>'
-        f"<p>{esc(customer.get('name') or '')}<br>{esc(customer.get('email') or '')}</p></div>",
+        f"<p>{lines_of(customer.get('name'), customer.get('email'))}</p></div>",
     ]
     if view.subscriptions:
         parts += [_subscription_card(base, view, item) for item in view.subscriptions]
@@ -562,16 +668,22 @@ async def _portal_subscription(tx: Transaction, session_id: str, subscription_id
     return configuration.get("features") or {}, subscription
 
 
-async def cancel_from_portal(
-    tx: Transaction, config: SandboxConfig, session_id: str, subscription_id: str, feedback: str | None
-) -> str:
-    """What the portal's cancel button does, as configured; returns the notice key."""
+async def cancellable(tx: Transaction, session_id: str, subscription_id: str) -> tuple[Obj, Obj]:
+    """The configuration's `subscription_cancel` and the subscription, if the portal may cancel it."""
     features, subscription = await _portal_subscription(tx, session_id, subscription_id)
     cancel = features.get("subscription_cancel") or {}
     if not cancel.get("enabled"):
         raise PortalRefusal("Canceling is not enabled in this portal's configuration.", 403)
     if subscription["status"] in ENDED_STATUSES:
         raise PortalRefusal("This subscription has already ended.", 409)
+    return cancel, subscription
+
+
+async def cancel_from_portal(
+    tx: Transaction, config: SandboxConfig, session_id: str, subscription_id: str, feedback: str | None
+) -> str:
+    """What the portal's cancel button does, as configured; returns the notice key."""
+    cancel, subscription = await cancellable(tx, session_id, subscription_id)
     details: Obj = {}
     options = (cancel.get("cancellation_reason") or {}).get("options") or []
     if feedback and feedback in options:
@@ -649,6 +761,13 @@ async def _portal_action(sandbox: SandboxHost, request: Request, action: str) ->
         async with sandbox.transaction() as tx:
             if await _find(tx, "billing_portal.session", session_id) is None:
                 return missing(request, "portal session", session_id)
+            if action == "cancel" and fields.get("confirm") != "true":
+                # Not confirmed (an old form, or a direct post): ask first, as Stripe does.
+                await cancellable(tx, session_id, request.path_params["subscription_id"])
+                return see_other(
+                    f"{root(request)}/portal/{session_id}/subscriptions/"
+                    f"{request.path_params['subscription_id']}/cancel"
+                )
             if action == "cancel":
                 notice = await cancel_from_portal(
                     tx,
@@ -691,6 +810,9 @@ async def portal_payment_method(sandbox: SandboxHost, request: Request) -> Respo
 
 
 # Invoices -------------------------------------------------------------------------------------
+
+
+BILLED_TO = ("customer_name", "customer_email")
 
 
 def render_invoice(
@@ -742,7 +864,7 @@ def render_invoice(
         f'<div class="card"><p class="muted">{esc(invoice.get("account_name") or "Stripe sandbox")}</p>'
         f"<h1>Invoice {esc(invoice.get('number') or invoice['id'])} "
         f'<span class="status {esc(invoice["status"])}">{esc(invoice["status"])}</span></h1>'
-        f"<p>Billed to {esc(invoice.get('customer_name') or '')} {esc(invoice.get('customer_email') or '')}"
+        f"<p>Billed to {esc(' '.join(filter(None, (invoice.get(k) for k in BILLED_TO))))}"
         f"<br>Issued {esc(day(invoice.get('effective_at') or invoice.get('created')))}</p>{due}"
         f'<table><tr><th>Description</th><th class="num">Qty</th><th class="num">Amount</th></tr>'
         f"{rows}{totals}</table>"

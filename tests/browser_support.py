@@ -180,15 +180,21 @@ def graphiql_answer(driver: WebDriver, service: str, user: str, operation: str, 
     return answer["data"]
 
 
-def pay_a_checkout(driver: WebDriver, service: str, user: str, shots: Path) -> None:
-    """In GraphiQL, a checkout for `user`; then its sandbox page, paid."""
+def pay_a_checkout(
+    driver: WebDriver,
+    service: str,
+    user: str,
+    shots: Path,
+    screenshot: str = "front-door-sandbox-checkout.png",
+) -> None:
+    """In GraphiQL, a checkout for `user`; then its sandbox page (saved as `screenshot`), paid."""
     url = graphiql_answer(driver, service, user, CHECKOUT_OPERATION, "createCheckoutSession")[
         "createCheckoutSession"
     ]["url"]
     driver.get(url)
     pay = "form[action$='/pay'] button"
     wait(driver, lambda d: d.find_elements(By.CSS_SELECTOR, pay), "the pay button")
-    driver.save_screenshot(str(shots / "front-door-sandbox-checkout.png"))
+    driver.save_screenshot(str(shots / screenshot))
     assert_clean(driver, service)
     for email in driver.find_elements(By.CSS_SELECTOR, "form[action$='/pay'] input[name='email']"):
         email.send_keys(f"{user}@example.com")

@@ -80,7 +80,7 @@ def eventually(check: Callable[[], bool], what: str, seconds: float = 30) -> Non
 
 def subscribed(browser: WebDriver, service: str, user: str, shots: Path) -> str:
     """A Pro checkout made in GraphiQL and paid by clicking; the checkout session's id."""
-    pay_a_checkout(browser, service, user, shots)
+    pay_a_checkout(browser, service, user, shots, "sandbox-checkout.png")
     (session_id,) = parse_qs(urlsplit(browser.current_url).query)["session_id"]
     eventually(lambda: viewer(service, user)["status"] == "TRIALING", f"{user} trialing")
     return session_id
@@ -119,6 +119,7 @@ def test_a_checkout_paid_by_clicking_keeps_its_success_url_and_shows_on_the_dash
     open_dashboard(browser, service)
     card = customer_card(browser, user)
     assert "Pro" in card.text and "trialing" in card.text and "Visa ending in 4242" in card.text
+    assert f"{user}@example.com" in card.text  # typed on the checkout page, kept on the customer
     assert "API calls at $0.0005 per unit" in card.text
     assert "customer.subscription.created" in browser.find_element(By.CSS_SELECTOR, "table.events").text
     browser.save_screenshot(str(shots / "sandbox-dashboard.png"))
@@ -183,6 +184,7 @@ def test_the_portal_cancels_after_a_confirmation_with_a_reason(
     browser.get(portal["createPortalSession"]["url"])
     wait(browser, lambda d: "Billing portal" in d.title, "the portal page")
     assert "Pro + Pro" not in browser.page_source
+    browser.save_screenshot(str(shots / "sandbox-portal.png"))
     browser.find_element(By.XPATH, "//button[text()='Cancel subscription']").click()
     wait(browser, lambda d: "Cancel your plan" in d.title, "the confirmation step")
     browser.find_element(By.CSS_SELECTOR, "input[name='feedback'][value='too_expensive']").click()

@@ -146,10 +146,12 @@ async def _customer_card(tx: Transaction, request: Request, token: str, customer
         else "No card on file"
     )
     warning = ' <span class="status past_due">charges fail</span>' if fails else ""
+    details = (customer.get("email"), customer_id, _metadata(customer))
+    heading = str(customer.get("name") or customer.get("email") or customer_id)
     parts = [
         f'<div class="card customer" id="{esc(customer_id)}">',
-        f"<h2>{esc(customer.get('name') or customer_id)}</h2>",
-        f"<p>{lines_of(customer.get('email'), customer_id, _metadata(customer))}</p>",
+        f"<h2>{esc(heading)}</h2>",
+        f"<p>{lines_of(*(v for v in details if v != heading))}</p>",
         f"<p>Payment method: {esc(described)}{warning}</p><p>",
         _form(request, token, f"customers/{customer_id}/card", "Card works", {"fails": "false"}, "secondary"),
         _form(request, token, f"customers/{customer_id}/card", "Card fails", {"fails": "true"}, "secondary"),

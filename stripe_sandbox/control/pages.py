@@ -357,7 +357,10 @@ async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
             session = await _find(tx, "checkout.session", session_id)
             if session is None:
                 return missing(request, "checkout session", session_id)
-            email = None if session.get("customer") else (fields.get("email") or "").strip() or None
+            # The page asks for the email only when neither the customer nor the session has one.
+            customer = await _find(tx, "customer", str(session.get("customer") or ""))
+            known = (customer or {}).get("email") or session.get("customer_email")
+            email = None if known else (fields.get("email") or "").strip() or None
             result = await creation.complete_checkout(
                 tx, sandbox.config, session_id, outcome="paid", email=email
             )
@@ -582,7 +585,8 @@ def render_portal(
         f"<h1>{esc(headline or 'Manage your billing')}</h1>",
         banner(notice, error),
         '<div class="card"><h2>Account</h2>'
-        f"<p>{lines_of(customer.get('name'), customer.get('email'))}</p></div>",
+        f"<p>{lines_of(customer.get('name'), customer.get('email')) or 'No name or email on file.'}"
+        "</p></div>",
     ]
     if view.subscriptions:
         parts += [_subscription_card(base, view, item) for item in view.subscriptions]

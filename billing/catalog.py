@@ -1,5 +1,9 @@
 """`billing catalog sync`: make Stripe's products, prices, meters and portal match the plans file.
 
+One product per tier (its licensed prices) and one per metered feature (its metered prices, one
+per tier), so Checkout, the portal and invoices name each line as Stripe shows it: "Pro" once, and
+"API calls" at its unit price.
+
 Prices are immutable in Stripe: a changed amount creates a new price, moves the lookup key to
 it (`transfer_lookup_key`) and archives the old one, so existing subscribers keep paying the
 old price and keep their tier (read from the price's metadata). Objects this service manages
@@ -23,6 +27,17 @@ from db.enums import BillingInterval
 
 MANAGED = {"catalog": "billing"}
 PAGE = 100
+# What Stripe's portal offers when asking why a customer cancels.
+CANCELLATION_REASONS = [
+    "too_expensive",
+    "missing_features",
+    "switched_service",
+    "unused",
+    "customer_service",
+    "too_complex",
+    "low_quality",
+    "other",
+]
 
 Progress = Callable[[str], None]
 
@@ -38,7 +53,7 @@ class SyncReport:
 
 
 def portal_features() -> ConfigurationCreateParamsFeatures:
-    """Cancel at period end, payment methods and invoices; plan switching off.
+    """Cancel at period end (asking why), payment methods and invoices; plan switching off.
 
     Stripe's portal cannot move a subscription between products (our tiers are products) nor
     update one managed by a schedule, so plan changes go through the `changePlan` mutation.
@@ -47,7 +62,11 @@ def portal_features() -> ConfigurationCreateParamsFeatures:
         "customer_update": {"enabled": True, "allowed_updates": ["email", "address", "name"]},
         "invoice_history": {"enabled": True},
         "payment_method_update": {"enabled": True},
-        "subscription_cancel": {"enabled": True, "mode": "at_period_end"},
+        "subscription_cancel": {
+            "enabled": True,
+            "mode": "at_period_end",
+            "cancellation_reason": {"enabled": True, "options": CANCELLATION_REASONS},
+        },
         "subscription_update": {"enabled": False},
     }
 
@@ -62,8 +81,9 @@ async def sync_catalog(
 ) -> SyncReport:
     run = _Sync(catalog, gateway, SyncReport(dry_run), progress or (lambda _line: None))
     products = await run.products()
+    metered_products = await run.metered_products()
     meters = await run.meters()
-    await run.prices(products, meters)
+    await run.prices({**products, **metered_products}, meters)
     await run.portal(return_url)
     return run.report
 
@@ -134,6 +154,49 @@ class _Sync:
             what="update product",
         )
 
+    async def metered_products(self) -> dict[str, str]:
+        """metered feature -> product id (named by the meter's display name, e.g. "API calls")."""
+        if not self.catalog.meters:
+            return {}
+        page = await self.gateway.call(
+            lambda o: self.v1.products.list_async({"active": True, "limit": PAGE}, o), what="list products"
+        )
+        existing: dict[str, stripe.Product] = {}
+        async for product in page.auto_paging_iter():
+            feature = _metadata(product).get("feature")
+            if _metadata(product).get("catalog") == "billing" and feature and feature not in existing:
+                existing[feature] = product
+        ids: dict[str, str] = {}
+        for meter in self.catalog.meters.values():
+            current = existing.get(meter.feature)
+            if current is None:
+                created = await self._change(
+                    f"create product {meter.display_name} (metered {meter.feature})",
+                    partial(self._create_metered_product, meter),
+                )
+                ids[_metered_key(meter.feature)] = created.id if created else f"<new product {meter.feature}>"
+                continue
+            ids[_metered_key(meter.feature)] = current.id
+            if current.name != meter.display_name:
+                await self._change(
+                    f"update product {current.id} name to {meter.display_name!r}",
+                    partial(self._rename_product, current.id, meter.display_name),
+                )
+        return ids
+
+    async def _create_metered_product(self, meter: Meter) -> stripe.Product:
+        metadata = {**MANAGED, "feature": meter.feature}
+        return await self.gateway.call(
+            lambda o: self.v1.products.create_async({"name": meter.display_name, "metadata": metadata}, o),
+            idempotency_key=idempotency_key("catalog.metered_product", meter.feature, meter.display_name),
+            what="create product",
+        )
+
+    async def _rename_product(self, product_id: str, name: str) -> stripe.Product:
+        return await self.gateway.call(
+            lambda o: self.v1.products.update_async(product_id, {"name": name}, o), what="update product"
+        )
+
     # Meters: one per metered feature ----------------------------------------------------
 
     async def meters(self) -> dict[str, str]:
@@ -189,7 +252,9 @@ class _Sync:
         )
         existing = {price.lookup_key: price async for price in page.auto_paging_iter() if price.lookup_key}
         for price in wanted:
-            product = products[price.tier.value]
+            product = products[
+                _metered_key(price.feature) if isinstance(price, MeteredPrice) else price.tier.value
+            ]
             meter = meters.get(price.feature) if isinstance(price, MeteredPrice) else None
             current = existing.get(price.lookup_key)
             if current is not None and _price_matches(current, price, product, meter):
@@ -311,6 +376,11 @@ def _price_matches(
     )
 
 
+def _metered_key(feature: str) -> str:
+    """The key of a metered feature's product among the tiers' (which are tier names)."""
+    return f"metered:{feature}"
+
+
 def _metadata(obj: Any) -> dict[str, str]:
     metadata = getattr(obj, "metadata", None)
     if metadata is None:
@@ -336,6 +406,15 @@ def _portal_matches(current: Any, return_url: str) -> bool:
             if isinstance(value, list):
                 if sorted(have_value or []) != sorted(value):
                     return False
+            elif isinstance(value, dict):
+                have_dict = have_value or {}
+                for sub_key, sub_value in value.items():
+                    got = have_dict.get(sub_key)
+                    if isinstance(sub_value, list):
+                        got = sorted(got or [])
+                        sub_value = sorted(sub_value)
+                    if got != sub_value:
+                        return False
             elif have_value != value:
                 return False
     return True

@@ -222,7 +222,9 @@ def landing_page(request: Request, settings: Settings, *, docs: bool, sandbox: b
         f"<code>{root}/sandbox</code>. Its hosted pages open from the URLs the API returns: "
         f'checkout (<a href="{html.escape(checkout, quote=True)}">createCheckoutSession</a>), '
         "the customer portal (<code>createPortalSession</code>) and each invoice "
-        "(<code>viewer.invoices.hostedInvoiceUrl</code>).</p>"
+        "(<code>viewer.invoices.hostedInvoiceUrl</code>). Its "
+        f'<a href="{root}/sandbox/">dashboard</a> shows its customers, subscriptions, invoices and '
+        "events, and drives its clock and cards.</p>"
         if sandbox
         else "<h2>Stripe</h2><p>A Stripe key is set: checkout and portal pages are Stripe's.</p>"
     )

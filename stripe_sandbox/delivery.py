@@ -47,7 +47,7 @@ from sqlalchemy import delete, func, insert, select, update
 
 from stripe_sandbox.api import SandboxConfig
 from stripe_sandbox.resources.webhook_endpoints import delivery_targets, wants
-from stripe_sandbox.store import Store, endpoint_deliveries, events
+from stripe_sandbox.store import Store, delivery_attempts, endpoint_deliveries, events
 
 log = logging.getLogger("stripe_sandbox.delivery")
 
@@ -57,6 +57,7 @@ MODES = (ORDERED, SHUFFLED_DUPLICATED)
 MODE_STATE_KEY = "delivery_mode"
 USER_AGENT = "Stripe/1.0 (+https://stripe.com/docs/webhooks)"
 MAX_COPIES = 3  # shuffled_duplicated sends each event 1..MAX_COPIES times
+RESPONSE_KEPT = 1000  # characters of each answer kept in `sbx_delivery_attempt`
 
 
 def signature_header(secret: str, body: bytes, timestamp: int) -> str:
@@ -79,6 +80,30 @@ class _Claimed:
     id: str
     body: bytes
     targets: tuple[_Target, ...]
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One POST of an event to one endpoint: its HTTP status (None: no answer) and response."""
+
+    url: str
+    status: int | None
+    response: str
+
+    @property
+    def error(self) -> str | None:
+        if self.status is None:
+            return self.response
+        if 200 <= self.status < 300:
+            return None
+        return f"HTTP {self.status}: {self.response[:500]}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"url": self.url, "status": self.status, "response": self.response}
+
+
+class UnknownEvent(LookupError):
+    """No event with that id in the outbox."""
 
 
 @dataclass(frozen=True)
@@ -189,15 +214,16 @@ class Deliverer:
             if mode == SHUFFLED_DUPLICATED:
                 sends = [event for event in batch for _ in range(random.randint(1, MAX_COPIES))]
                 random.shuffle(sends)
-            # event id -> target -> None once any copy reached it with a 2xx, else the last error
-            results: dict[str, dict[_Target, str | None]] = {event.id: {} for event in batch}
+            # event id -> target -> the first 2xx attempt of any copy, else the last attempt
+            results: dict[str, dict[_Target, Attempt]] = {event.id: {} for event in batch}
             try:
                 async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
                     for event in sends:
                         for target in event.targets:
-                            error = await self._send(client, event, target)
-                            if results[event.id].get(target, "") is not None:
-                                results[event.id][target] = error
+                            attempt = await self._send(client, event, target)
+                            kept = results[event.id].get(target)
+                            if kept is None or kept.error is not None:
+                                results[event.id][target] = attempt
             except asyncio.CancelledError:
                 # The process is stopping: the batch is due again now, not when the lease ends
                 # (Stripe retries what it was not sure of; a receiver dedupes by event id).
@@ -265,8 +291,8 @@ class Deliverer:
             claimed.append(_Claimed(row.seq, row.id, str(row.data).encode(), targets))
         return mode, claimed
 
-    async def _send(self, client: httpx.AsyncClient, event: _Claimed, target: _Target) -> str | None:
-        """POST one event to one endpoint; None on a 2xx, else what went wrong."""
+    async def _send(self, client: httpx.AsyncClient, event: _Claimed, target: _Target) -> Attempt:
+        """POST one event to one endpoint; what it answered."""
         timestamp = int(time.time())  # real time: the sandbox clock may be far ahead
         headers = {
             "Content-Type": "application/json; charset=utf-8",
@@ -276,20 +302,19 @@ class Deliverer:
         try:
             response = await client.post(target.url, content=event.body, headers=headers)
         except httpx.HTTPError as exc:
-            return f"{type(exc).__name__}: {exc}"[:1000]
-        if 200 <= response.status_code < 300:
-            return None
-        return f"HTTP {response.status_code}: {response.text[:500]}"
+            return Attempt(target.url, None, f"{type(exc).__name__}: {exc}"[:RESPONSE_KEPT])
+        return Attempt(target.url, response.status_code, response.text[:RESPONSE_KEPT])
 
-    async def _record(self, results: dict[str, dict[_Target, str | None]]) -> None:
+    async def _record(self, results: dict[str, dict[_Target, Attempt]]) -> None:
         now = time.time()
         async with self.store.transaction() as tx:
             for event_id, by_target in results.items():
-                errors = [error for error in by_target.values() if error is not None]
+                await _keep_attempts(tx.conn, event_id, list(by_target.values()), resend=False)
+                errors = [a.error for a in by_target.values() if a.error is not None]
                 error = errors[0] if errors else None
                 if errors:
-                    for target, target_error in by_target.items():
-                        if target_error is None and target.endpoint_id is not None:
+                    for target, attempt in by_target.items():
+                        if attempt.error is None and target.endpoint_id is not None:
                             await tx.conn.execute(
                                 insert(endpoint_deliveries).values(
                                     event_id=event_id, endpoint_id=target.endpoint_id
@@ -329,6 +354,47 @@ class Deliverer:
                         "webhook %s attempt %d failed (%s); retry at %d", event_id, failures, error, retry_at
                     )
 
+    # Resend ----------------------------------------------------------------------------------
+
+    async def resend(self, event_id: str) -> list[Attempt]:
+        """Send one event again now, to every endpoint that wants it (as the Dashboard's "Resend"
+        does), whether or not it was delivered; the attempts are kept and counted, and an
+        undelivered event that every endpoint now accepted is marked delivered."""
+        async with self.store.transaction() as tx:
+            row = (
+                await tx.conn.execute(
+                    select(events.c.id, events.c.type, events.c.data).where(events.c.id == event_id)
+                )
+            ).first()
+            if row is None:
+                raise UnknownEvent(event_id)
+            registered = await delivery_targets(tx)
+        if registered is None:
+            targets: tuple[_Target, ...] = (
+                _Target(self.config.endpoint_url, self.config.webhook_secret, None),
+            )
+        else:
+            targets = tuple(
+                _Target(found["url"], secret, found["id"])
+                for found, secret in registered
+                if wants(found, row.type)
+            )
+        event = _Claimed(0, row.id, str(row.data).encode(), targets)
+        async with httpx.AsyncClient(timeout=self.timeout_seconds) as client:
+            sent = [await self._send(client, event, target) for target in targets]
+        async with self.store.transaction() as tx:
+            await _keep_attempts(tx.conn, event_id, sent, resend=True)
+            values: dict[str, Any] = {"attempts": events.c.attempts + 1}
+            if all(attempt.error is None for attempt in sent):
+                values.update(delivered=True, next_attempt_at=None)
+                await tx.conn.execute(
+                    delete(endpoint_deliveries).where(endpoint_deliveries.c.event_id == event_id)
+                )
+            else:
+                values["last_error"] = next(a.error for a in sent if a.error is not None)
+            await tx.conn.execute(update(events).where(events.c.id == event_id).values(**values))
+        return sent
+
     # Introspection ---------------------------------------------------------------------------
 
     async def stats(self) -> DeliveryStats:
@@ -352,3 +418,23 @@ class Deliverer:
             failed=int(failed or 0),
             failed_attempts=int(attempts or 0) - int(delivered or 0),
         )
+
+
+async def _keep_attempts(conn: Any, event_id: str, attempts: list[Attempt], *, resend: bool) -> None:
+    if not attempts:
+        return
+    at = int(time.time())
+    await conn.execute(
+        insert(delivery_attempts),
+        [
+            {
+                "event_id": event_id,
+                "url": a.url,
+                "status": a.status,
+                "response": a.response,
+                "at": at,
+                "resend": resend,
+            }
+            for a in attempts
+        ],
+    )

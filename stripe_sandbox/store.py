@@ -76,6 +76,20 @@ endpoint_deliveries = Table(
     Column("endpoint_id", String(255), primary_key=True),
 )
 
+# Every delivery attempt of an event to one endpoint and what it answered (a table of its own, so
+# a sandbox database made before it gains it at the next start): the dashboard's event log.
+delivery_attempts = Table(
+    "sbx_delivery_attempt",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("event_id", String(255), nullable=False, index=True),
+    Column("url", Text, nullable=False),
+    Column("status", Integer, nullable=True),  # the HTTP status; None when no answer came
+    Column("response", Text, nullable=False),  # the answer's start, or the network error
+    Column("at", BigInteger, nullable=False),  # real (wall clock) unix seconds
+    Column("resend", Boolean, nullable=False, default=False),
+)
+
 idempotency = Table(
     "sbx_idempotency",
     metadata,

@@ -42,7 +42,13 @@ async def test_the_first_sync_creates_the_catalog(stripe_gateway: StripeGateway)
     meters = (await v1.billing.meters.list_async()).data
     portals = (await v1.billing_portal.configurations.list_async()).data
 
-    assert sorted(p.metadata["tier"] for p in products) == ["pro", "starter"]
+    assert sorted(p.metadata["tier"] for p in products if "tier" in p.metadata.to_dict()) == [
+        "pro",
+        "starter",
+    ]
+    # The metered prices have their own product, so Checkout names the line "API calls".
+    (metered,) = [p for p in products if p.metadata.to_dict().get("feature") == "api_calls"]
+    assert metered.name == "API calls"
     by_key = {p.lookup_key: p for p in prices}
     assert set(by_key) == {
         "starter_monthly",
@@ -57,14 +63,18 @@ async def test_the_first_sync_creates_the_catalog(stripe_gateway: StripeGateway)
     assert plan_of_price(by_key["starter_monthly"]) == (Tier.STARTER, BillingInterval.MONTHLY)
     assert by_key["pro_api_calls_metered"].recurring.usage_type == "metered"
     assert by_key["pro_api_calls_metered"].recurring.meter == meters[0].id
+    assert by_key["pro_api_calls_metered"].product == metered.id
+    assert by_key["pro_monthly"].product != metered.id
     assert [m.event_name for m in meters] == ["billing_api_calls"]
     assert len(portals) == 1
     features = portals[0].features
     assert features.subscription_update.enabled is False
     assert features.subscription_cancel.enabled is True
     assert features.subscription_cancel.mode == "at_period_end"
+    assert features.subscription_cancel.cancellation_reason.enabled is True
+    assert "too_expensive" in features.subscription_cancel.cancellation_reason.options
     assert features.payment_method_update.enabled and features.invoice_history.enabled
-    assert len(changes) == 2 + 1 + 6 + 1
+    assert len(changes) == 2 + 1 + 1 + 6 + 1
 
 
 async def test_a_second_sync_changes_nothing(stripe_gateway: StripeGateway) -> None:
@@ -74,7 +84,7 @@ async def test_a_second_sync_changes_nothing(stripe_gateway: StripeGateway) -> N
 
 async def test_a_dry_run_reports_and_changes_nothing(stripe_gateway: StripeGateway) -> None:
     changes = await sync(stripe_gateway, dry_run=True)
-    assert len(changes) == 10
+    assert len(changes) == 11
     assert any("create price pro_monthly" in change for change in changes)
     assert (await stripe_gateway.v1.products.list_async()).data == []
     assert (await stripe_gateway.v1.prices.list_async()).data == []

@@ -68,7 +68,7 @@ async def test_checkout_then_pay_then_confirm_gives_a_trialing_subscription(
     stripe_session = await stripe_gateway.v1.checkout.sessions.retrieve_async(session["id"])
     assert stripe_session.mode == "subscription" and stripe_session.status == "open"
     assert stripe_session.client_reference_id == "ada"
-    assert stripe_session.success_url == f"{SUCCESS}{session['id']}"
+    assert stripe_session.success_url == SUCCESS + "{CHECKOUT_SESSION_ID}"
     assert stripe_session.cancel_url == "http://app.test/pricing"
     assert stripe_session.allow_promotion_codes is True
     assert stripe_session.billing_address_collection == "auto"

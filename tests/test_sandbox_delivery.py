@@ -10,11 +10,12 @@ from collections.abc import AsyncIterator
 import httpx
 import pytest
 import stripe
+from sqlalchemy import select
 
 from db.engine import Database
 from stripe_sandbox.api import SandboxConfig
 from stripe_sandbox.delivery import Deliverer
-from stripe_sandbox.store import Store
+from stripe_sandbox.store import Store, delivery_attempts
 from tests.conftest import DbTarget, free_port
 from tests.hooked import SECRET, THIRTY_DAYS, Hooked, created_for, customer_of, hooked_service
 from tests.webhook_receiver import Delivery, WebhookReceiver, run_receiver
@@ -137,6 +138,43 @@ async def test_an_endpoint_failing_twice_gets_the_event_three_times_and_it_ends_
     assert row["delivered"] is True
     assert row["attempts"] == 3
     assert row["last_error"].startswith("HTTP 500")
+
+
+async def test_resend_sends_a_delivered_event_again_and_every_answer_is_kept(hooked: Hooked) -> None:
+    answers = iter([500])
+
+    async def answer(delivery: Delivery) -> int:
+        return next(answers, 200)
+
+    hooked.receiver.respond = answer
+    customer = await hooked.gateway.v1.customers.create_async({"name": "resend me"})
+    await hooked.receiver.wait_for(lambda r: len(created_for(r, customer.id)) >= 2, within=15)
+    await hooked.sandbox.delivery.drain(timeout=10)
+    [row] = await hooked.outbox()
+    assert row["delivered"] is True
+
+    resent = await hooked.control("POST", f"/_control/events/{row['id']}/resend")
+    await hooked.receiver.wait_for(lambda r: len(created_for(r, customer.id)) >= 3)
+    assert resent["event"] == row["id"]
+    assert [(a["url"], a["status"]) for a in resent["attempts"]] == [(hooked.receiver.url, 200)]
+    received = created_for(hooked.receiver, customer.id)
+    assert {d.event_id for d in received} == {row["id"]}
+    assert stripe.Webhook.construct_event(received[-1].body, received[-1].signature, SECRET)
+    [after] = await hooked.outbox()
+    assert (after["delivered"], after["attempts"]) == (True, 3)
+    async with hooked.sandbox.store.transaction() as tx:
+        kept = (
+            await tx.conn.execute(
+                select(delivery_attempts.c.status, delivery_attempts.c.resend)
+                .where(delivery_attempts.c.event_id == row["id"])
+                .order_by(delivery_attempts.c.seq)
+            )
+        ).all()
+    assert [tuple(k) for k in kept] == [(500, False), (200, False), (200, True)]
+
+    async with httpx.AsyncClient(timeout=10) as client:
+        unknown = await client.post(f"{hooked.url}/sandbox/_control/events/evt_nope/resend")
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "resource_missing"
 
 
 async def test_an_unreachable_endpoint_is_retried_then_given_up_with_the_error_kept(

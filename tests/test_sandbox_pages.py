@@ -139,6 +139,36 @@ async def test_a_session_without_customer_asks_for_the_email(
     assert customer.email == "walk-in@example.com"
 
 
+async def test_the_pages_name_the_plan_once_and_the_metered_line_by_what_it_counts(
+    service: Service, stripe_gateway: StripeGateway, prices: dict[str, str]
+) -> None:
+    _customer, session_id = await checkout(
+        stripe_gateway, prices, "page_names", "pro_monthly", metered=("pro_api_calls_metered",)
+    )
+    session = await stripe_gateway.v1.checkout.sessions.retrieve_async(session_id)
+    # Stripe keeps success_url as created; the redirect fills the id in.
+    assert session.success_url == SUCCESS + "{CHECKOUT_SESSION_ID}"
+    async with await browser() as client:
+        shown = await client.get(str(session.url))
+        assert "<h1>Pro</h1>" in shown.text and "Pro, Pro" not in shown.text
+        assert "API calls" in shown.text and "$0.0005 per unit" in shown.text
+        assert "metered usage" not in shown.text
+        assert '<link rel="icon" href="/sandbox/favicon.svg"' in shown.text
+        icon = await client.get(f"{service.url}/sandbox/favicon.svg")
+        assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
+        paid = await client.post(f"{session.url}/pay")
+        assert paid.headers["location"] == f"{SUCCESS}{session_id}"
+        completed = await stripe_gateway.v1.checkout.sessions.retrieve_async(session_id)
+        assert completed.success_url == SUCCESS + "{CHECKOUT_SESSION_ID}"
+        assert f'href="{SUCCESS}{session_id}"' in (await client.get(str(session.url))).text
+        assert isinstance(completed.customer, str)
+        await stripe_gateway.v1.customers.update_async(completed.customer, {"name": ""})
+        shown = await client.get(await portal(stripe_gateway, completed.customer))
+    assert "<h2>Pro <span" in shown.text and "Pro + Pro" not in shown.text
+    assert "API calls at $0.0005 per unit" in shown.text
+    assert "<p><br>" not in shown.text and "<br></p>" not in shown.text  # no empty lines
+
+
 async def test_expired_and_unknown_sessions_say_so(
     service: Service, stripe_gateway: StripeGateway, prices: dict[str, str]
 ) -> None:
@@ -201,7 +231,16 @@ async def test_the_portal_cancels_resumes_and_changes_the_card(
         cancel_action = f"{path}/subscriptions/{subscription_id}/cancel"
         assert cancel_action in forms(shown.text)
 
-        canceled = await client.post(f"{service.url}{cancel_action}")
+        # As on Stripe, the button asks first: a post without the confirmation changes nothing.
+        asked = await client.post(f"{service.url}{cancel_action}")
+        assert asked.status_code == 303 and asked.headers["location"] == cancel_action
+        confirmation = await client.get(f"{service.url}{cancel_action}")
+        assert "Confirm cancellation" in confirmation.text and "still available until" in confirmation.text
+        assert 'name="confirm" value="true"' in confirmation.text
+        assert forms(confirmation.text) == [cancel_action]
+        subscription = await stripe_gateway.v1.subscriptions.retrieve_async(subscription_id)
+        assert subscription.cancel_at_period_end is False
+        canceled = await client.post(f"{service.url}{cancel_action}", data={"confirm": "true"})
         assert canceled.status_code == 303 and canceled.headers["location"] == f"{path}?notice=canceled"
         subscription = await stripe_gateway.v1.subscriptions.retrieve_async(subscription_id)
         assert subscription.cancel_at_period_end is True and subscription.status == "active"
@@ -315,11 +354,17 @@ async def test_the_portal_follows_its_configuration(
     url = await portal(stripe_gateway, customer_id, configuration=immediate.id)
     async with await browser() as client:
         shown = await client.get(url)
-        assert 'value="too_expensive"' in shown.text
-        other = await client.post(f"{url}/subscriptions/sub_not_theirs/cancel", data={"feedback": "other"})
+        assert 'value="too_expensive"' not in shown.text  # the survey is on the confirmation step
+        confirmation = await client.get(f"{url}/subscriptions/{subscription_id}/cancel")
+        assert 'value="too_expensive"' in confirmation.text and "It&#x27;s too expensive" in confirmation.text
+        assert "canceled immediately" in confirmation.text
+        other = await client.post(
+            f"{url}/subscriptions/sub_not_theirs/cancel", data={"feedback": "other", "confirm": "true"}
+        )
         assert other.status_code == 404
         canceled = await client.post(
-            f"{url}/subscriptions/{subscription_id}/cancel", data={"feedback": "too_expensive"}
+            f"{url}/subscriptions/{subscription_id}/cancel",
+            data={"feedback": "too_expensive", "confirm": "true"},
         )
         assert canceled.status_code == 303
         assert "No current subscription" in (await client.get(url)).text

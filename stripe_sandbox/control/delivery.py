@@ -3,6 +3,8 @@
 POST /_control/delivery        {"mode": "ordered" | "shuffled_duplicated"}
 GET  /_control/delivery        the mode and counts (pending, delivered, failed, ...)
 POST /_control/delivery/flush  {"timeout": 10}: deliver until nothing is pending
+POST /_control/events/{id}/resend  send one event again now (the Dashboard's "Resend"):
+                                  {"event", "attempts": [{"url", "status", "response"}...]}
 """
 
 from __future__ import annotations
@@ -13,7 +15,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from stripe_sandbox.api import SandboxHost, control
-from stripe_sandbox.delivery import MODE_STATE_KEY, MODES, Deliverer
+from stripe_sandbox.delivery import MODE_STATE_KEY, MODES, Attempt, Deliverer, UnknownEvent
+from stripe_sandbox.errors import resource_missing
 
 MAX_FLUSH_SECONDS = 120.0
 
@@ -77,3 +80,25 @@ async def flush_delivery(sandbox: SandboxHost, request: Request) -> Response:
             {"error": "outbox not drained", **(await deliverer.stats()).as_dict()}, status_code=504
         )
     return JSONResponse(stats.as_dict())
+
+
+async def resend(sandbox: SandboxHost, event_id: str) -> list[Attempt]:
+    """What the resend route and the dashboard's "Resend" button do."""
+    deliverer = _deliverer(sandbox)
+    if deliverer is None:
+        raise LookupError("this sandbox has no webhook delivery")
+    try:
+        return await deliverer.resend(event_id)
+    except UnknownEvent:
+        raise resource_missing("event", event_id) from None
+
+
+@control("POST", "/_control/events/{event_id}/resend")
+async def resend_event(sandbox: SandboxHost, request: Request) -> Response:
+    """Send one event again now to the endpoints that want it; what each answered."""
+    event_id = request.path_params["event_id"]
+    try:
+        attempts = await resend(sandbox, event_id)
+    except LookupError:
+        return _unavailable()
+    return JSONResponse({"event": event_id, "attempts": [a.as_dict() for a in attempts]})

@@ -1,4 +1,5 @@
-"""Hosted pages a person uses in a browser: Checkout, the customer portal, invoices.
+"""Hosted pages a person uses in a browser: Checkout, invoices (the portal: portal_pages.py),
+and what every sandbox page shares (layout, escaping, the stylesheet and the favicon).
 
 Plain server-rendered HTML (no JavaScript), every printed value HTML-escaped. Each action is a
 form POST that runs the same engine functions as the API and the control routes, in one sandbox
@@ -6,13 +7,10 @@ transaction, so it emits the same events; then it redirects (303) as Stripe's pa
 
 - `GET /checkout/{id}` (a session's `url`): plan, price and interval, trial, email, then
   `POST /checkout/{id}/pay` (as `POST /_control/checkout/{id}/complete {"outcome": "paid"}`,
-  then 303 to the success URL) or `POST /checkout/{id}/decline` (the card is refused: the page
+  then 303 to the success URL, its `{CHECKOUT_SESSION_ID}` filled in: the session keeps the
+  template, as on Stripe) or `POST /checkout/{id}/decline` (the card is refused: the page
   shows the decline and the session stays open, as on Stripe; "Cancel" links to cancel_url).
-- `GET /portal/{id}` (a portal session's `url`): each live subscription (plan, status, period
-  end, pending cancellation), the payment method, invoice history, a link to `return_url`.
-  `POST /portal/{id}/subscriptions/{sub}/cancel` and `.../resume`, and
-  `POST /portal/{id}/payment_method` (`fails=true|false`), each allowed only when the portal
-  configuration enables the feature, then 303 back to the portal.
+- The customer portal: `stripe_sandbox/control/portal_pages.py`.
 - `GET /invoices/{id}` (an invoice's `hosted_invoice_url`): lines and amounts; an open invoice
   can be paid (`POST /invoices/{id}/pay`) or the card declined (`.../decline`, nothing changes).
   `GET /invoices/{id}/pdf` (`invoice_pdf`): the same as a one-page PDF.
@@ -20,12 +18,12 @@ transaction, so it emits the same events; then it redirects (303) as Stripe's pa
 
 from __future__ import annotations
 
-import copy
 import html
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -33,8 +31,8 @@ from urllib.parse import parse_qsl, urlsplit
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from stripe_sandbox.api import SandboxConfig, SandboxHost, control
-from stripe_sandbox.engine import changes, creation, invoicing, payments, periods
+from stripe_sandbox.api import SandboxHost, control
+from stripe_sandbox.engine import creation, invoicing, payments, periods
 from stripe_sandbox.errors import StripeError
 from stripe_sandbox.store import Transaction
 
@@ -59,6 +57,11 @@ def esc(value: object) -> str:
     return html.escape("" if value is None else str(value), quote=True)
 
 
+def lines_of(*values: object) -> str:
+    """The given values, escaped, one per line; empty ones left out (no blank lines)."""
+    return "<br>".join(esc(v) for v in values if v not in (None, ""))
+
+
 def href(url: object) -> str:
     """An escaped link target; anything but http(s) or a path becomes inert."""
     text = "" if url is None else str(url)
@@ -80,6 +83,15 @@ def moment(ts: int) -> str:
 
 def money(amount: object, currency: object) -> str:
     return periods.format_amount(int(str(amount or 0)), str(currency or "usd"))
+
+
+def unit_price(price: Obj) -> str:
+    """A metered price as Stripe shows it: its amount per unit (sub-cent amounts kept)."""
+    decimal = price.get("unit_amount_decimal")
+    amount = (
+        Decimal(str(decimal)) if decimal not in (None, "") else Decimal(int(price.get("unit_amount") or 0))
+    )
+    return f"{periods.format_amount(amount, str(price.get('currency') or 'usd'))} per unit"
 
 
 def interval_label(price: Obj) -> str:
@@ -107,6 +119,7 @@ def page(
         "<!doctype html>\n"
         f'<html lang="en"><head><meta charset="utf-8"><title>{esc(title)}</title>'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
+        f'<link rel="icon" href="{esc(root(request))}/favicon.svg" type="image/svg+xml">'
         f'<link rel="stylesheet" href="{esc(root(request))}/pages.css"></head><body><main>'
         f'<p><span class="badge">TEST MODE</span> <span class="muted">Stripe sandbox{clock}</span></p>'
         f"{body}</main></body></html>"
@@ -122,6 +135,24 @@ async def stylesheet(sandbox: SandboxHost, request: Request) -> Response:
         STYLESHEET.read_bytes(),
         media_type="text/css",
         headers={"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff"},
+    )
+
+
+FAVICON = (
+    '<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 32 32"><rect width="32" height="32" rx="7" '
+    'fill="#635bff"/><path d="M20.5 11.6c-1.3-.7-2.8-1.1-4.2-1.1-1.5 0-2.4.5-2.4 1.4 0 2.6 7.8 1.4 '
+    "7.8 6.9 0 2.9-2.4 4.7-5.9 4.7-1.8 0-3.8-.5-5.3-1.3v-3.3c1.5.9 3.5 1.5 5.3 1.5 1.5 0 2.4-.4 "
+    '2.4-1.4 0-2.7-7.8-1.5-7.8-6.8 0-2.8 2.3-4.7 5.8-4.7 1.5 0 3 .3 4.3.8z" fill="#fff"/></svg>'
+)
+
+
+@control("GET", "/favicon.svg")
+async def favicon(sandbox: SandboxHost, request: Request) -> Response:
+    """The hosted pages' icon."""
+    return Response(
+        FAVICON,
+        media_type="image/svg+xml",
+        headers={"Cache-Control": "max-age=86400", "X-Content-Type-Options": "nosniff"},
     )
 
 
@@ -149,6 +180,12 @@ def root(request: Request) -> str:
     return str(request.scope.get("root_path", ""))
 
 
+def success_redirect(session: Obj) -> str:
+    """Where Checkout sends the customer: `success_url` with `{CHECKOUT_SESSION_ID}` filled in
+    (the session keeps the template, as on Stripe)."""
+    return str(session.get("success_url") or "").replace("{CHECKOUT_SESSION_ID}", str(session["id"]))
+
+
 def see_other(url: str) -> Response:
     return RedirectResponse(url, status_code=303)
 
@@ -158,7 +195,7 @@ async def form(request: Request) -> dict[str, str]:
     return dict(parse_qsl(body, keep_blank_values=True))
 
 
-async def _find(tx: Transaction, object_type: str, object_id: str) -> Obj | None:
+async def find(tx: Transaction, object_type: str, object_id: str) -> Obj | None:
     found = await tx.find(object_id)
     return found if found is not None and found.get("object") == object_type else None
 
@@ -172,6 +209,12 @@ class CheckoutLine:
     quantity: int | None
     amount: str
     interval: str
+    metered: bool = False
+
+
+def plan_title(names: list[str]) -> str:
+    """Each product named once, in order (a plan's licensed and metered lines share no name)."""
+    return ", ".join(dict.fromkeys(names))
 
 
 @dataclass
@@ -196,7 +239,7 @@ class CheckoutView:
 
 
 async def checkout_view(tx: Transaction, session_id: str) -> CheckoutView | None:
-    session = await _find(tx, "checkout.session", session_id)
+    session = await find(tx, "checkout.session", session_id)
     if session is None:
         return None
     now = tx.now()
@@ -205,20 +248,21 @@ async def checkout_view(tx: Transaction, session_id: str) -> CheckoutView | None
     for spec in request.get("line_items", []):
         price = await tx.get("price", spec["price"])
         quantity = spec.get("quantity")
-        amount = (
-            "metered usage"
-            if periods.is_metered(price)
-            else money(periods.price_amount(price, int(quantity or 1)), price.get("currency"))
-        )
         name = await periods.product_name(tx, price)
-        lines.append(CheckoutLine(name, quantity, amount, interval_label(price)))
+        if periods.is_metered(price):
+            lines.append(
+                CheckoutLine(name, None, unit_price(price), f"{interval_label(price)}, by usage", True)
+            )
+        else:
+            amount = money(periods.price_amount(price, int(quantity or 1)), price.get("currency"))
+            lines.append(CheckoutLine(name, quantity, amount, interval_label(price)))
     data = request.get("subscription_data") or {}
     trial_end = int(data["trial_end"]) if data.get("trial_end") is not None else None
     trial_days = int(data["trial_period_days"]) if data.get("trial_period_days") else None
     if trial_end is not None and trial_days is None:
         trial_days = max(1, math.ceil((trial_end - now) / periods.DAY))
     customer_id = session.get("customer")
-    customer = None if not customer_id else await _find(tx, "customer", str(customer_id))
+    customer = None if not customer_id else await find(tx, "customer", str(customer_id))
     return CheckoutView(session, customer, lines, trial_days, trial_end, now)
 
 
@@ -234,7 +278,7 @@ def render_checkout(
             f'<div class="card"><h1>This checkout session is complete</h1>{banner(error=error)}'
             "<p>The payment went through and the subscription has started. Nothing more to do "
             "here.</p>"
-            f'<p><a href="{href(session.get("success_url"))}">Continue</a></p></div>'
+            f'<p><a href="{href(success_redirect(session))}">Continue</a></p></div>'
         )
         return page(request, "Checkout complete", body, status=status, now=view.now)
     if view.expired:
@@ -271,7 +315,7 @@ def render_checkout(
         )
     body = (
         f'{back}<div class="card"><p class="muted">Subscribe to</p>'
-        f"<h1>{esc(', '.join(line.name for line in view.lines))}</h1>"
+        f"<h1>{esc(plan_title([line.name for line in view.lines if not line.metered]))}</h1>"
         f"<table>{rows}</table>{trial}"
         f'<p>Total due today: <span class="big">{esc(today)}</span></p>{who}</div>'
         f'<div class="card"><h2>Payment</h2>{banner(error=error)}'
@@ -302,10 +346,13 @@ async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
     error: StripeError | None = None
     try:
         async with sandbox.transaction() as tx:
-            session = await _find(tx, "checkout.session", session_id)
+            session = await find(tx, "checkout.session", session_id)
             if session is None:
                 return missing(request, "checkout session", session_id)
-            email = None if session.get("customer") else (fields.get("email") or "").strip() or None
+            # The page asks for the email only when neither the customer nor the session has one.
+            customer = await find(tx, "customer", str(session.get("customer") or ""))
+            known = (customer or {}).get("email") or session.get("customer_email")
+            email = None if known else (fields.get("email") or "").strip() or None
             result = await creation.complete_checkout(
                 tx, sandbox.config, session_id, outcome="paid", email=email
             )
@@ -316,8 +363,7 @@ async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
             view = await checkout_view(tx, session_id)
         assert view is not None
         return render_checkout(request, view, error=error.message, status=409)
-    success = str(result["session"]["success_url"]).replace("{CHECKOUT_SESSION_ID}", session_id)
-    return see_other(success)
+    return see_other(success_redirect(result["session"]))
 
 
 @control("POST", "/checkout/{session_id}/decline")
@@ -337,360 +383,10 @@ async def checkout_decline(sandbox: SandboxHost, request: Request) -> Response:
     return render_checkout(request, view, error=message, status=status)
 
 
-# Customer portal ------------------------------------------------------------------------------
-
-
-@dataclass
-class PortalSubscription:
-    subscription: Obj
-    plan: str
-    price: str
-
-    @property
-    def id(self) -> str:
-        return str(self.subscription["id"])
-
-    @property
-    def pending_cancel(self) -> bool:
-        return bool(self.subscription.get("cancel_at_period_end") or self.subscription.get("cancel_at"))
-
-
-@dataclass
-class PortalView:
-    session: Obj
-    configuration: Obj
-    customer: Obj
-    subscriptions: list[PortalSubscription]
-    invoices: list[Obj]
-    card: Obj | None
-    card_fails: bool
-    now: int
-    features: Obj = field(default_factory=dict)
-
-    def enabled(self, feature: str) -> bool:
-        return bool((self.features.get(feature) or {}).get("enabled"))
-
-
-async def _subscription_view(tx: Transaction, subscription: Obj) -> PortalSubscription:
-    names, prices = [], []
-    for item in periods.items_of(subscription):
-        price = item["price"]
-        names.append(await periods.product_name(tx, price))
-        if periods.is_metered(price):
-            prices.append("metered usage")
-        else:
-            amount = periods.price_amount(price, int(item.get("quantity") or 1))
-            prices.append(f"{money(amount, price.get('currency'))} {interval_label(price)}")
-    return PortalSubscription(subscription, " + ".join(names), " + ".join(prices))
-
-
-async def portal_view(tx: Transaction, session_id: str) -> PortalView | None:
-    session = await _find(tx, "billing_portal.session", session_id)
-    if session is None:
-        return None
-    configuration = await tx.get("billing_portal.configuration", str(session["configuration"]))
-    customer_id = str(session["customer"])
-    customer = await tx.get("customer", customer_id)
-    subscriptions = await tx.all(
-        "subscription",
-        lambda s: s.get("customer") == customer_id and s.get("status") not in ENDED_STATUSES,
-    )
-    invoices = await tx.all(
-        "invoice", lambda i: i.get("customer") == customer_id and i.get("status") != "draft"
-    )
-    method_id = (customer.get("invoice_settings") or {}).get("default_payment_method") or next(
-        (s.get("default_payment_method") for s in subscriptions if s.get("default_payment_method")), None
-    )
-    card = None if not method_id else await _find(tx, "payment_method", str(method_id))
-    return PortalView(
-        session=session,
-        configuration=configuration,
-        customer=customer,
-        subscriptions=[await _subscription_view(tx, s) for s in subscriptions],
-        invoices=invoices,
-        card=card,
-        card_fails=await payments.payment_method_fails(tx, customer_id),
-        now=tx.now(),
-        features=configuration.get("features") or {},
-    )
-
-
-def _subscription_card(base: str, view: PortalView, item: PortalSubscription) -> str:
-    subscription = item.subscription
-    status = str(subscription["status"])
-    period_end = periods.period_of(subscription)[1]
-    lines = [
-        f'<h2>{esc(item.plan)} <span class="status {esc(status)}">{esc(status.replace("_", " "))}'
-        "</span></h2>",
-        f"<p>{esc(item.price)}</p>",
-    ]
-    if status == "trialing" and subscription.get("trial_end"):
-        lines.append(f"<p>Trial ends on <strong>{esc(day(subscription['trial_end']))}</strong>.</p>")
-    if item.pending_cancel:
-        ends = subscription.get("cancel_at") or period_end
-        lines.append(f"<p>Cancels on <strong>{esc(day(ends))}</strong>.</p>")
-    else:
-        lines.append(f"<p>Current period ends on <strong>{esc(day(period_end))}</strong>; renews then.</p>")
-    action = f"{base}/subscriptions/{subscription['id']}"
-    cancel = view.features.get("subscription_cancel") or {}
-    if item.pending_cancel:
-        lines.append(
-            f'<form method="post" action="{esc(action)}/resume">'
-            '<button type="submit">Renew subscription (undo the cancellation)</button></form>'
-        )
-    elif cancel.get("enabled"):
-        reasons = (cancel.get("cancellation_reason") or {}).get("options") or []
-        select = ""
-        if (cancel.get("cancellation_reason") or {}).get("enabled") and reasons:
-            options = "".join(
-                f'<option value="{esc(r)}">{esc(r.replace("_", " "))}</option>' for r in reasons
-            )
-            select = (
-                '<p><label>Why are you canceling?<select name="feedback">'
-                f'<option value="">(no answer)</option>{options}</select></label></p>'
-            )
-        when = (
-            "now" if cancel.get("mode") == "immediately" else f"at the end of the period ({day(period_end)})"
-        )
-        lines.append(
-            f'<form method="post" action="{esc(action)}/cancel">{select}'
-            f'<button type="submit" class="danger">Cancel subscription</button>'
-            f'<span class="muted">ends it {esc(when)}</span></form>'
-        )
-    return f'<div class="card">{"".join(lines)}</div>'
-
-
-def render_portal(
-    request: Request,
-    view: PortalView,
-    *,
-    notice: str | None = None,
-    error: str | None = None,
-    status: int = 200,
-) -> HTMLResponse:
-    session, customer = view.session, view.customer
-    base = f"{root(request)}/portal/{session['id']}"
-    headline = (view.configuration.get("business_profile") or {}).get("headline")
-    parts = [
-        f'<p><a href="{href(session.get("return_url"))}">&larr; Return to the app</a></p>',
-        f"<h1>{esc(headline or 'Manage your billing')}</h1>",
-        banner(notice, error),
-        '<div class="card"><h2>Account</h2>'
-        f"<p>{esc(customer.get('name') or '')}<br>{esc(customer.get('email') or '')}</p></div>",
-    ]
-    if view.subscriptions:
-        parts += [_subscription_card(base, view, item) for item in view.subscriptions]
-    else:
-        parts.append('<div class="card"><h2>Subscription</h2><p>No current subscription.</p></div>')
-    if view.enabled("payment_method_update"):
-        if view.card is not None:
-            card = view.card.get("card") or {}
-            current = (
-                f"{esc(str(card.get('brand') or 'card').title())} ending in {esc(card.get('last4'))}, "
-                f"expires {esc(card.get('exp_month'))}/{esc(card.get('exp_year'))}"
-            )
-        else:
-            current = "No payment method on file."
-        warning = ' <span class="status past_due">charges fail (sandbox)</span>' if view.card_fails else ""
-        parts.append(
-            f'<div class="card"><h2>Payment method</h2><p>{current}{warning}</p>'
-            f'<form class="inline" method="post" action="{esc(base)}/payment_method">'
-            '<input type="hidden" name="fails" value="false">'
-            '<button type="submit">Use a new card (works)</button></form>'
-            f'<form class="inline" method="post" action="{esc(base)}/payment_method">'
-            '<input type="hidden" name="fails" value="true">'
-            '<button type="submit" class="secondary">Use a new card that will be declined</button></form>'
-            "</div>"
-        )
-    if view.enabled("invoice_history"):
-        rows = "".join(
-            f"<tr><td>{esc(day(inv.get('created')))}</td><td>{esc(inv.get('number') or inv['id'])}</td>"
-            f'<td class="num">{esc(money(inv.get("total"), inv.get("currency")))}</td>'
-            f'<td><span class="status {esc(inv["status"])}">{esc(inv["status"])}</span></td>'
-            + (
-                f'<td><a href="{href(inv["hosted_invoice_url"])}">View</a></td>'
-                if inv.get("hosted_invoice_url")
-                else "<td></td>"
-            )
-            + "</tr>"
-            for inv in view.invoices
-        )
-        table = (
-            '<table><tr><th>Date</th><th>Number</th><th class="num">Amount</th><th>Status</th><th></th>'
-            f"</tr>{rows}</table>"
-            if rows
-            else "<p>No invoices yet.</p>"
-        )
-        parts.append(f'<div class="card"><h2>Invoice history</h2>{table}</div>')
-    return page(request, "Billing portal", "".join(parts), status=status, now=view.now)
-
-
-async def _portal_response(
-    sandbox: SandboxHost, request: Request, session_id: str, *, error: str, status: int
-) -> Response:
-    async with sandbox.transaction() as tx:
-        view = await portal_view(tx, session_id)
-    if view is None:
-        return missing(request, "portal session", session_id)
-    return render_portal(request, view, error=error, status=status)
-
-
-@control("GET", "/portal/{session_id}")
-async def portal_page(sandbox: SandboxHost, request: Request) -> Response:
-    session_id = request.path_params["session_id"]
-    async with sandbox.transaction() as tx:
-        view = await portal_view(tx, session_id)
-    if view is None:
-        return missing(request, "portal session", session_id)
-    return render_portal(request, view, notice=NOTICES.get(request.query_params.get("notice", "")))
-
-
-class PortalRefusal(Exception):
-    def __init__(self, message: str, status: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.status = status
-
-
-async def _portal_subscription(tx: Transaction, session_id: str, subscription_id: str) -> tuple[Obj, Obj]:
-    """The portal session's configuration features and one of its customer's subscriptions."""
-    session = await tx.get("billing_portal.session", session_id)
-    configuration = await tx.get("billing_portal.configuration", str(session["configuration"]))
-    subscription = await _find(tx, "subscription", subscription_id)
-    if subscription is None or subscription.get("customer") != session["customer"]:
-        raise PortalRefusal("This subscription does not belong to this customer.", 404)
-    return configuration.get("features") or {}, subscription
-
-
-async def cancel_from_portal(
-    tx: Transaction, config: SandboxConfig, session_id: str, subscription_id: str, feedback: str | None
-) -> str:
-    """What the portal's cancel button does, as configured; returns the notice key."""
-    features, subscription = await _portal_subscription(tx, session_id, subscription_id)
-    cancel = features.get("subscription_cancel") or {}
-    if not cancel.get("enabled"):
-        raise PortalRefusal("Canceling is not enabled in this portal's configuration.", 403)
-    if subscription["status"] in ENDED_STATUSES:
-        raise PortalRefusal("This subscription has already ended.", 409)
-    details: Obj = {}
-    options = (cancel.get("cancellation_reason") or {}).get("options") or []
-    if feedback and feedback in options:
-        details["feedback"] = feedback
-    if cancel.get("mode") == "immediately":
-        behavior = str(cancel.get("proration_behavior") or "none")
-        await invoicing.cancel_subscription(
-            tx,
-            config,
-            subscription,
-            tx.now(),
-            prorate=behavior != "none",
-            invoice_now=behavior == "always_invoice",
-            details=details or None,
-        )
-        return "canceled_now"
-    params: Obj = {"cancel_at_period_end": True}
-    if details:
-        params["cancellation_details"] = details
-    await changes.update_subscription(tx, config, subscription_id, params)
-    return "canceled"
-
-
-async def resume_from_portal(
-    tx: Transaction, config: SandboxConfig, session_id: str, subscription_id: str
-) -> str:
-    """Undo a pending cancellation, as `POST /v1/subscriptions/{id} cancel_at_period_end=false`."""
-    _features, subscription = await _portal_subscription(tx, session_id, subscription_id)
-    if subscription["status"] in ENDED_STATUSES:
-        raise PortalRefusal("This subscription has already ended.", 409)
-    if not (subscription.get("cancel_at_period_end") or subscription.get("cancel_at")):
-        raise PortalRefusal("This subscription is not set to cancel.", 409)
-    await changes.update_subscription(tx, config, subscription_id, {"cancel_at_period_end": False})
-    return "resumed"
-
-
-async def update_payment_method(tx: Transaction, config: SandboxConfig, session_id: str, fails: bool) -> str:
-    """The customer enters a new card: attached, made the default, and (sandbox) failing or not.
-
-    Charges fail from now on exactly as after `POST /_control/customers/{id}/payment_method`.
-    """
-    session = await tx.get("billing_portal.session", session_id)
-    configuration = await tx.get("billing_portal.configuration", str(session["configuration"]))
-    if not ((configuration.get("features") or {}).get("payment_method_update") or {}).get("enabled"):
-        raise PortalRefusal("Updating the payment method is not enabled in this portal's configuration.", 403)
-    customer_id = str(session["customer"])
-    customer = await tx.get("customer", customer_id)
-    method = await payments.create_payment_method(tx, customer_id, tx.now(), customer.get("email"))
-    settings = dict(customer.get("invoice_settings") or {})
-    previous = {"invoice_settings": copy.deepcopy(settings)}
-    settings["default_payment_method"] = method["id"]
-    customer["invoice_settings"] = settings
-    await tx.save(customer)
-    await payments.emit(tx, "customer.updated", customer, previous)
-    subscriptions = await tx.all(
-        "subscription",
-        lambda s: (
-            s.get("customer") == customer_id
-            and s.get("status") not in ENDED_STATUSES
-            and bool(s.get("default_payment_method"))
-        ),
-    )
-    for subscription in subscriptions:
-        await changes.update_subscription(
-            tx, config, subscription["id"], {"default_payment_method": method["id"]}
-        )
-    await payments.set_payment_method_fails(tx, customer_id, fails)
-    return "card_fails" if fails else "card_works"
-
-
-async def _portal_action(sandbox: SandboxHost, request: Request, action: str) -> Response:
-    session_id = request.path_params["session_id"]
-    fields = await form(request)
-    try:
-        async with sandbox.transaction() as tx:
-            if await _find(tx, "billing_portal.session", session_id) is None:
-                return missing(request, "portal session", session_id)
-            if action == "cancel":
-                notice = await cancel_from_portal(
-                    tx,
-                    sandbox.config,
-                    session_id,
-                    request.path_params["subscription_id"],
-                    fields.get("feedback"),
-                )
-            elif action == "resume":
-                notice = await resume_from_portal(
-                    tx, sandbox.config, session_id, request.path_params["subscription_id"]
-                )
-            else:
-                choice = fields.get("fails", "").lower()
-                if choice not in ("true", "false"):
-                    raise PortalRefusal("Choose a card that works or one that fails.", 400)
-                notice = await update_payment_method(tx, sandbox.config, session_id, choice == "true")
-    except PortalRefusal as refusal:
-        return await _portal_response(
-            sandbox, request, session_id, error=refusal.message, status=refusal.status
-        )
-    except StripeError as exc:
-        return await _portal_response(sandbox, request, session_id, error=exc.message, status=exc.status)
-    return see_other(f"{root(request)}/portal/{session_id}?notice={notice}")
-
-
-@control("POST", "/portal/{session_id}/subscriptions/{subscription_id}/cancel")
-async def portal_cancel(sandbox: SandboxHost, request: Request) -> Response:
-    return await _portal_action(sandbox, request, "cancel")
-
-
-@control("POST", "/portal/{session_id}/subscriptions/{subscription_id}/resume")
-async def portal_resume(sandbox: SandboxHost, request: Request) -> Response:
-    return await _portal_action(sandbox, request, "resume")
-
-
-@control("POST", "/portal/{session_id}/payment_method")
-async def portal_payment_method(sandbox: SandboxHost, request: Request) -> Response:
-    return await _portal_action(sandbox, request, "payment_method")
-
-
 # Invoices -------------------------------------------------------------------------------------
+
+
+BILLED_TO = ("customer_name", "customer_email")
 
 
 def render_invoice(
@@ -742,7 +438,7 @@ def render_invoice(
         f'<div class="card"><p class="muted">{esc(invoice.get("account_name") or "Stripe sandbox")}</p>'
         f"<h1>Invoice {esc(invoice.get('number') or invoice['id'])} "
         f'<span class="status {esc(invoice["status"])}">{esc(invoice["status"])}</span></h1>'
-        f"<p>Billed to {esc(invoice.get('customer_name') or '')} {esc(invoice.get('customer_email') or '')}"
+        f"<p>Billed to {esc(' '.join(filter(None, (invoice.get(k) for k in BILLED_TO))))}"
         f"<br>Issued {esc(day(invoice.get('effective_at') or invoice.get('created')))}</p>{due}"
         f'<table><tr><th>Description</th><th class="num">Qty</th><th class="num">Amount</th></tr>'
         f"{rows}{totals}</table>"
@@ -755,7 +451,7 @@ def render_invoice(
 async def invoice_page(sandbox: SandboxHost, request: Request) -> Response:
     invoice_id = request.path_params["invoice_id"]
     async with sandbox.transaction() as tx:
-        invoice = await _find(tx, "invoice", invoice_id)
+        invoice = await find(tx, "invoice", invoice_id)
         now = tx.now()
     if invoice is None:
         return missing(request, "invoice", invoice_id)
@@ -767,7 +463,7 @@ async def invoice_pay(sandbox: SandboxHost, request: Request) -> Response:
     """The customer pays an open invoice with a new card that works (as on Stripe's page)."""
     invoice_id = request.path_params["invoice_id"]
     async with sandbox.transaction() as tx:
-        invoice = await _find(tx, "invoice", invoice_id)
+        invoice = await find(tx, "invoice", invoice_id)
         if invoice is None:
             return missing(request, "invoice", invoice_id)
         now = tx.now()
@@ -789,7 +485,7 @@ async def invoice_decline(sandbox: SandboxHost, request: Request) -> Response:
     """The card entered on the page is refused: nothing changes (no attempt is recorded)."""
     invoice_id = request.path_params["invoice_id"]
     async with sandbox.transaction() as tx:
-        invoice = await _find(tx, "invoice", invoice_id)
+        invoice = await find(tx, "invoice", invoice_id)
         now = tx.now()
     if invoice is None:
         return missing(request, "invoice", invoice_id)
@@ -800,7 +496,7 @@ async def invoice_decline(sandbox: SandboxHost, request: Request) -> Response:
 async def invoice_pdf(sandbox: SandboxHost, request: Request) -> Response:
     invoice_id = request.path_params["invoice_id"]
     async with sandbox.transaction() as tx:
-        invoice = await _find(tx, "invoice", invoice_id)
+        invoice = await find(tx, "invoice", invoice_id)
     if invoice is None:
         return missing(request, "invoice", invoice_id)
     currency = invoice.get("currency")

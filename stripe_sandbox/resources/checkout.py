@@ -216,7 +216,8 @@ async def create_session(call: Call) -> dict[str, Any]:
         "status": "open",
         "submit_type": None,
         "subscription": None,
-        "success_url": str(params["success_url"]).replace("{CHECKOUT_SESSION_ID}", session_id),
+        # Kept as created: the literal {CHECKOUT_SESSION_ID} is filled in only at the redirect.
+        "success_url": str(params["success_url"]),
         "total_details": {"amount_discount": 0, "amount_shipping": 0, "amount_tax": 0},
         "ui_mode": "hosted_page",
         "url": f"{call.config.base_url}/checkout/{session_id}",

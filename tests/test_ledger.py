@@ -16,6 +16,7 @@ from billing.ledger import LedgerEntry
 from billing.stripe_objects import stripe_time
 from billing.webhooks import requeue
 from db.engine import Database
+from db.migrate import upgrade_engine
 from db.models import event_table, ledger_table
 from tests.billing_flows import (
     advance,
@@ -25,6 +26,8 @@ from tests.billing_flows import (
     subscribe,
     wait_for_account,
 )
+from tests.conftest import DbTarget
+from tests.graphql_support import insert_account
 from tests.live import Live, LiveOptions
 
 DAY = 86_400
@@ -172,3 +175,25 @@ async def test_the_database_refuses_to_update_or_delete_a_row(database: Database
                 await conn.execute(statement)
     async with database.read() as conn:
         assert len((await conn.execute(select(ledger_table))).all()) == 1
+
+
+async def test_the_migration_backfills_one_initial_row_per_account(blank_db: DbTarget) -> None:
+    db = blank_db.database()
+    try:
+        await upgrade_engine(db.engine, "0007")
+        synced = datetime(2026, 3, 4, 5, 6, 7, tzinfo=UTC)
+        await insert_account(db, "old1", synced_at=synced, cancel_at_period_end=True)
+        await insert_account(db, "old2", status="none", tier="none", interval=None)
+        await upgrade_engine(db.engine)
+        first, second = await ledger_of(db, "old1"), await ledger_of(db, "old2")
+    finally:
+        await db.dispose()
+    assert [entry.kind for entry in first + second] == ["initial", "initial"]
+    entry = first[0]
+    assert entry.before is None and entry.changed == [] and entry.effective_at == synced
+    assert entry.causes == [{"type": "migration", "id": "0008"}]
+    assert entry.after["status"] == "active" and entry.after["tier"] == "pro"
+    assert (
+        entry.after["cancel_at_period_end"] is True and entry.after["stripe_price_id"] == "price_pro_monthly"
+    )
+    assert second[0].after["status"] == "none" and second[0].after["interval"] is None

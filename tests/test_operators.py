@@ -20,7 +20,14 @@ from graph.auth import Authenticator, User
 from graph.permissions import IsOperator, PermissionExtension
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
-from tests.graphql_support import PRODUCTION, PRODUCTION_SECRET, SERVICE_KEY, hs256_token, serve_api
+from tests.graphql_support import (
+    PRODUCTION,
+    PRODUCTION_SECRET,
+    SERVICE_KEY,
+    hs256_token,
+    insert_account,
+    serve_api,
+)
 
 ADMINS = {
     "admin_user_ids": "op-1, op-2",
@@ -88,6 +95,38 @@ REFUSED = {
     "wrong claim value": hs256_token("user-3", metadata={"role": "billing_viewer"}),
     "claim at another path": hs256_token("user-4", role="billing_operator"),
 }
+
+
+OPERATOR_FIELDS = {
+    "billingAccount": '{ billingAccount(userId: "acct-1") { userId ledger { kind } events { id } } }',
+    "billingAccount by email": '{ billingAccount(email: "acct-1@example.test") { userId } }',
+    "billingMetrics": (
+        '{ billingMetrics(from: "2026-01-01T00:00:00Z", to: "2026-02-01T00:00:00Z") '
+        "{ mrr arr subscribers { status count } movements { new } } }"
+    ),
+}
+
+
+@pytest.mark.parametrize("environment", ["development", "production"])
+async def test_every_operator_field_refuses_everyone_else(db: Database, environment: str) -> None:
+    production = environment == "production"
+    settings = {**ADMINS, "service_api_key": SERVICE_KEY, **(PRODUCTION if production else {})}
+    secret = {"secret": PRODUCTION_SECRET} if production else {}
+    user_id = f"acct-{environment}"  # the module's database keeps its rows
+    await insert_account(db, user_id)
+    fields = {name: query.replace("acct-1", user_id) for name, query in OPERATOR_FIELDS.items()}
+    async with serve_api(db, **settings) as api:
+        for who, token in REFUSED.items():
+            signed = None if token is None else hs256_token(**_claims(token), **secret)
+            for name, query in fields.items():
+                result = await api.query(query, token=signed)
+                assert [e["extensions"]["code"] for e in result["errors"]] == ["FORBIDDEN"], (who, name)
+                assert not any((result.get("data") or {}).values()), (who, name)  # nothing returned
+        for token in (SERVICE_KEY, hs256_token("op-1", **secret)):
+            for name, query in fields.items():
+                result = await api.query(query, token=token)
+                assert "errors" not in result, (name, result)
+                assert all(result["data"].values()), (name, result)
 
 
 @pytest.mark.parametrize("environment", ["development", "production"])

@@ -89,25 +89,57 @@ def plain(value: Any) -> Any:
     return value
 
 
+ENDED = frozenset({"canceled", "incomplete_expired"})
+NOT_STARTED = frozenset({None, "none", "incomplete", *ENDED})
+
+
+def transition_time(
+    changes: Mapping[str, tuple[Any, Any]], moments: Mapping[str, datetime | None]
+) -> datetime | None:
+    """When Stripe's subscription says the change happened, for the changes it dates.
+
+    `moments`: the subscription's `start_date`, `trial_end`, `canceled_at`, `ended_at` and
+    `current_period_start`. A subscription that starts: its `start_date`; one that ends:
+    `ended_at` (else `canceled_at`); a trial that converts: `trial_end`; a new price with a new
+    period (a change at the period end): `current_period_start`. Others: None.
+    """
+    status = changes.get("status")
+    if status is not None:
+        old, new = status
+        if new in ENDED:
+            return moments.get("ended_at") or moments.get("canceled_at")
+        if old in NOT_STARTED or "stripe_subscription_id" in changes:
+            return moments.get("start_date")
+        if old == "trialing" and new in ("active", "past_due"):
+            return moments.get("trial_end")
+        return None
+    if "stripe_subscription_id" in changes:
+        return moments.get("start_date")
+    if "stripe_price_id" in changes and "current_period_start" in changes:
+        return moments.get("current_period_start")
+    return None
+
+
 def effective_at(
     causes: Sequence[Cause],
     changes: Mapping[str, tuple[Any, Any]],
-    canceled_at: datetime | None,
+    moments: Mapping[str, datetime | None],
     now: datetime,
 ) -> datetime:
-    """When the change happened at Stripe.
+    """When the change happened at Stripe, never the time it was applied.
 
-    With Stripe events: the latest event's `created` (the state a sync reads is the one the batch's
-    last event announced; webhooks arrive late and out of order, so never the time applied).
-    Without (a mutation, `billing sync`): a cancellation's `canceled_at`, else `now` (the sync
-    runs right after the Stripe call that made the change).
+    The subscription's own time of the transition when it has one (`transition_time`): a sync
+    reads Stripe's current state, which may be newer than every event of its batch (an old
+    `trial_will_end` event applied after the trial ended). Otherwise the `created` of the batch's
+    latest event (webhooks arrive late and out of order); without events (a mutation, `billing
+    sync`), `now`: the sync directly follows the Stripe call that made the change.
     """
+    found = transition_time(changes, moments)
+    if found is not None:
+        return found
     created = [cause.created for cause in causes if cause.created]
     if created:
         return stripe_time(max(created)) or now
-    status = changes.get("status")
-    if status is not None and status[1] == "canceled" and canceled_at is not None:
-        return canceled_at
     return now
 
 

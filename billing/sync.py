@@ -94,6 +94,18 @@ class StripeState:
     unit_amount: int | None = None
     currency: str | None = None
     discounts: tuple[str, ...] = ()
+    started_at: datetime | None = None  # `start_date`
+    ended_at: datetime | None = None
+
+    def moments(self) -> dict[str, datetime | None]:
+        """The subscription's times that date a change (billing/ledger.py `transition_time`)."""
+        return {
+            "start_date": self.started_at,
+            "trial_end": self.trial_end,
+            "canceled_at": self.canceled_at,
+            "ended_at": self.ended_at,
+            "current_period_start": self.current_period_start,
+        }
 
     def stripe_values(self) -> dict[str, Any]:
         """The ledger's `STRIPE_FIELDS`: what only Stripe's subscription holds."""
@@ -179,6 +191,8 @@ def subscription_state(subscription: Any, schedule: Any = None) -> StripeState:
         quantity=_int_or_none(get(item, "quantity")),
         unit_amount=_int_or_none(get(price, "unit_amount")),
         currency=get(price, "currency"),
+        started_at=stripe_time(get(subscription, "start_date") or get(subscription, "created")),
+        ended_at=stripe_time(get(subscription, "ended_at")),
         discounts=tuple(
             sorted(found for d in get(subscription, "discounts") or [] if (found := object_id(d)))
         ),
@@ -556,7 +570,7 @@ async def _write_ledger(
     if result.account_id is None or result.user_id is None:
         return
     state = result.state
-    canceled_at = state.canceled_at if state is not None else now
+    moments = state.moments() if state is not None else {}  # deleted: the event's time
     written = await record_change(
         conn,
         account_id=result.account_id,
@@ -566,7 +580,7 @@ async def _write_ledger(
         changes=result.changes,
         stripe_values=state.stripe_values() if state is not None else None,
         causes=causes,
-        effective=effective_at(causes, result.changes, canceled_at, now),
+        effective=effective_at(causes, result.changes, moments, now),
         now=now,
     )
     result.ledger_rows = int(written)

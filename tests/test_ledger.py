@@ -90,10 +90,13 @@ async def test_every_change_of_a_lifecycle_is_one_row_with_its_causes(live: Live
         for cause in entry.causes:
             event = events[cause["id"]]  # a webhook event of the batch, by its id and type
             assert (cause["type"], cause["created"]) == (event["type"], event["created"])
-        # When it happened at Stripe: the batch's latest event, not the time it was applied.
-        assert entry.effective_at == stripe_time(max(cause["created"] for cause in entry.causes))
+    # When it happened at Stripe, not when it was applied: the subscription's own times of its
+    # transitions, else the batch's latest event.
     final = await gateway.v1.subscriptions.retrieve_async(subscription_id)
-    assert entries[3].effective_at >= stripe_time(final.canceled_at)  # type: ignore[operator]
+    assert entries[0].effective_at == stripe_time(final.start_date)
+    assert entries[1].effective_at == stripe_time(final.trial_end)
+    assert entries[2].effective_at == stripe_time(max(cause["created"] for cause in entries[2].causes))
+    assert entries[3].effective_at == stripe_time(final.ended_at or final.canceled_at)
     assert [entry.effective_at for entry in entries] == sorted(entry.effective_at for entry in entries)
 
     # Replaying every event (`billing events replay`) and a `billing sync` add no row.

@@ -43,7 +43,6 @@ STRIPE_FIELDS = ("quantity", "unit_amount", "currency", "discounts")
 # Causes that are not a Stripe event.
 MUTATION = "mutation"
 BILLING_SYNC = "billing sync"
-REPLAY = "replay"
 
 
 @dataclass(frozen=True, slots=True)

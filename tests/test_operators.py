@@ -6,6 +6,7 @@ AUTH_ADMIN_CLAIM names one. Everyone else gets FORBIDDEN from an operator field,
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import jwt
@@ -127,6 +128,19 @@ async def test_every_operator_field_refuses_everyone_else(db: Database, environm
                 result = await api.query(query, token=token)
                 assert "errors" not in result, (name, result)
                 assert all(result["data"].values()), (name, result)
+
+
+async def test_every_operator_field_logs_the_operators_id(
+    db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="billing.graphql")
+    async with serve_api(db, schema=SCHEMA, **ADMINS, service_api_key=SERVICE_KEY) as api:
+        await api.query("{ operatorSecret }", token=hs256_token("op-2"))
+        await api.query("{ operatorSecret }", token=SERVICE_KEY)
+    logged = [
+        getattr(record, "operator", None) for record in caplog.records if record.name == "billing.graphql"
+    ]
+    assert logged == ["op-2", "service"]
 
 
 @pytest.mark.parametrize("environment", ["development", "production"])

@@ -55,16 +55,55 @@ class Bucket:
 
 
 @dataclass
+class Counts:
+    """Events of the range (docs/metrics.md): trials, churned logos, failed and recovered payments."""
+
+    trials_started: int = 0  # -> trialing
+    trials_converted: int = 0  # trialing -> active / past_due
+    trials_lapsed: int = 0  # trialing -> anything else but trialing
+    churned_subscribers: int = 0  # paying -> 0 MRR
+    payments_failed: int = 0  # active / trialing -> past_due
+    payments_recovered: int = 0  # past_due -> active
+    recovered_mrr: int = 0  # the MRR of the recovered ones
+
+
+@dataclass
 class RevenueMetrics:
     start: datetime
     end: datetime
     mrr: int  # at `end`
     subscribers: dict[tuple[str, str], int]  # (status, tier) -> accounts, at `end`
     buckets: list[Bucket]
+    mrr_at_start: int = 0
+    paying_at_start: int = 0  # accounts with MRR at `start`
+    counts: Counts = field(default_factory=Counts)
 
     @property
     def arr(self) -> int:
         return self.mrr * 12
+
+    def total(self, movement: str) -> int:
+        return sum(bucket.movements[movement] for bucket in self.buckets)
+
+    @property
+    def trial_conversion_rate(self) -> float | None:
+        """Converted / ended trials of the range (converted + lapsed); None without any."""
+        ended = self.counts.trials_converted + self.counts.trials_lapsed
+        return None if ended == 0 else self.counts.trials_converted / ended
+
+    @property
+    def logo_churn_rate(self) -> float | None:
+        """Churned subscribers / paying subscribers at the start; None without any."""
+        return None if self.paying_at_start == 0 else self.counts.churned_subscribers / self.paying_at_start
+
+    @property
+    def revenue_churn_rate(self) -> float | None:
+        """Net MRR churn: (churned + contraction - expansion - reactivation) / MRR at the start."""
+        if self.mrr_at_start == 0:
+            return None
+        lost = -(self.total("churned") + self.total("contraction"))
+        won = self.total("expansion") + self.total("reactivation")
+        return (lost - won) / self.mrr_at_start
 
 
 def mrr_of(state: Mapping[str, Any] | None, catalog: Catalog | None = None) -> Fraction:
@@ -153,6 +192,8 @@ def compute_metrics(
     buckets = _buckets(start, end, interval)
     state: dict[int, Mapping[str, Any]] = {}
     paid_before: set[int] = set()
+    counts = Counts()
+    mrr_at_start, paying_at_start = 0, 0
     index = 0
     ordered = sorted(entries, key=lambda entry: (entry.effective_at, entry.id))
     for bucket in [Bucket(start=datetime.min.replace(tzinfo=UTC), end=start), *buckets]:
@@ -165,10 +206,14 @@ def compute_metrics(
                 kind = _movement(old, new, entry.account_id in paid_before)
                 if kind is not None:
                     bucket.movements[kind] += cents(new) - cents(old)
+                _count(counts, state.get(entry.account_id), entry.after, kind, new)
             state[entry.account_id] = entry.after
             if new > 0:
                 paid_before.add(entry.account_id)
         bucket.mrr = cents(sum((mrr_of(after, catalog) for after in state.values()), Fraction(0)))
+        if bucket.end == start:
+            mrr_at_start = bucket.mrr
+            paying_at_start = sum(1 for after in state.values() if mrr_of(after, catalog) > 0)
     subscribers: dict[tuple[str, str], int] = {}
     for after in state.values():
         status = str(after.get("status"))
@@ -176,7 +221,43 @@ def compute_metrics(
             key = (status, str(after.get("tier")))
             subscribers[key] = subscribers.get(key, 0) + 1
     mrr = buckets[-1].mrr if buckets else 0
-    return RevenueMetrics(start=start, end=end, mrr=mrr, subscribers=subscribers, buckets=buckets)
+    return RevenueMetrics(
+        start=start,
+        end=end,
+        mrr=mrr,
+        subscribers=subscribers,
+        buckets=buckets,
+        mrr_at_start=mrr_at_start,
+        paying_at_start=paying_at_start,
+        counts=counts,
+    )
+
+
+def _count(
+    counts: Counts,
+    before: Mapping[str, Any] | None,
+    after: Mapping[str, Any],
+    kind: str | None,
+    new: Fraction,
+) -> None:
+    old_status = None if before is None else before.get("status")
+    status = after.get("status")
+    if status == old_status:
+        return
+    if status == "trialing":
+        counts.trials_started += 1
+    elif old_status == "trialing":
+        if status in MRR_STATUSES:
+            counts.trials_converted += 1
+        else:
+            counts.trials_lapsed += 1
+    if kind == "churned":
+        counts.churned_subscribers += 1
+    if status == "past_due" and old_status in ("active", "trialing"):
+        counts.payments_failed += 1
+    if old_status == "past_due" and status == "active":
+        counts.payments_recovered += 1
+        counts.recovered_mrr += cents(new)
 
 
 def _movement(old: Fraction, new: Fraction, paid_before: bool) -> str | None:

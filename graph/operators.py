@@ -179,8 +179,21 @@ class BillingMetrics:
         description="At `to`, in cents: net of discounts, tax excluded, trials excluded."
     )
     arr: int = strawberry.field(description="MRR x 12.")
+    mrr_at_start: int = strawberry.field(description="MRR at `from`.")
     subscribers: list[SubscriberCount]
     movements: list[MrrMovement]
+    trials_started: int
+    trials_converted: int = strawberry.field(description="Trials that became paying in the range.")
+    trials_lapsed: int = strawberry.field(description="Trials that ended without paying in the range.")
+    trial_conversion_rate: float | None = strawberry.field(description="Converted / (converted + lapsed).")
+    churned_subscribers: int = strawberry.field(description="Paying accounts whose MRR went to 0.")
+    logo_churn_rate: float | None = strawberry.field(description="Churned subscribers / paying at `from`.")
+    revenue_churn_rate: float | None = strawberry.field(
+        description="Net MRR churn: (churned + contraction - expansion - reactivation) / MRR at `from`."
+    )
+    failed_payments: int = strawberry.field(description="Renewals that failed: to past_due.")
+    recovered_payments: int = strawberry.field(description="past_due back to active.")
+    recovered_mrr: int = strawberry.field(description="The MRR of the recovered accounts (cents).")
 
     @classmethod
     def from_model(cls, metrics: RevenueMetrics) -> BillingMetrics:
@@ -194,6 +207,17 @@ class BillingMetrics:
                 for (status, tier), count in sorted(metrics.subscribers.items())
             ],
             movements=[MrrMovement.from_model(bucket) for bucket in metrics.buckets],
+            mrr_at_start=metrics.mrr_at_start,
+            trials_started=metrics.counts.trials_started,
+            trials_converted=metrics.counts.trials_converted,
+            trials_lapsed=metrics.counts.trials_lapsed,
+            trial_conversion_rate=metrics.trial_conversion_rate,
+            churned_subscribers=metrics.counts.churned_subscribers,
+            logo_churn_rate=metrics.logo_churn_rate,
+            revenue_churn_rate=metrics.revenue_churn_rate,
+            failed_payments=metrics.counts.payments_failed,
+            recovered_payments=metrics.counts.payments_recovered,
+            recovered_mrr=metrics.counts.recovered_mrr,
         )
 
 

@@ -24,7 +24,7 @@ OPERATOR = "operator-1"
 METRICS = """
 query ($from: DateTime!, $to: DateTime!) {
   billingMetrics(from: $from, to: $to) {
-    mrr arr
+    mrr arr mrrAtStart trialsStarted trialsConverted trialsLapsed churnedSubscribers failedPayments
     subscribers { status tier count }
     movements { start mrr new expansion contraction churned reactivation netNew }
   }
@@ -135,6 +135,16 @@ async def test_metrics_equal_the_sandboxs_subscriptions(live: Live) -> None:
     }
     assert {day: moves for day, moves in found.items() if moves} == expected
     assert sum(bucket["netNew"] for bucket in metrics["movements"]) == metrics["mrr"]
+
+    # Trials and churned logos, independently: a trial is a subscription with `trial_start`; it
+    # converted if it is paying now, lapsed if it ended; a churned logo ended after paying.
+    trials = [s for s in stripe_subs.values() if s.trial_start is not None]
+    assert metrics["mrrAtStart"] == 0
+    assert metrics["trialsStarted"] == len(trials)
+    assert metrics["trialsConverted"] == sum(1 for s in trials if s.status in ("active", "past_due"))
+    assert metrics["trialsLapsed"] == sum(1 for s in trials if s.status == "canceled")
+    ended_paying = [s for s in stripe_subs.values() if s.status == "canceled" and s.trial_start is None]
+    assert metrics["churnedSubscribers"] == len(ended_paying) and metrics["failedPayments"] == 0
 
 
 def _list_mrr(subscription: Any) -> Fraction:

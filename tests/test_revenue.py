@@ -123,3 +123,27 @@ def test_bad_ranges_are_refused() -> None:
         compute_metrics([], START, START)
     with pytest.raises(BillingError, match="at most"):
         compute_metrics([], START, START + 1000 * DAY)
+
+
+def test_trials_churn_and_failed_payments() -> None:
+    ledger = Ledger()
+    ledger.add(1, START - DAY, state(), kind="initial")  # paying at the start: 1000
+    ledger.add(2, START - DAY, state(amount=3000), kind="initial")  # paying at the start: 3000
+    ledger.add(3, START + DAY, state(status="trialing"))
+    ledger.add(3, START + 2 * DAY, state())  # converts
+    ledger.add(4, START + DAY, state(status="trialing"))
+    ledger.add(4, START + 2 * DAY, state(status="canceled"))  # lapses
+    ledger.add(1, START + DAY, state(status="past_due"))  # a renewal fails
+    ledger.add(1, START + 2 * DAY, state())  # recovered
+    ledger.add(2, START + 3 * DAY, state(status="past_due", amount=3000))  # fails
+    ledger.add(2, START + 4 * DAY, state(status="canceled", amount=3000))  # churns
+
+    metrics = compute_metrics(ledger.entries, START, START + 5 * DAY)
+    counts = metrics.counts
+    assert (counts.trials_started, counts.trials_converted, counts.trials_lapsed) == (2, 1, 1)
+    assert metrics.trial_conversion_rate == 0.5
+    assert (counts.payments_failed, counts.payments_recovered, counts.recovered_mrr) == (2, 1, 1000)
+    assert counts.churned_subscribers == 1 and metrics.paying_at_start == 2
+    assert metrics.logo_churn_rate == 0.5
+    assert metrics.mrr_at_start == 4000 and metrics.mrr == 2000
+    assert metrics.revenue_churn_rate == 3000 / 4000  # churned 3000, nothing won back (new is not)

@@ -14,7 +14,16 @@ import pytest
 
 from billing.plans import plan_of_price
 from billing.stripe_objects import stripe_time
-from tests.billing_flows import advance, advance_to, settle, subscribe, wait_for_account
+from tests.billing_flows import (
+    CHARGE_DELAY,
+    advance,
+    advance_to,
+    card_fails,
+    period_end,
+    settle,
+    subscribe,
+    wait_for_account,
+)
 from tests.graphql_support import hs256_token
 from tests.live import Live, LiveOptions
 
@@ -177,3 +186,81 @@ async def test_why_does_this_user_have_pro(live: Live) -> None:
     subscription = await gateway.v1.subscriptions.retrieve_async(subscription_id)
     assert datetime.fromisoformat(entry["effectiveAt"]) >= stripe_time(subscription.start_date)  # type: ignore[operator]
     assert (await operator_query(live, ACCOUNT, {"userId": "nobody"}))["billingAccount"] is None
+
+
+CHANGE_PLAN = "mutation ($tier: Tier!, $interval: BillingInterval!) { changePlan(tier: $tier, interval: $interval) { tier } }"
+
+
+async def test_upgrades_downgrades_and_dunning_move_mrr_as_the_sandbox_says(live: Live) -> None:
+    service, gateway, prices = live.service, live.gateway, live.prices
+    started = datetime.fromtimestamp(int((await advance(service, 0))["now"]), tz=UTC)
+    plans = {
+        "up": "starter_monthly",
+        "down": "pro_monthly",
+        "rec": "starter_monthly",
+        "lost": "starter_monthly",
+    }
+    subs: dict[str, str] = {}
+    customers: dict[str, str] = {}
+    for user, key in plans.items():
+        customers[user], subs[user] = await subscribe(service, gateway, prices, user, key, trial_days=None)
+    for user in plans:
+        await wait_for_account(service.database, user, status="active")
+    await settle(service.url, service.database)
+    amount = {key: (await gateway.v1.prices.retrieve_async(prices[key])).unit_amount or 0 for key in prices}
+
+    for user, tier in (("up", "PRO"), ("down", "STARTER")):
+        answer = await live.graphql(user, CHANGE_PLAN, {"tier": tier, "interval": "MONTHLY"})
+        assert "errors" not in answer, answer
+    await settle(service.url, service.database)
+    for user in ("rec", "lost"):
+        await card_fails(service, customers[user])
+    ends = {user: await period_end(gateway, sid) for user, sid in subs.items()}
+    renewal = max(ends.values())
+    await advance_to(service, renewal + CHARGE_DELAY + 60)
+    for user in ("rec", "lost"):
+        await wait_for_account(service.database, user, status="past_due")
+    await wait_for_account(service.database, "down", tier="starter")
+    await card_fails(service, customers["rec"], fails=False)
+    await advance(service, 4 * DAY)  # the first retry pays for "rec" only
+    await wait_for_account(service.database, "rec", status="active")
+    await advance(service, 30 * DAY)  # every retry of "lost" fails
+    await wait_for_account(service.database, "lost", status="canceled")
+    await settle(service.url, service.database)
+    now = datetime.fromtimestamp(int((await advance(service, 0))["now"]), tz=UTC)
+
+    start_day = started.replace(hour=0, minute=0, second=0, microsecond=0)
+    variables = {"from": start_day.isoformat(), "to": (now + timedelta(seconds=1)).isoformat()}
+    metrics = (await operator_query(live, METRICS, variables))["billingMetrics"]
+
+    stripe_subs = {user: await gateway.v1.subscriptions.retrieve_async(sid) for user, sid in subs.items()}
+    assert metrics["mrr"] == round(sum((mrr_of_subscription(s) for s in stripe_subs.values()), Fraction(0)))
+    expected: dict[str, Counter[str]] = {}
+
+    def add(moment: datetime | None, kind: str, cents: int) -> None:
+        assert moment is not None
+        expected.setdefault(moment.strftime("%Y-%m-%d"), Counter())[kind] += cents
+
+    for user, key in plans.items():
+        add(stripe_time(stripe_subs[user].start_date), "new", amount[key])
+    add(started, "expansion", amount["pro_monthly"] - amount["starter_monthly"])  # changed now
+    # The downgrade took effect at the renewal: the end of the first period, as Stripe reported it.
+    first_renewal = stripe_time(ends["down"])
+    add(first_renewal, "contraction", amount["starter_monthly"] - amount["pro_monthly"])
+    add(
+        stripe_time(stripe_subs["lost"].ended_at or stripe_subs["lost"].canceled_at),
+        "churned",
+        -amount["starter_monthly"],
+    )
+    found = {
+        bucket["start"][:10]: Counter(
+            {
+                k: bucket[k]
+                for k in ("new", "expansion", "contraction", "churned", "reactivation")
+                if bucket[k]
+            }
+        )
+        for bucket in metrics["movements"]
+    }
+    assert {day: moves for day, moves in found.items() if moves} == expected
+    assert metrics["failedPayments"] == 2 and metrics["churnedSubscribers"] == 1

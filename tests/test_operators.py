@@ -100,7 +100,8 @@ REFUSED = {
 
 OPERATOR_FIELDS = {
     "billingAccount": '{ billingAccount(userId: "acct-1") { userId ledger { kind } events { id } } }',
-    "billingAccount by email": '{ billingAccount(email: "acct-1@example.test") { userId } }',
+    "billingAccount by email": '{ billingAccount(email: "EMAIL") { userId } }',
+    "billingAccount by customer": '{ billingAccount(stripeCustomerId: "cus_acct-1") { userId } }',
     "billingMetrics": (
         '{ billingMetrics(from: "2026-01-01T00:00:00Z", to: "2026-02-01T00:00:00Z") '
         "{ mrr arr subscribers { status count } movements { new } } }"
@@ -115,7 +116,11 @@ async def test_every_operator_field_refuses_everyone_else(db: Database, environm
     secret = {"secret": PRODUCTION_SECRET} if production else {}
     user_id = f"acct-{environment}"  # the module's database keeps its rows
     await insert_account(db, user_id)
-    fields = {name: query.replace("acct-1", user_id) for name, query in OPERATOR_FIELDS.items()}
+    email = f"{user_id.upper()}@example.test"  # matched case-insensitively
+    fields = {
+        name: query.replace("acct-1", user_id).replace("EMAIL", email)
+        for name, query in OPERATOR_FIELDS.items()
+    }
     async with serve_api(db, **settings) as api:
         for who, token in REFUSED.items():
             signed = None if token is None else hs256_token(**_claims(token), **secret)
@@ -128,6 +133,9 @@ async def test_every_operator_field_refuses_everyone_else(db: Database, environm
                 result = await api.query(query, token=token)
                 assert "errors" not in result, (name, result)
                 assert all(result["data"].values()), (name, result)
+            for keys in ("", f'(userId: "{user_id}", email: "x@example.test")'):  # not exactly one key
+                result = await api.query(f"{{ billingAccount{keys} {{ userId }} }}", token=token)
+                assert [e["extensions"]["code"] for e in result["errors"]] == ["BAD_USER_INPUT"], keys
 
 
 async def test_every_operator_field_logs_the_operators_id(

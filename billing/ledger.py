@@ -90,6 +90,7 @@ def plain(value: Any) -> Any:
 
 ENDED = frozenset({"canceled", "incomplete_expired"})
 NOT_STARTED = frozenset({None, "none", "incomplete", *ENDED})
+PAYING = frozenset({"active", "past_due"})
 
 
 def transition_time(
@@ -98,7 +99,8 @@ def transition_time(
     """When Stripe's subscription says the change happened, for the changes it dates.
 
     `moments`: the subscription's `start_date`, `trial_end`, `canceled_at`, `ended_at` and
-    `current_period_start`. A subscription that starts: its `start_date`; one that ends:
+    `current_period_start`. A subscription that starts: its `start_date` (its `trial_end` when
+    it is already paying after a trial no sync saw); one that ends:
     `ended_at` (else `canceled_at`); a trial that converts: `trial_end`; a new price with a new
     period (a change at the period end): `current_period_start`. Others: None.
     """
@@ -108,7 +110,10 @@ def transition_time(
         if new in ENDED:
             return moments.get("ended_at") or moments.get("canceled_at")
         if old in NOT_STARTED or "stripe_subscription_id" in changes:
-            return moments.get("start_date")
+            started, trial_end = moments.get("start_date"), moments.get("trial_end")
+            if new in PAYING and trial_end is not None and started is not None and trial_end > started:
+                return trial_end  # its trial came and went before a sync saw it: paying since then
+            return started
         if old == "trialing" and new in ("active", "past_due"):
             return moments.get("trial_end")
         return None

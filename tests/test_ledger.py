@@ -4,7 +4,7 @@ Stripe's time; replayed and duplicated events add nothing; nothing updates or de
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
-from billing.ledger import LedgerEntry
+from billing.ledger import Cause, LedgerEntry, effective_at, transition_time
 from billing.stripe_objects import stripe_time
 from billing.webhooks import requeue
 from db.engine import Database
@@ -200,3 +200,31 @@ async def test_the_migration_backfills_one_initial_row_per_account(blank_db: DbT
         entry.after["cancel_at_period_end"] is True and entry.after["stripe_price_id"] == "price_pro_monthly"
     )
     assert second[0].after["status"] == "none" and second[0].after["interval"] is None
+
+
+def test_transition_times_come_from_the_subscription() -> None:
+    day = timedelta(days=1)
+    start = datetime(2026, 5, 1, tzinfo=UTC)
+    moments = {
+        "start_date": start,
+        "trial_end": start + 14 * day,
+        "canceled_at": start + 20 * day,
+        "ended_at": start + 30 * day,
+        "current_period_start": start + 14 * day,
+    }
+    assert transition_time({"status": (None, "trialing")}, moments) == start
+    assert transition_time({"status": ("trialing", "active")}, moments) == start + 14 * day
+    # First seen paying after a trial no sync saw: paying since the trial's end.
+    assert transition_time({"status": (None, "active")}, moments) == start + 14 * day
+    assert transition_time({"status": (None, "active")}, {**moments, "trial_end": None}) == start
+    assert transition_time({"status": ("active", "canceled")}, moments) == start + 30 * day
+    assert transition_time({"status": ("active", "past_due")}, moments) is None
+    assert transition_time({"stripe_price_id": ("a", "b"), "current_period_start": (0, 1)}, moments) == (
+        start + 14 * day
+    )
+    assert transition_time({"cancel_at_period_end": (False, True)}, moments) is None
+    late = [Cause("invoice.paid", "evt_2", 2_000_000_000), Cause("invoice.created", "evt_1", 1_900_000_000)]
+    assert effective_at(late, {"cancel_at_period_end": (False, True)}, moments, start) == stripe_time(
+        2_000_000_000
+    )
+    assert effective_at([Cause("mutation")], {}, moments, start) == start

@@ -44,6 +44,7 @@ from billing.customers import (
 )
 from billing.customers import existing_customer as existing_customer_of
 from billing.errors import BillingError, ErrorCode
+from billing.ledger import MUTATION
 from billing.plans import Catalog
 from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
@@ -179,6 +180,7 @@ async def _sync(
         user_id_hint=user_id,
         invoice_ids=invoice_ids or (),
         dry_run=dry_run,
+        cause=MUTATION,
     )
     if result.unknown_customer and not result.customer_deleted:
         log.error("user %s: linked customer %s does not exist in Stripe", user_id, customer_id)

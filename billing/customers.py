@@ -37,6 +37,7 @@ from stripe.params import CustomerCreateParams, CustomerCreateParamsInvoiceSetti
 
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
+from billing.ledger import MUTATION
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
 from billing.sync import CustomerLocks, sync_customer
@@ -90,7 +91,12 @@ async def get_or_create_customer(
             if not is_missing(exc):
                 raise
             result = await sync_customer(
-                database=database, gateway=gateway, locks=locks, customer_id=customer_id, now=clock()
+                database=database,
+                gateway=gateway,
+                locks=locks,
+                customer_id=customer_id,
+                now=clock(),
+                cause=MUTATION,
             )
             if not result.customer_deleted:
                 raise

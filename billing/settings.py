@@ -46,6 +46,11 @@ class Settings(BaseSettings):
     auth_issuer: str | None = None
     auth_audience: str | None = None
     service_api_key: SecretStr | None = None
+    # Operators (graph/permissions.py `IsOperator`): user ids, comma-separated; and/or a claim of
+    # the operator's identity provider (a dotted path, e.g. `metadata.role`) with its exact value.
+    admin_user_ids: str | None = None
+    auth_admin_claim: str | None = None
+    auth_admin_value: str | None = None
     # A past_due subscription keeps its tier for this many days after `current_period_start`
     # (a failed renewal has already moved the period); 0 = no grace. billing/access.py decides.
     past_due_grace_days: int = Field(default=7, ge=0, le=90)
@@ -233,6 +238,11 @@ class Settings(BaseSettings):
         return None
 
     @property
+    def operator_ids(self) -> frozenset[str]:
+        """ADMIN_USER_IDS, parsed."""
+        return frozenset(_split(self.admin_user_ids or ""))
+
+    @property
     def logs_as_json(self) -> bool:
         """LOG_FORMAT, with its default: JSON lines in production."""
         return self.log_format == "json" or (self.log_format is None and self.is_production)
@@ -309,6 +319,7 @@ def _problems(settings: Settings) -> list[str]:
             problems.append("HOST_WEBHOOK_SECRET is set but holds no secret")
         elif any(not secret.startswith("whsec_") for secret in secrets):
             problems.append("HOST_WEBHOOK_SECRET: each secret is a Standard Webhooks secret, whsec_<base64>")
+    problems.extend(_operator_problems(settings))
     if not settings.is_production:
         return problems
 
@@ -348,6 +359,31 @@ def _problems(settings: Settings) -> list[str]:
     elif settings.metrics_token is not None and _is_weak(settings.metrics_token.get_secret_value()):
         problems.append(f"METRICS_TOKEN is a placeholder (use {MIN_SECRET_LENGTH}+ random characters)")
     return problems
+
+
+def is_organisation_claim(path: str) -> bool:
+    """A claim that carries an organisation role (`org_role`, Clerk's `o.rol`, `org:*`, `org_id`...).
+
+    Those are the roles of a customer's admins inside their own organisation: never an operator's.
+    """
+    return any(part == "o" or part.startswith("org") for part in path.strip().lower().split("."))
+
+
+def _operator_problems(settings: Settings) -> list[str]:
+    claim, value = settings.auth_admin_claim, settings.auth_admin_value
+    if claim is None:
+        return ["AUTH_ADMIN_VALUE is set without AUTH_ADMIN_CLAIM"] if value is not None else []
+    if is_organisation_claim(claim):
+        return [
+            f"AUTH_ADMIN_CLAIM={claim!r} names an organisation role claim: a customer's own admins "
+            "carry it, so it never makes anyone an operator (use a claim only your team can have, "
+            "e.g. metadata.role)"
+        ]
+    if not all(claim.split(".")):
+        return [f"AUTH_ADMIN_CLAIM={claim!r} is not a dotted path of claim names (e.g. metadata.role)"]
+    if value is None:
+        return ["AUTH_ADMIN_CLAIM is set without AUTH_ADMIN_VALUE (the exact value that makes an operator)"]
+    return []
 
 
 def load_settings(**overrides: object) -> Settings:

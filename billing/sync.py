@@ -25,6 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.errors import BillingError
 from billing.host_events.events import HostEventConfig, StripeTrigger, write_sync_events
+from billing.ledger import BILLING_SYNC, Cause, effective_at, record_change
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.plans import plan_of_price, tier_rank
 from billing.realtime import publish_account_change
@@ -88,6 +89,32 @@ class StripeState:
     pending_interval: BillingInterval | None = None
     pending_change_at: datetime | None = None
     live_subscription_ids: tuple[str, ...] = ()
+    # Not on the account row; the ledger tracks them (billing/ledger.py STRIPE_FIELDS).
+    quantity: int | None = None
+    unit_amount: int | None = None
+    currency: str | None = None
+    discounts: tuple[str, ...] = ()
+    started_at: datetime | None = None  # `start_date`
+    ended_at: datetime | None = None
+
+    def moments(self) -> dict[str, datetime | None]:
+        """The subscription's times that date a change (billing/ledger.py `transition_time`)."""
+        return {
+            "start_date": self.started_at,
+            "trial_end": self.trial_end,
+            "canceled_at": self.canceled_at,
+            "ended_at": self.ended_at,
+            "current_period_start": self.current_period_start,
+        }
+
+    def stripe_values(self) -> dict[str, Any]:
+        """The ledger's `STRIPE_FIELDS`: what only Stripe's subscription holds."""
+        return {
+            "quantity": self.quantity,
+            "unit_amount": self.unit_amount,
+            "currency": self.currency,
+            "discounts": list(self.discounts),
+        }
 
     def values(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in STATE_FIELDS}
@@ -161,7 +188,19 @@ def subscription_state(subscription: Any, schedule: Any = None) -> StripeState:
         pending_tier=pending[0] if pending else None,
         pending_interval=pending[1] if pending else None,
         pending_change_at=pending[2] if pending else None,
+        quantity=_int_or_none(get(item, "quantity")),
+        unit_amount=_int_or_none(get(price, "unit_amount")),
+        currency=get(price, "currency"),
+        started_at=stripe_time(get(subscription, "start_date") or get(subscription, "created")),
+        ended_at=stripe_time(get(subscription, "ended_at")),
+        discounts=tuple(
+            sorted(found for d in get(subscription, "discounts") or [] if (found := object_id(d)))
+        ),
     )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 def customer_state(subscriptions: Sequence[Any], schedules: Mapping[str, Any] | None = None) -> StripeState:
@@ -239,6 +278,8 @@ class SyncResult:
     conflict: str | None = None
     account_id: int | None = None  # the account row written (None: none, or a dry run's new one)
     host_events: int = 0  # host events written to the outbox with the change
+    before: dict[str, Any] | None = None  # the row's STATE_FIELDS before (None: no row yet)
+    ledger_rows: int = 0  # billing_ledger rows written with the change (0 or 1)
 
     @property
     def multiple_live(self) -> bool:
@@ -257,12 +298,15 @@ async def sync_customer(
     dry_run: bool = False,
     host_events: HostEventConfig | None = None,
     triggers: Sequence[StripeTrigger] = (),
+    cause: str = BILLING_SYNC,
 ) -> SyncResult:
     """Fetch the customer's subscriptions (and the named invoices) and write the account row.
 
     With `host_events`, the events for the host app that the change (and the applied Stripe
     events, `triggers`) make are written to the outbox in the same transaction (default: the
-    configuration `locks` carries).
+    configuration `locks` carries). A change of the tracked billing state appends its row to the
+    ledger in that transaction too, caused by the `triggers`, or else by `cause` (a mutation,
+    `billing sync`, a replay).
     """
     host_events = host_events or locks.host_events
     async with locks.hold(customer_id):
@@ -270,7 +314,9 @@ async def sync_customer(
         if customer is None:
             return SyncResult(customer_id, None, None, unknown_customer=True)
         if get(customer, "deleted"):
-            return await _customer_deleted(database, customer_id, now, dry_run, host_events, triggers)
+            return await _customer_deleted(
+                database, customer_id, now, dry_run, host_events, triggers, _causes(triggers, cause)
+            )
         subscriptions = await _subscriptions(gateway, customer_id)
         schedules = await _schedules(gateway, subscriptions)
         invoices = [await _invoice(gateway, invoice_id) for invoice_id in invoice_ids]
@@ -286,6 +332,8 @@ async def sync_customer(
                     await upsert_invoice(conn, database, invoice, now)
             if host_events is not None and not dry_run and result.conflict is None:
                 await _write_host_events(conn, database, host_events, result, triggers, now)
+            if not dry_run and result.conflict is None:
+                await _write_ledger(conn, result, _causes(triggers, cause), now)
         if result.host_events and host_events is not None:
             host_events.notify_written()
         return result
@@ -415,6 +463,7 @@ async def _write_account(
         return result
 
     result = SyncResult(customer_id, row.user_id, state, account_id=row.id)
+    result.before = {name: getattr(row, name) for name in STATE_FIELDS}
     if row.stripe_customer_id not in (None, customer_id, stale_link):
         # The user already pays through another customer: keep that link unless it has no live
         # subscription and this one does (e.g. the old customer was replaced).
@@ -449,6 +498,7 @@ async def _customer_deleted(
     dry_run: bool,
     host_events: HostEventConfig | None,
     triggers: Sequence[StripeTrigger],
+    causes: Sequence[Cause],
 ) -> SyncResult:
     """The customer is gone: so are its subscriptions. Unlink it; a new checkout makes a new one."""
     async with database.write() as conn:
@@ -468,6 +518,7 @@ async def _customer_deleted(
             "updated_at": now,
         }
         result = SyncResult(customer_id, row.user_id, None, customer_deleted=True, account_id=row.id)
+        result.before = {name: getattr(row, name) for name in STATE_FIELDS}
         result.changes = {
             name: (getattr(row, name), value) for name, value in values.items() if name in STATE_FIELDS
         }
@@ -476,6 +527,7 @@ async def _customer_deleted(
             await publish_account_change(conn, database, row.id)
             if host_events is not None:
                 await _write_host_events(conn, database, host_events, result, triggers, now)
+            await _write_ledger(conn, result, causes, now)
     if result.host_events and host_events is not None:
         host_events.notify_written()
     return result
@@ -501,6 +553,37 @@ async def _write_host_events(
         triggers=triggers,
         now=now,
     )
+
+
+def _causes(triggers: Sequence[StripeTrigger], cause: str) -> list[Cause]:
+    """The Stripe events the sync applies, in the order Stripe made them; else the one `cause`."""
+    if not triggers:
+        return [Cause(cause)]
+    ordered = sorted(triggers, key=lambda trigger: (trigger.created, trigger.event_id))
+    return [Cause(trigger.type, trigger.event_id, trigger.created or None) for trigger in ordered]
+
+
+async def _write_ledger(
+    conn: AsyncConnection, result: SyncResult, causes: Sequence[Cause], now: datetime
+) -> None:
+    """The ledger row of this change, in its transaction (billing/ledger.py)."""
+    if result.account_id is None or result.user_id is None:
+        return
+    state = result.state
+    moments = state.moments() if state is not None else {}  # deleted: the event's time
+    written = await record_change(
+        conn,
+        account_id=result.account_id,
+        user_id=result.user_id,
+        customer_id=None if result.customer_deleted else result.customer_id,
+        before=result.before,
+        changes=result.changes,
+        stripe_values=state.stripe_values() if state is not None else None,
+        causes=causes,
+        effective=effective_at(causes, result.changes, moments, now),
+        now=now,
+    )
+    result.ledger_rows = int(written)
 
 
 async def _locked_row(conn: AsyncConnection, database: Database, condition: Any) -> Any:

@@ -347,6 +347,34 @@ class HostEndpoint(SQLModel, table=True):
     updated_at: datetime = Field(sa_type=UTCDateTime)
 
 
+class BillingLedgerEntry(SQLModel, table=True):
+    """The history of an account's billing state, append-only (billing/ledger.py).
+
+    One row per change, written by the sync in the transaction of the change: the tracked
+    fields before (NULL for an account's first row) and after, when the change happened at
+    Stripe (`effective_at`), and its causes. Triggers refuse UPDATE and DELETE (migration 0008).
+    """
+
+    __tablename__ = "billing_ledger"
+    __table_args__ = (
+        CheckConstraint("kind IN ('initial', 'change')", name="kind"),
+        Index(None, "account_id", "id"),
+        Index(None, "effective_at"),
+    )
+
+    id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
+    account_id: int = Field(sa_type=BigId)
+    user_id: str = Field(sa_type=String(255))
+    stripe_customer_id: str | None = Field(default=None, sa_type=String(255))
+    kind: str = Field(sa_type=String(16))  # initial: the backfill of an existing account
+    changed: list[str] = Field(sa_type=Json)  # the tracked fields that changed
+    before: dict[str, Any] | None = Field(default=None, sa_type=Json)
+    after: dict[str, Any] = Field(sa_type=Json)
+    causes: list[dict[str, Any]] = Field(sa_type=Json)  # [{"type", "id"?}]: events, mutation, ...
+    effective_at: datetime = Field(sa_type=UTCDateTime)
+    recorded_at: datetime = Field(sa_type=UTCDateTime)
+
+
 account_table = BillingAccount.__table__  # type: ignore[attr-defined]
 usage_table = UsageRecord.__table__  # type: ignore[attr-defined]
 rollup_table = UsageRollup.__table__  # type: ignore[attr-defined]
@@ -358,4 +386,5 @@ rate_limit_table = RateLimit.__table__  # type: ignore[attr-defined]
 host_event_table = HostEvent.__table__  # type: ignore[attr-defined]
 host_attempt_table = HostEventAttempt.__table__  # type: ignore[attr-defined]
 host_endpoint_table = HostEndpoint.__table__  # type: ignore[attr-defined]
+ledger_table = BillingLedgerEntry.__table__  # type: ignore[attr-defined]
 usage_total_table = UsageWindowTotal.__table__  # type: ignore[attr-defined]

@@ -52,6 +52,8 @@ class User:
     id: str
     email: str | None = None
     name: str | None = None
+    # An operator of the service (ADMIN_USER_IDS, or AUTH_ADMIN_CLAIM = AUTH_ADMIN_VALUE).
+    operator: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +171,9 @@ class Authenticator:
         self.secret = settings.jwt_secret
         self.issuer = settings.auth_issuer
         self.audience = settings.auth_audience
+        self.operator_ids = settings.operator_ids
+        self.admin_claim = settings.auth_admin_claim
+        self.admin_value = settings.auth_admin_value
         self.jwks = jwks or (JwksKeys(settings.auth_jwks_url) if settings.auth_jwks_url else None)
         key = settings.service_api_key
         self._service_key = key.get_secret_value().encode() if key is not None else None
@@ -221,7 +226,16 @@ class Authenticator:
         else:
             raise unauthenticated(f"invalid token: algorithm {algorithm!r} is not accepted")
         claims = self._decode(token, key, algorithm)
-        return _user(claims), float(claims["exp"])
+        user = _user(claims)
+        if user.id in self.operator_ids or self._admin_claim_matches(claims):
+            user = User(id=user.id, email=user.email, name=user.name, operator=True)
+        return user, float(claims["exp"])
+
+    def _admin_claim_matches(self, claims: dict[str, Any]) -> bool:
+        """AUTH_ADMIN_CLAIM (a dotted path into the claims) holds exactly AUTH_ADMIN_VALUE."""
+        if self.admin_claim is None or self.admin_value is None:
+            return False
+        return bool(claim_at(claims, self.admin_claim) == self.admin_value)
 
     def _decode(self, token: str, key: RSAPublicKey | str, algorithm: str) -> dict[str, Any]:
         try:
@@ -248,6 +262,16 @@ class Authenticator:
             raise unauthenticated("invalid token: bad signature") from None
         except jwt.PyJWTError:
             raise unauthenticated("invalid token") from None
+
+
+def claim_at(claims: dict[str, Any], path: str) -> Any:
+    """The claim at a dotted path (`metadata.role`), or None; only objects are walked into."""
+    found: Any = claims
+    for part in path.split("."):
+        if not isinstance(found, dict) or part not in found:
+            return None
+        found = found[part]
+    return found
 
 
 def _user(claims: dict[str, Any]) -> User:

@@ -206,6 +206,18 @@ class Context:
             raise BillingError("this needs the service key", code=ErrorCode.UNAUTHENTICATED)
         raise BillingError("only the host app's backend (service key) may do this", code=ErrorCode.FORBIDDEN)
 
+    async def operator(self) -> str:
+        """The operator's id (a user id, or `service` for the service key), or FORBIDDEN.
+
+        Anyone else, signed in or not, is refused with FORBIDDEN, in every environment.
+        """
+        principal = await self.principal()
+        if isinstance(principal, ServicePrincipal):
+            return principal.name
+        if isinstance(principal, User) and principal.operator:
+            return principal.id
+        raise BillingError("only an operator of the billing service may do this", code=ErrorCode.FORBIDDEN)
+
     async def subscription(self, user_id: str) -> SubscriptionState:
         """The user's subscription state, read at most once per request."""
         if self._subscriptions is None:

@@ -8,6 +8,7 @@ tier): a canceled or unpaid Pro subscriber passes none of the subscription check
 |---|---|---|
 | `IsAuthenticated()` | a valid user token | UNAUTHENTICATED (FORBIDDEN for the service key) |
 | `IsService()` | the service key | UNAUTHENTICATED (nothing sent), FORBIDDEN (a user) |
+| `IsOperator()` | an operator (ADMIN_USER_IDS, AUTH_ADMIN_CLAIM/VALUE) or the service key | FORBIDDEN |
 | `HasActiveSubscription()` | any paid effective tier | FORBIDDEN_TIER |
 | `RequiresTier(Tier.PRO)` | effective tier ranks at least PRO | FORBIDDEN_TIER |
 | `RequiresFeature("name")` | the effective tier's plan has the feature | FEATURE_NOT_IN_PLAN |
@@ -45,6 +46,7 @@ log = logging.getLogger("billing.graphql")
 __all__ = [
     "HasActiveSubscription",
     "IsAuthenticated",
+    "IsOperator",
     "IsService",
     "PermissionExtension",
     "RequiresFeature",
@@ -77,6 +79,21 @@ class IsService(_BillingPermission):
 
     async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
         await context_of(info).service()
+        return True
+
+
+class IsOperator(_BillingPermission):
+    """An operator of the service; everyone else (nobody, a user, an org admin) gets FORBIDDEN.
+
+    The operator's id is logged with every field it opens (`operator` on the log line).
+    """
+
+    message = "only an operator of the billing service may do this"
+    code = ErrorCode.FORBIDDEN
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        operator = await context_of(info).operator()
+        log.info("operator field %s", info.field_name, extra={"operator": operator})
         return True
 
 

@@ -2,7 +2,8 @@
 
 `Query`, `Mutation` and `Subscription` are assembled here from the areas, each a module holding
 its types, resolvers and mutations: `graph.viewer` (viewer, plans, access), `graph.checkout`
-(checkout and portal), `graph.plan_changes`, `graph.usage`, `graph.live` (websocket updates);
+(checkout and portal), `graph.plan_changes`, `graph.usage`, `graph.live` (websocket updates),
+`graph.operators` (operator-only account lookup and metrics);
 the types several areas return are in `graph.common`. Resolvers stay thin: they read the context
 and call `billing`. `schema.graphql` at the repository root is this schema's SDL (`billing
 schema` prints it, `billing schema --check` compares).
@@ -14,6 +15,7 @@ import strawberry
 
 from graph.checkout import CheckoutMutation
 from graph.live import LiveSubscription
+from graph.operators import OperatorQuery
 from graph.plan_changes import PlanChangeMutation
 from graph.schema_builder import build_schema
 from graph.usage import UsageMutation
@@ -23,8 +25,8 @@ __all__ = ["Mutation", "Query", "Subscription", "build_schema", "print_sdl", "sc
 
 
 @strawberry.type
-class Query(ViewerQuery):
-    """Every billing query: the viewer, plans and access."""
+class Query(ViewerQuery, OperatorQuery):
+    """Every billing query: the viewer, plans and access; the operators' account and metrics."""
 
 
 @strawberry.type

@@ -158,8 +158,16 @@ async def truncate_all(db: Database) -> None:
         if db.is_postgres:
             await conn.execute(text(f"TRUNCATE {', '.join(tables)} RESTART IDENTITY CASCADE"))
         else:
+            # SQLite has no TRUNCATE: lift the append-only triggers (billing_ledger) while emptying.
+            triggers = (
+                await conn.execute(text("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'"))
+            ).all()
+            for trigger in triggers:
+                await conn.execute(text(f'DROP TRIGGER "{trigger.name}"'))
             for name in reversed(tables):
                 await conn.execute(text(f"DELETE FROM {name}"))
+            for trigger in triggers:
+                await conn.execute(text(trigger.sql))
 
 
 # A running service --------------------------------------------------------------------------

@@ -35,12 +35,14 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from billing.clock import utcnow
+from billing.ledger import ACCOUNT_FIELDS, plain
 from billing.plan_changes import change_plan
 from billing.plans import load_catalog
 from billing.stripe_gateway import StripeGateway
 from billing.sync import CustomerLocks, sync_customer
+from db.engine import Database
 from db.enums import BillingInterval, Tier
-from db.models import event_table, invoice_table
+from db.models import event_table, invoice_table, ledger_table
 from tests.billing_flows import (
     account,
     advance,
@@ -369,6 +371,29 @@ async def check_final_state(recorded: Recorded, answers: list[tuple[str, httpx.R
         ), invoice_id
 
 
+async def check_ledger(database: Database, user_id: str) -> None:
+    """The account's ledger: each row one change (its before the previous row's after), caused by
+    events the inbox holds (or a mutation), and the last row the account's state: a duplicated,
+    late or shuffled event added no row."""
+    async with database.read() as conn:
+        query = select(ledger_table).where(ledger_table.c.user_id == user_id).order_by(ledger_table.c.id)
+        rows = (await conn.execute(query)).mappings().all()
+        inbox = set((await conn.execute(select(event_table.c.id))).scalars())
+    assert rows
+    previous: dict[str, Any] | None = None
+    for row in rows:
+        assert row["changed"], row
+        assert row["before"] == previous, (row, previous)
+        assert all((previous or {}).get(name) != row["after"][name] for name in row["changed"]), row
+        assert all(cause["id"] in inbox or cause["type"] == "mutation" for cause in row["causes"]), row
+        previous = row["after"]
+    stored = await account(database, user_id)
+    assert previous is not None
+    assert {name: previous[name] for name in ACCOUNT_FIELDS} == {
+        name: plain(getattr(stored, name)) for name in ACCOUNT_FIELDS
+    }
+
+
 # The same examples every run (CI is reproducible); fixtures are reset per example by the test.
 EXAMPLES = settings(
     deadline=None,
@@ -386,6 +411,7 @@ async def test_any_interleaving_with_duplicates_ends_in_the_sandboxs_state(
     plan = data.draw(delivery_plans(len(recorded.lifecycle.events)), label="delivery plan")
     answers = await deliver(recorded, plan)
     await check_final_state(recorded, answers)
+    await check_ledger(recorded.service.database, recorded.lifecycle.user_id)
 
 
 # Late deliveries while the lifecycle goes on ----------------------------------------------------
@@ -483,3 +509,4 @@ async def test_events_held_back_while_the_lifecycle_goes_on_still_end_in_the_san
     async with service.database.read() as conn:
         statuses = set((await conn.execute(select(event_table.c.status))).scalars())
     assert statuses <= {"processed", "ignored"}, statuses
+    await check_ledger(service.database, user)

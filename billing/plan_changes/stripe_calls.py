@@ -12,6 +12,7 @@ from stripe import RequestOptions
 from billing.access import SubscriptionState, load_subscription
 from billing.clock import Clock
 from billing.errors import BillingError, ErrorCode
+from billing.ledger import MUTATION
 from billing.plan_changes.live import Account, ItemChange, LiveSubscription, phase_items, update_items
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
@@ -197,6 +198,7 @@ async def synced_state(
             customer_id=account.customer_id,
             now=clock(),
             user_id_hint=account.user_id,
+            cause=MUTATION,
         )
     except BillingError as exc:
         if exc.code is not ErrorCode.BILLING_PROVIDER_UNAVAILABLE:

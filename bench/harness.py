@@ -55,6 +55,7 @@ SERVER_FLAGS = [
     "--log-level",
     "warning",
 ]
+AB_CASES = {"viewer": "viewer", "viewer.usage": "usage", "webhook.lua": "webhook", "usage.lua": "record"}
 VIEWER = "{ viewer { subscription { status tier } } }"
 VIEWER_GATED = "{ viewer { subscription { status tier } } forecast { months } }"
 USAGE = (
@@ -732,7 +733,11 @@ class Bench:
             await asyncio.sleep(1)
 
     async def compare_trees(
-        self, trees: list[Path], settings: list[dict[str, str]] | None = None, rounds: int = 3
+        self,
+        trees: list[Path],
+        settings: list[dict[str, str]] | None = None,
+        rounds: int = 3,
+        only: set[str] | None = None,
     ) -> str:
         """`--ab`: the same requests against the service of each source tree (with its settings of
         `--ab-env`, if any), in turns, on one database."""
@@ -758,7 +763,7 @@ class Bench:
         ]
         rows: dict[tuple[str, int], list[Row]] = {}
         for n in range(rounds):
-            for what, script, args, connections in [
+            all_cases = [
                 *cases,
                 ("webhook ingest, c=32", "webhook.lua", [], 32),
                 (
@@ -767,7 +772,10 @@ class Bench:
                     [self.service_key, "1", "bench_user_", str(USERS), f"ab{n}"],
                     32,
                 ),
-            ]:
+            ]
+            for what, script, args, connections in all_cases:
+                if only and AB_CASES[script if script != "post.lua" else what.split()[0]] not in only:
+                    continue
                 for index, service in enumerate(services):
                     if script == "usage.lua":
                         args = [*args[:4], f"ab{n}t{index}"]
@@ -789,6 +797,19 @@ class Bench:
             p50 = statistics.median(r.result.p50_ms for r in measured if r.result)
             cpu = statistics.median(r.cpu_ms for r in measured if r.cpu_ms is not None)
             lines.append(f"| {what} | `{names[index]}` | {rps:,.0f} | {p50:.2f} | {cpu:.3f} |")
+        lines += ["", "Server CPU per request, each tree over the first, per round (median, range):", ""]
+        for (what, index), measured in rows.items():
+            if index == 0:
+                continue
+            first = rows[(what, 0)]
+            ratios = sorted(
+                b.cpu_ms / a.cpu_ms for a, b in zip(first, measured, strict=True) if a.cpu_ms and b.cpu_ms
+            )
+            if ratios:
+                lines.append(
+                    f"- {what}, `{names[index]}`: {statistics.median(ratios):.3f} "
+                    f"({ratios[0]:.3f} to {ratios[-1]:.3f}, {len(ratios)} rounds)"
+                )
         return "\n".join(lines) + "\n"
 
     async def cleanup(self) -> None:
@@ -940,6 +961,12 @@ def _main() -> None:
         help="with --ab: the service settings of each tree, in order ('-' for none), "
         "e.g. --ab . . --ab-env FAST_PATHS=true FAST_PATHS=false",
     )
+    parser.add_argument("--rounds", type=int, default=3, help="with --ab: rounds of turns")
+    parser.add_argument(
+        "--cases",
+        default=None,
+        help=f"with --ab: a comma-separated subset of {','.join(sorted(set(AB_CASES.values())))}",
+    )
     parser.add_argument("--seconds", type=float, default=None, help="length of each wrk run")
     parser.add_argument(
         "--serve",
@@ -962,7 +989,11 @@ def _main() -> None:
         try:
             if arguments.ab:
                 trees = [tree.resolve() for tree in arguments.ab]
-                print(asyncio.run(bench.compare_trees(trees, ab_settings(arguments.ab_env, len(trees)))))
+                only = set(arguments.cases.split(",")) if arguments.cases else None
+                compared = bench.compare_trees(
+                    trees, ab_settings(arguments.ab_env, len(trees)), arguments.rounds, only
+                )
+                print(asyncio.run(compared))
             elif arguments.serve:
                 asyncio.run(bench.serve(arguments.serve))
             else:

@@ -40,6 +40,7 @@ def _config(title: str) -> pygal.Config:
     config.x_label_rotation = 0
     config.legend_at_bottom = True
     config.truncate_legend = -1
+    config.truncate_label = -1
     return config
 
 

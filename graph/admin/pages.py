@@ -99,6 +99,9 @@ def layout(
         f"</head><body>{nav}<main><h1>{esc(title)}</h1>{notice}{body}</main></body></html>"
     )
     response = html_page(document, PAGE_POLICY, status=status)
+    # Not the front door's `no-referrer`: under it a browser posts forms with `Origin: null`, and
+    # the forms' check wants this origin (graph/admin/session.py). Nothing leaves for another site.
+    response.headers["Referrer-Policy"] = "same-origin"
     return response
 
 

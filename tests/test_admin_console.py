@@ -17,7 +17,7 @@ from sqlalchemy import insert, select
 from billing.ledger import Cause, record_change
 from billing.revenue import MetricsInterval, bucket_start
 from db.engine import Database
-from db.models import account_table, event_table
+from db.models import account_table, event_table, host_event_table, report_table
 from graph.front_door import PAGE_POLICY
 from tests.graphql_support import (
     PRODUCTION,
@@ -28,6 +28,8 @@ from tests.graphql_support import (
     insert_account,
     serve_api,
 )
+from tests.host_receiver import SECRET as HOST_SECRET
+from tests.host_receiver import run_host_receiver
 
 ADMINS = {"admin_user_ids": "op-1", "service_api_key": SERVICE_KEY}
 PAGES = ["/admin", "/admin/accounts", "/admin/accounts/op-1", "/admin/operations", "/admin/charts/mrr.svg"]
@@ -269,3 +271,98 @@ async def test_replay_a_failed_event_by_button_and_not_without_the_token(databas
         assert f'action="{action}"' not in after  # no longer stuck
         missing = await client.post("/admin/events/evt_none/replay", data={"csrf_token": csrf_of(operations)})
         assert missing.status_code == 404
+
+
+async def _account_id(database: Database, user_id: str) -> int:
+    async with database.read() as conn:
+        query = select(account_table.c.id).where(account_table.c.user_id == user_id)
+        return int((await conn.execute(query)).scalar_one())
+
+
+async def test_retry_a_failed_usage_aggregate_by_button(database: Database) -> None:
+    await insert_account(database, "metered-1")
+    now = datetime.now(UTC)
+    minute = now.replace(second=0, microsecond=0) - timedelta(hours=1)
+    async with database.write() as conn:
+        await conn.execute(
+            insert(report_table).values(
+                id="ur_" + "a" * 32,
+                account_id=await _account_id(database, "metered-1"),
+                feature="api_calls",
+                event_name="api_calls",
+                stripe_customer_id="cus_metered-1",
+                minute=minute,
+                event_time=minute,
+                quantity=7,
+                status="failed",
+                attempts=5,
+                last_error="Stripe refused: no such meter",
+                created_at=now,
+            )
+        )
+
+    async def report() -> tuple[str, int]:
+        async with database.read() as conn:
+            query = select(report_table.c.status, report_table.c.attempts)
+            row = (await conn.execute(query.where(report_table.c.id == "ur_" + "a" * 32))).one()
+        return row.status, row.attempts
+
+    # Stripe is a closed port here: the retried aggregate is sent once and waits to be tried again.
+    settings = {**ADMINS, "stripe_api_base": "http://127.0.0.1:9", "usage_reporter": False}
+    async with serve_api(database, **settings) as api, browser(api) as client:
+        await sign_in(client, SERVICE_KEY)
+        operations = (await client.get("/admin/operations")).text
+        assert "no such meter" in operations
+        action = f"/admin/usage/ur_{'a' * 32}/retry"
+        assert f'action="{action}"' in operations
+        assert (await client.post(action, data={})).status_code == 403
+        assert await report() == ("failed", 5)  # nothing changed
+        done = await client.post(action, data={"csrf_token": csrf_of(operations)})
+        assert done.status_code == 303 and "notice=retried" in done.headers["location"]
+        status, attempts = await report()
+        assert status == "pending" and attempts <= 1  # queued again, from a fresh attempt count
+        after = (await client.get("/admin/operations")).text
+        assert f'action="{action}"' not in after  # no longer failed: nothing to retry
+        again = await client.post(action, data={"csrf_token": csrf_of(after)})
+        assert again.status_code == 404
+
+
+async def test_replay_a_failed_host_event_by_button(database: Database) -> None:
+    await insert_account(database, "hosted-1")
+    now = datetime.now(UTC)
+    async with run_host_receiver() as receiver:
+        async with database.write() as conn:
+            inserted = await conn.execute(
+                insert(host_event_table)
+                .values(
+                    message_id="msg_admin_console_1",
+                    type="subscription.updated",
+                    account_id=await _account_id(database, "hosted-1"),
+                    user_id="hosted-1",
+                    payload={"type": "subscription.updated", "timestamp": now.isoformat(), "data": {}},
+                    created_at=now,
+                    status="failed",
+                    attempts=9,
+                    last_error="the endpoint answered 500",
+                    last_status_code=500,
+                )
+                .returning(host_event_table.c.id)
+            )
+            event_id = inserted.scalar_one()
+        settings = {
+            **ADMINS,
+            "host_webhook_url": receiver.url,
+            "host_webhook_secret": HOST_SECRET,
+            "host_events_worker": False,
+        }
+        async with serve_api(database, **settings) as api, browser(api) as client:
+            await sign_in(client, hs256_token("op-1"))
+            operations = (await client.get("/admin/operations")).text
+            assert "the endpoint answered 500" in operations
+            action = f"/admin/host-events/{event_id}/replay"
+            assert (await client.post(action, data={"csrf_token": "z" * 43})).status_code == 403
+            assert receiver.delivered == []
+            done = await client.post(action, data={"csrf_token": csrf_of(operations)})
+            assert done.status_code == 303
+            assert "outcome=1+delivered" in done.headers["location"], done.headers["location"]
+        assert [delivery.message_id for delivery in receiver.delivered] == ["msg_admin_console_1"]

@@ -12,9 +12,10 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
-from sqlalchemy import insert, select
+import pytest
+from sqlalchemy import insert, select, update
 
-from billing.ledger import Cause, record_change
+from billing.ledger import Cause, account_ledger, record_change
 from billing.revenue import MetricsInterval, bucket_start
 from db.engine import Database
 from db.models import account_table, event_table, host_event_table, report_table
@@ -30,6 +31,7 @@ from tests.graphql_support import (
 )
 from tests.host_receiver import SECRET as HOST_SECRET
 from tests.host_receiver import run_host_receiver
+from tests.live import Live, LiveOptions
 
 ADMINS = {"admin_user_ids": "op-1", "service_api_key": SERVICE_KEY}
 PAGES = ["/admin", "/admin/accounts", "/admin/accounts/op-1", "/admin/operations", "/admin/charts/mrr.svg"]
@@ -366,3 +368,52 @@ async def test_replay_a_failed_host_event_by_button(database: Database) -> None:
             assert done.status_code == 303
             assert "outcome=1+delivered" in done.headers["location"], done.headers["location"]
         assert [delivery.message_id for delivery in receiver.delivered] == ["msg_admin_console_1"]
+
+
+@pytest.fixture
+def live_options() -> LiveOptions:
+    return LiveOptions(settings={"admin_user_ids": "op-1"})
+
+
+async def test_sync_by_button_leaves_the_ledger_row_of_billing_sync_with_the_operator(live: Live) -> None:
+    user = "drifted-1"
+    await live.subscribe(user, "pro_monthly")
+    await live.settle()
+    database = live.service.database
+    async with database.write() as conn:  # drift: the row says canceled, Stripe says active
+        await conn.execute(
+            update(account_table).where(account_table.c.user_id == user).values(status="canceled")
+        )
+    account_id = await _account_id(database, user)
+
+    async def ledger() -> list[Any]:
+        async with database.read() as conn:
+            return await account_ledger(conn, account_id)
+
+    rows_before = await ledger()
+    api = Api(url=live.service.url, app=live.service.app)
+    async with browser(api) as client:
+        await sign_in(client, hs256_token("op-1"))
+        page = (await client.get(f"/admin/accounts/{user}")).text
+        action = f"/admin/accounts/{user}/sync"
+        assert f'action="{action}"' in page
+        assert (await client.post(action, data={})).status_code == 403
+        assert await ledger() == rows_before  # nothing changed
+        done = await client.post(action, data={"csrf_token": csrf_of(page)})
+        assert done.status_code == 303
+        assert done.headers["location"] == f"/admin/accounts/{user}?notice=synced&id={user}"
+        after = (await client.get(done.headers["location"])).text
+        assert '<span id="account-status">active</span>' in after
+        assert "billing sync" in after and "by op-1" in after
+    rows = await ledger()
+    assert len(rows) == len(rows_before) + 1
+    assert rows[-1].causes == [{"type": "billing sync", "operator": "op-1"}]
+    assert rows[-1].before is not None and rows[-1].before["status"] == "canceled"
+    assert rows[-1].after["status"] == "active"
+    seen = await live.graphql(
+        None,
+        f'{{ billingAccount(userId: "{user}") {{ ledger {{ causes {{ type operator }} }} }} }}',
+        token=hs256_token("op-1"),
+    )
+    causes = seen["data"]["billingAccount"]["ledger"][-1]["causes"]
+    assert causes == [{"type": "billing sync", "operator": "op-1"}]

@@ -47,11 +47,13 @@ BILLING_SYNC = "billing sync"
 
 @dataclass(frozen=True, slots=True)
 class Cause:
-    """Why a sync ran: a Stripe event (its id, type and `created`), or a mutation, `billing sync`..."""
+    """Why a sync ran: a Stripe event (its id, type and `created`), or a mutation, `billing sync`...;
+    `operator`: who ran it from the admin console (graph/admin/)."""
 
     type: str
     id: str | None = None
     created: int | None = None
+    operator: str | None = None
 
     def document(self) -> dict[str, Any]:
         found: dict[str, Any] = {"type": self.type}
@@ -59,6 +61,8 @@ class Cause:
             found["id"] = self.id
         if self.created is not None:
             found["created"] = self.created
+        if self.operator is not None:
+            found["operator"] = self.operator
         return found
 
 

@@ -67,12 +67,22 @@ async def reconcile(
     dry_run: bool = False,
     on_customer: Callable[[str], None] | None = None,
     host_events: HostEventConfig | None = None,
+    locks: CustomerLocks | None = None,
+    operator: str | None = None,
 ) -> ReconcileReport:
-    locks = CustomerLocks(database, host_events=host_events)
+    """Sync each customer (`billing sync`; the admin console's "sync from Stripe" passes the
+    service's own `locks` and the `operator`, recorded on the ledger row's cause)."""
+    locks = locks or CustomerLocks(database, host_events=host_events)
     report = ReconcileReport(dry_run)
     for customer_id in customers:
         result = await sync_customer(
-            database=database, gateway=gateway, locks=locks, customer_id=customer_id, now=now, dry_run=dry_run
+            database=database,
+            gateway=gateway,
+            locks=locks,
+            customer_id=customer_id,
+            now=now,
+            dry_run=dry_run,
+            operator=operator,
         )
         report.results.append(result)
         if not dry_run:

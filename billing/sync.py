@@ -299,6 +299,7 @@ async def sync_customer(
     host_events: HostEventConfig | None = None,
     triggers: Sequence[StripeTrigger] = (),
     cause: str = BILLING_SYNC,
+    operator: str | None = None,
 ) -> SyncResult:
     """Fetch the customer's subscriptions (and the named invoices) and write the account row.
 
@@ -306,7 +307,7 @@ async def sync_customer(
     events, `triggers`) make are written to the outbox in the same transaction (default: the
     configuration `locks` carries). A change of the tracked billing state appends its row to the
     ledger in that transaction too, caused by the `triggers`, or else by `cause` (a mutation,
-    `billing sync`, a replay).
+    `billing sync`, a replay), with the `operator` who asked for it (the admin console).
     """
     host_events = host_events or locks.host_events
     async with locks.hold(customer_id):
@@ -315,7 +316,7 @@ async def sync_customer(
             return SyncResult(customer_id, None, None, unknown_customer=True)
         if get(customer, "deleted"):
             return await _customer_deleted(
-                database, customer_id, now, dry_run, host_events, triggers, _causes(triggers, cause)
+                database, customer_id, now, dry_run, host_events, triggers, _causes(triggers, cause, operator)
             )
         subscriptions = await _subscriptions(gateway, customer_id)
         schedules = await _schedules(gateway, subscriptions)
@@ -333,7 +334,7 @@ async def sync_customer(
             if host_events is not None and not dry_run and result.conflict is None:
                 await _write_host_events(conn, database, host_events, result, triggers, now)
             if not dry_run and result.conflict is None:
-                await _write_ledger(conn, result, _causes(triggers, cause), now)
+                await _write_ledger(conn, result, _causes(triggers, cause, operator), now)
         if result.host_events and host_events is not None:
             host_events.notify_written()
         return result
@@ -555,10 +556,10 @@ async def _write_host_events(
     )
 
 
-def _causes(triggers: Sequence[StripeTrigger], cause: str) -> list[Cause]:
+def _causes(triggers: Sequence[StripeTrigger], cause: str, operator: str | None = None) -> list[Cause]:
     """The Stripe events the sync applies, in the order Stripe made them; else the one `cause`."""
     if not triggers:
-        return [Cause(cause)]
+        return [Cause(cause, operator=operator)]
     ordered = sorted(triggers, key=lambda trigger: (trigger.created, trigger.event_id))
     return [Cause(trigger.type, trigger.event_id, trigger.created or None) for trigger in ordered]
 

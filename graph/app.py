@@ -29,6 +29,7 @@ from billing.usage.reporting import UsageReporter
 from billing.webhooks import WEBHOOK_PATH, EventProcessor
 from db.engine import Database
 from db.health import DatabaseNotReady, ensure_ready
+from graph.admin import install_admin
 from graph.context import GraphQLServices
 from graph.metrics import metrics_endpoint, worker_exited
 from graph.rest_docs import install_front_door
@@ -281,6 +282,7 @@ def create_app(
     if sandbox_app is not None:
         app.router.routes.append(Mount("/sandbox", app=sandbox_app))
     install_front_door(app, settings, None if sandbox_app is None else sandbox_app.control_routes())
+    install_admin(app, settings)  # /admin (graph/admin/)
     return app
 
 

@@ -213,6 +213,13 @@ def landing_page(request: Request, settings: Settings, *, docs: bool, sandbox: b
             _link(f"{root}{DOCS_PATH}", "REST API docs", "Swagger UI: webhook, health, sandbox routes")
         )
         tools.append(_link(f"{root}{OPENAPI_PATH}", "OpenAPI document"))
+    tools.append(
+        _link(
+            f"{root}/admin",
+            "Admin console",
+            "operators only (ADMIN_USER_IDS): revenue, accounts, what is stuck",
+        )
+    )
     health = [
         _link(f"{root}/healthz", "/healthz", "liveness: the process answers"),
         _link(f"{root}/readyz", "/readyz", "readiness: the database is reachable and migrated"),

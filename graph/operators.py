@@ -43,6 +43,9 @@ class LedgerChange:
 class LedgerCause:
     type: str
     id: str | None = strawberry.field(description="The Stripe event's id, for an event.")
+    operator: str | None = strawberry.field(
+        description="The operator who ran it from the admin console (`billing sync` there), else null."
+    )
 
 
 @strawberry.type(description="One change of an account's billing state (append-only).")
@@ -69,7 +72,10 @@ class LedgerEntryView:
                 for name in names
             ],
             state=json.dumps(entry.after, sort_keys=True),
-            causes=[LedgerCause(type=str(cause.get("type")), id=cause.get("id")) for cause in entry.causes],
+            causes=[
+                LedgerCause(type=str(cause.get("type")), id=cause.get("id"), operator=cause.get("operator"))
+                for cause in entry.causes
+            ],
             effective_at=entry.effective_at,
             recorded_at=entry.recorded_at,
         )

@@ -64,7 +64,7 @@ def test_the_landing_page_links_everything_a_newcomer_needs(
     drain_logs(browser)
     browser.get(f"{service}/")
     links = {a.get_attribute("pathname") for a in browser.find_elements(By.CSS_SELECTOR, "a")}
-    assert {"/graphql", "/docs", "/openapi.json", "/healthz", "/readyz", "/sandbox/"} <= links
+    assert {"/graphql", "/docs", "/openapi.json", "/admin", "/healthz", "/readyz", "/sandbox/"} <= links
     assert "Next steps" in browser.find_element(By.TAG_NAME, "body").text
     browser.save_screenshot(str(shots / "front-door-landing.png"))
     assert_clean(browser, service)

@@ -496,13 +496,17 @@ async def flagged_reports(database: Database, *, now: datetime, limit: int = 100
         ]
 
 
-async def retry_failed(database: Database, *, now: datetime) -> int:
-    """Queue failed aggregates again (after fixing what Stripe refused); returns how many."""
+async def retry_failed(database: Database, *, now: datetime, report_id: str | None = None) -> int:
+    """Queue failed aggregates (or the one `report_id`, if failed) again, after fixing what Stripe
+    refused; returns how many."""
     r = report_table.c
+    condition = r.status == UsageReportStatus.FAILED.value
+    if report_id is not None:
+        condition = and_(condition, r.id == report_id)
     async with database.write() as conn:
         result = await conn.execute(
             update(report_table)
-            .where(r.status == UsageReportStatus.FAILED.value)
+            .where(condition)
             .values(status=UsageReportStatus.PENDING.value, attempts=0, next_attempt_at=now, last_error=None)
         )
     return int(result.rowcount)

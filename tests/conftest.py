@@ -30,6 +30,8 @@ from db.models import metadata
 from tests.gateways import SHORT_RETRIES, open_sandbox_gateway
 
 if TYPE_CHECKING:
+    from selenium.webdriver.remote.webdriver import WebDriver
+
     from tests.live import Live, LiveOptions
 
 PG_HOST = os.environ.get("TEST_PG_HOST", "127.0.0.1")
@@ -303,3 +305,22 @@ async def db(sqlite_url: str) -> AsyncIterator[Database]:
         yield database
     finally:
         await database.dispose()
+
+
+# Headless Chromium, one per browser-test module (tests/browser_support.py) ---------------------
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[WebDriver]:
+    from tests.browser_support import chromium
+
+    with chromium() as driver:
+        yield driver
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Where a module's screenshots go (docs/front-door.md says how they reach docs/)."""
+    from tests.browser_support import screenshots_dir
+
+    return screenshots_dir(tmp_path_factory)

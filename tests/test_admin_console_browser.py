@@ -26,7 +26,7 @@ from sqlalchemy import insert, select
 from billing.revenue import MetricsInterval, bucket_start
 from db.engine import Database
 from db.models import account_table, event_table
-from tests.browser_support import By, WebDriver, assert_clean, chromium, drain_logs, screenshots_dir, wait
+from tests.browser_support import By, WebDriver, assert_clean, drain_logs, wait
 from tests.front_door_server import SANDBOX_KEY, dev_service
 
 OPERATOR = "ops_admin"
@@ -47,17 +47,6 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]
 @pytest.fixture(scope="module")
 def service(served: tuple[str, str]) -> str:
     return served[0]
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    with chromium() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return screenshots_dir(tmp_path_factory)
 
 
 def eventually(check: Callable[[], bool], what: str, seconds: float = 30) -> None:

@@ -24,7 +24,6 @@ from tests.browser_support import (
     WebDriver,
     act_as,
     assert_clean,
-    chromium,
     drain_logs,
     graphiql_answer,
     open_graphiql,
@@ -33,7 +32,6 @@ from tests.browser_support import (
     response_text,
     rest_the_pointer,
     run_operation,
-    screenshots_dir,
     wait,
 )
 from tests.front_door_server import dev_service
@@ -45,17 +43,6 @@ INVOICES_OPERATION = "query Invoices { viewer { invoices { id status hostedInvoi
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with dev_service(tmp_path_factory.mktemp("front-door-browser")) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    with chromium() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return screenshots_dir(tmp_path_factory)
 
 
 def test_the_landing_page_links_everything_a_newcomer_needs(

@@ -24,11 +24,9 @@ from tests.browser_support import (
     By,
     WebDriver,
     assert_clean,
-    chromium,
     drain_logs,
     graphiql_answer,
     pay_a_checkout,
-    screenshots_dir,
     wait,
 )
 from tests.front_door_server import SANDBOX_KEY, dev_service
@@ -40,17 +38,6 @@ VIEWER = "query { viewer { subscription { status cancelAtPeriodEnd } } }"
 def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with dev_service(tmp_path_factory.mktemp("sandbox-dashboard")) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[WebDriver]:
-    with chromium() as driver:
-        yield driver
-
-
-@pytest.fixture(scope="module")
-def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return screenshots_dir(tmp_path_factory)
 
 
 def sandbox(service: str, path: str) -> Any:

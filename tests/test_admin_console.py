@@ -110,6 +110,18 @@ async def test_an_operator_signs_in_once_and_out(db: Database) -> None:
                 assert (await client.get("/admin")).status_code == 401
 
 
+async def test_an_operator_taken_off_the_list_is_signed_out_at_the_next_start(db: Database) -> None:
+    async with serve_api(db, **ADMINS) as api, browser(api) as client:
+        assert (await sign_in(client, hs256_token("op-1"))).status_code == 303
+        cookie = client.cookies["billing_admin"]
+    for admins, status in (("op-1", 200), ("op-2", 401)):  # the same secrets, so the same key
+        async with serve_api(db, **(ADMINS | {"admin_user_ids": admins})) as api, browser(api) as client:
+            client.cookies.set("billing_admin", cookie, path="/admin")
+            page = await client.get("/admin")
+            assert page.status_code == status, admins
+            assert ("MRR now" in page.text) is (status == 200)
+
+
 async def test_sign_in_needs_its_anti_forgery_token(db: Database) -> None:
     async with serve_api(db, **ADMINS) as api, browser(api) as client:
         await client.get("/admin/sign-in")

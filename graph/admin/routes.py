@@ -120,7 +120,8 @@ class Console:
             log.warning("admin console: %s is not an operator", who)
             return pages.refused(request, f"{who} is not an operator of the billing service.", status=403)
         response = RedirectResponse(pages.admin_url(request), status_code=303)
-        self.sessions.start(response, request, operator)
+        listed = isinstance(principal, User) and principal.id in self.settings.operator_ids
+        self.sessions.start(response, request, operator, listed=listed)
         log.info("admin console: operator signed in", extra={"operator": operator})
         return response
 

@@ -39,6 +39,7 @@ ADMIN_PATH = "/admin"
 class Session:
     operator: str  # a user id, or `service` for the service key
     csrf: str
+    listed: bool = False  # an operator by ADMIN_USER_IDS: checked again on every request
 
 
 def session_key(settings: Settings) -> bytes:
@@ -56,6 +57,7 @@ class Sessions:
         self._serializer = URLSafeTimedSerializer(session_key(settings), salt="billing-admin-session")
         self.max_age = max_age
         self.secure = settings.is_production
+        self.operator_ids = settings.operator_ids
 
     def read(self, request: Request) -> Session | None:
         value = request.cookies.get(SESSION_COOKIE)
@@ -70,11 +72,14 @@ class Sessions:
         operator, csrf = data.get("op"), data.get("csrf")
         if not isinstance(operator, str) or not isinstance(csrf, str) or not operator or len(csrf) < 32:
             return None
-        return Session(operator=operator, csrf=csrf)
+        listed = data.get("listed") is True
+        if listed and operator not in self.operator_ids:
+            return None  # taken off ADMIN_USER_IDS since signing in: signed out at once
+        return Session(operator=operator, csrf=csrf, listed=listed)
 
-    def start(self, response: Response, request: Request, operator: str) -> Session:
-        session = Session(operator=operator, csrf=secrets.token_urlsafe(32))
-        value = self._serializer.dumps({"op": session.operator, "csrf": session.csrf})
+    def start(self, response: Response, request: Request, operator: str, *, listed: bool) -> Session:
+        session = Session(operator=operator, csrf=secrets.token_urlsafe(32), listed=listed)
+        value = self._serializer.dumps({"op": operator, "csrf": session.csrf, "listed": listed})
         response.set_cookie(
             SESSION_COOKIE,
             value,

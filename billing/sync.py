@@ -27,7 +27,14 @@ from billing import discounts
 from billing.errors import BillingError
 from billing.host_events.events import HostEventConfig, StripeTrigger, write_sync_events
 from billing.invoice_records import metered_prices, upsert_invoice
-from billing.ledger import BILLING_SYNC, Cause, effective_at, record_change
+from billing.ledger import (
+    BILLING_SYNC,
+    SUBSCRIPTIONS_EXPAND,
+    Cause,
+    effective_at,
+    record_change,
+    update_invoice_time,
+)
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.plans import plan_of_price, tier_rank
 from billing.realtime import publish_account_change
@@ -97,6 +104,7 @@ class StripeState:
     currency: str | None = None
     discounts: tuple[dict[str, Any], ...] = ()  # billing/discounts.py `discount_terms`
     started_at: datetime | None = None  # `start_date`
+    updated_by_invoice: datetime | None = None  # billing/ledger.py `update_invoice_time`
     ended_at: datetime | None = None
 
     def moments(self) -> dict[str, datetime | None]:
@@ -107,6 +115,7 @@ class StripeState:
             "canceled_at": self.canceled_at,
             "ended_at": self.ended_at,
             "current_period_start": self.current_period_start,
+            "updated_by_invoice": self.updated_by_invoice,
         }
 
     def stripe_values(self) -> dict[str, Any]:
@@ -195,6 +204,7 @@ def subscription_state(subscription: Any, schedule: Any = None) -> StripeState:
         currency=get(price, "currency"),
         started_at=stripe_time(get(subscription, "start_date") or get(subscription, "created")),
         ended_at=stripe_time(get(subscription, "ended_at")),
+        updated_by_invoice=update_invoice_time(subscription),
         discounts=discounts.discount_terms(subscription),
     )
 
@@ -354,7 +364,7 @@ async def _customer(gateway: StripeGateway, customer_id: str) -> stripe.Customer
 async def _subscriptions(gateway: StripeGateway, customer_id: str) -> list[stripe.Subscription]:
     page = await gateway.call(
         lambda o: gateway.v1.subscriptions.list_async(
-            {"customer": customer_id, "status": "all", "limit": 100, "expand": discounts.EXPAND}, o
+            {"customer": customer_id, "status": "all", "limit": 100, "expand": SUBSCRIPTIONS_EXPAND}, o
         ),
         what="list subscriptions",
     )

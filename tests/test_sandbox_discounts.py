@@ -156,3 +156,32 @@ async def test_a_once_coupon_discounts_the_first_paid_invoice_only(
     subscription = await gateway.v1.subscriptions.retrieve_async(subscription.id)
     second = await gateway.v1.invoices.retrieve_async(str(subscription.latest_invoice))
     assert second.total == 2900 and subscription.discounts == []
+
+
+def _declared(cls: type) -> set[str]:
+    """The attributes the SDK's class of this API version declares (Stripe's full object)."""
+    return {name for name in cls.__annotations__ if not name.isupper() and name != "OBJECT_NAME"}
+
+
+async def test_coupons_codes_and_discounts_have_every_field_the_sdk_declares(
+    service: Service, stripe_gateway: StripeGateway
+) -> None:
+    gateway = stripe_gateway
+    coupon = await gateway.v1.coupons.create_async({"percent_off": 10, "duration": "forever"})
+    code = await gateway.v1.promotion_codes.create_async(
+        {"promotion": {"type": "coupon", "coupon": coupon.id}}
+    )
+    price = await insert_price(service, unit_amount=2900)
+    session = await _session(gateway, price, discounts=[{"promotion_code": code.id}])
+    await control_ok(service, f"checkout/{session.id}/complete", {"outcome": "paid"})
+    session = await gateway.v1.checkout.sessions.retrieve_async(session.id)
+    subscription = await gateway.v1.subscriptions.retrieve_async(
+        str(session.subscription), {"expand": ["discounts"]}
+    )
+    (discount,) = subscription.discounts
+    # `applies_to` and `currency_options` are includable only (sent when expanded); `deleted` only
+    # on a deleted object.
+    assert _declared(stripe.Coupon) - {"deleted", "applies_to", "currency_options"} <= set(coupon.to_dict())
+    assert _declared(stripe.PromotionCode) <= set(code.to_dict())
+    assert _declared(stripe.Discount) - {"deleted"} <= set(discount.to_dict())  # type: ignore[union-attr]
+    assert discount.source.coupon == coupon.id and code.code  # type: ignore[union-attr]

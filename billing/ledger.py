@@ -200,9 +200,13 @@ async def record_change(
     kept = {name: (previous.after.get(name) if previous else None) for name in STRIPE_FIELDS}
     now_stripe = {name: plain(value) for name, value in (stripe_values or kept).items()}
     for name in STRIPE_FIELDS:
-        # A row written before these fields were tracked (the migration's backfill) holds none:
-        # learning them is not a change on its own.
-        if now_stripe[name] != kept[name] and (kept[name] is not None or changed or previous is None):
+        # A row written before these fields were tracked (the migration's backfill) holds none,
+        # one written before discount terms were, the discounts' ids only: learning them is not
+        # a change on its own.
+        learned = kept[name] is None or (
+            name == "discounts" and _terms_of_the_same(kept[name], now_stripe[name])
+        )
+        if now_stripe[name] != kept[name] and (not learned or changed or previous is None):
             changed.append(name)
     if not changed:
         return False
@@ -227,6 +231,13 @@ async def record_change(
         )
     )
     return True
+
+
+def _terms_of_the_same(kept: Any, now: Any) -> bool:
+    """`kept` holds bare discount ids and `now` the terms of exactly those discounts."""
+    if not isinstance(kept, list) or not isinstance(now, list) or not all(isinstance(d, str) for d in kept):
+        return False
+    return sorted(kept) == sorted(str(terms.get("id")) for terms in now if isinstance(terms, dict))
 
 
 async def account_ledger(conn: AsyncConnection, account_id: int, *, limit: int = 200) -> list[LedgerEntry]:

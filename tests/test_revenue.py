@@ -10,6 +10,7 @@ import pytest
 
 from billing.discounts import discount_terms
 from billing.errors import BillingError
+from billing.invoice_records import metered_prices, revenue_values
 from billing.ledger import LedgerEntry
 from billing.plans import load_catalog
 from billing.revenue import MetricsInterval, compute_metrics, mrr_of
@@ -215,3 +216,35 @@ def test_discount_terms_stop_at_the_first_invoice_they_no_longer_reduce() -> Non
     assert terms["di_o"]["mrr_end"] == datetime(2026, 4, 15, tzinfo=UTC).isoformat()
     assert terms["di_f"]["mrr_end"] is None and terms["di_f"]["percent_off"] == 20.0
     assert discount_terms({"discounts": ["di_only_an_id"]}) == ({"id": "di_only_an_id"},)
+
+
+def test_an_invoices_revenue_columns() -> None:
+    def line(price: str, amount: int, off: int = 0) -> dict[str, Any]:
+        return {
+            "amount": amount,
+            "pricing": {"price_details": {"price": price}},
+            "discount_amounts": [{"amount": off, "discount": "di_1"}] if off else [],
+        }
+
+    invoice = {
+        "attempt_count": 2,
+        "status_transitions": {"finalized_at": 1_800_000_000, "paid_at": 1_800_300_000},
+        "lines": {"data": [line("price_plan", 2900, 725), line("price_calls", 1200, 300)]},
+        "total_discount_amounts": [{"amount": 1025, "discount": "di_1"}],
+    }
+    subscriptions = [
+        {
+            "items": {
+                "data": [
+                    {"price": {"id": "price_plan", "recurring": {"usage_type": "licensed"}}},
+                    {"price": {"id": "price_calls", "recurring": {"usage_type": "metered"}}},
+                ]
+            }
+        }
+    ]
+    assert metered_prices(subscriptions) == {"price_calls"}
+    values = revenue_values(invoice, metered_prices(subscriptions))
+    assert values["metered_amount"] == 900 and values["discount_amount"] == 1025  # net of its discount
+    assert values["attempt_count"] == 2
+    assert values["finalized_at"] == datetime.fromtimestamp(1_800_000_000, tz=UTC)
+    assert values["paid_at"] == datetime.fromtimestamp(1_800_300_000, tz=UTC)

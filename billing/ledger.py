@@ -24,6 +24,8 @@ from typing import Any
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billing import discounts
+from billing.stripe_objects import field as get
 from billing.stripe_objects import stripe_time
 from db.models import ledger_table
 
@@ -39,6 +41,9 @@ ACCOUNT_FIELDS = (
     "stripe_subscription_id",
 )
 STRIPE_FIELDS = ("quantity", "unit_amount", "currency", "discounts")
+
+# What the sync's subscriptions list call expands: the discounts' terms, the update's invoice.
+SUBSCRIPTIONS_EXPAND = [*discounts.EXPAND, "data.latest_invoice"]
 
 # Causes that are not a Stripe event.
 MUTATION = "mutation"
@@ -102,11 +107,12 @@ def transition_time(
 ) -> datetime | None:
     """When Stripe's subscription says the change happened, for the changes it dates.
 
-    `moments`: the subscription's `start_date`, `trial_end`, `canceled_at`, `ended_at` and
-    `current_period_start`. A subscription that starts: its `start_date` (its `trial_end` when
-    it is already paying after a trial no sync saw); one that ends:
+    `moments`: the subscription's `start_date`, `trial_end`, `canceled_at`, `ended_at`,
+    `current_period_start` and `updated_by_invoice`. A subscription that starts: its `start_date`
+    (its `trial_end` when it is already paying after a trial no sync saw); one that ends:
     `ended_at` (else `canceled_at`); a trial that converts: `trial_end`; a new price with a new
-    period (a change at the period end): `current_period_start`. Others: None.
+    period (a change at the period end): `current_period_start`; a new price billed at once (an
+    upgrade): the `created` of the update's invoice. Others: None.
     """
     status = changes.get("status")
     if status is not None:
@@ -125,7 +131,19 @@ def transition_time(
         return moments.get("start_date")
     if "stripe_price_id" in changes and "current_period_start" in changes:
         return moments.get("current_period_start")
+    if "stripe_price_id" in changes:
+        return moments.get("updated_by_invoice")
     return None
+
+
+def update_invoice_time(subscription: Any) -> datetime | None:
+    """When the subscription's latest invoice was made by an update (`billing_reason`
+    `subscription_update`: an upgrade billed at once), else None. The sync lists subscriptions
+    with `expand[]=data.latest_invoice` (`SUBSCRIPTIONS_EXPAND`)."""
+    invoice = get(subscription, "latest_invoice")
+    if isinstance(invoice, str) or get(invoice, "billing_reason") != "subscription_update":
+        return None
+    return stripe_time(get(invoice, "created"))
 
 
 def effective_at(
@@ -186,9 +204,13 @@ async def record_change(
     kept = {name: (previous.after.get(name) if previous else None) for name in STRIPE_FIELDS}
     now_stripe = {name: plain(value) for name, value in (stripe_values or kept).items()}
     for name in STRIPE_FIELDS:
-        # A row written before these fields were tracked (the migration's backfill) holds none:
-        # learning them is not a change on its own.
-        if now_stripe[name] != kept[name] and (kept[name] is not None or changed or previous is None):
+        # A row written before these fields were tracked (the migration's backfill) holds none,
+        # one written before discount terms were, the discounts' ids only: learning them is not
+        # a change on its own.
+        learned = kept[name] is None or (
+            name == "discounts" and _terms_of_the_same(kept[name], now_stripe[name])
+        )
+        if now_stripe[name] != kept[name] and (not learned or changed or previous is None):
             changed.append(name)
     if not changed:
         return False
@@ -213,6 +235,13 @@ async def record_change(
         )
     )
     return True
+
+
+def _terms_of_the_same(kept: Any, now: Any) -> bool:
+    """`kept` holds bare discount ids and `now` the terms of exactly those discounts."""
+    if not isinstance(kept, list) or not isinstance(now, list) or not all(isinstance(d, str) for d in kept):
+        return False
+    return sorted(kept) == sorted(str(terms.get("id")) for terms in now if isinstance(terms, dict))
 
 
 async def account_ledger(conn: AsyncConnection, account_id: int, *, limit: int = 200) -> list[LedgerEntry]:

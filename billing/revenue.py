@@ -3,9 +3,10 @@
 MRR of one account's state: the licensed item's unit amount times its quantity, in the smallest
 currency unit, an annual price divided by 12, while the status is `active` or `past_due` (a
 trial, `unpaid`, `paused`, `incomplete` and `canceled` count nothing). Discounts are subtracted
-when the ledger holds their terms (`percent_off` / `amount_off`); tax is never included (prices
-are net). A state written before amounts were tracked (the migration's `initial` rows) is
-valued at the catalog's price of its tier and interval.
+when the ledger holds their terms (`percent_off` / `amount_off`) until their `end` (a repeating
+coupon), when MRR steps back up (an expansion); tax is never included (prices are net). A
+state written before amounts were tracked (the migration's `initial` rows) is valued at the
+catalog's price of its tier and interval.
 
 Movements, from each `change` row's before and after MRR, bucketed by its `effective_at`:
 new (0 -> more, never paid before), reactivation (0 -> more, paid before), expansion (up),
@@ -15,7 +16,8 @@ and are no movement.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import heapq
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -24,6 +26,7 @@ from typing import Any
 
 from sqlalchemy import select
 
+from billing.discounts import discount_ends, discounted
 from billing.errors import BillingError, ErrorCode
 from billing.ledger import LedgerEntry
 from billing.plans import Catalog
@@ -106,15 +109,20 @@ class RevenueMetrics:
         return (lost - won) / self.mrr_at_start
 
 
-def mrr_of(state: Mapping[str, Any] | None, catalog: Catalog | None = None) -> Fraction:
-    """The monthly recurring revenue of one account's ledger state, in cents (exact)."""
+def mrr_of(
+    state: Mapping[str, Any] | None, catalog: Catalog | None = None, at: datetime | None = None
+) -> Fraction:
+    """The monthly recurring revenue of one account's ledger state at `at`, in cents (exact).
+
+    `at`: the moment, for the discounts that end (None: every discount the state holds applies).
+    """
     if not state or state.get("status") not in MRR_STATUSES:
         return Fraction(0)
     amount = state.get("unit_amount")
     if amount is None:
         amount = _catalog_amount(state, catalog)
     gross = Fraction(int(amount)) * int(state.get("quantity") or 1)
-    net = _discounted(gross, state.get("discounts") or [])
+    net = discounted(gross, state.get("discounts") or [], state.get("currency"), at)
     return net / 12 if state.get("interval") == BillingInterval.ANNUAL.value else net
 
 
@@ -125,18 +133,6 @@ def _catalog_amount(state: Mapping[str, Any], catalog: Catalog | None) -> int:
         return catalog.price(Tier(str(state.get("tier"))), BillingInterval(str(state.get("interval")))).amount
     except (KeyError, ValueError):
         return 0
-
-
-def _discounted(gross: Fraction, discounts: Sequence[Any]) -> Fraction:
-    net = gross
-    for discount in discounts:
-        if not isinstance(discount, Mapping):
-            continue  # only the id is known: no terms to apply
-        if discount.get("percent_off") is not None:
-            net -= net * Fraction(str(discount["percent_off"])) / 100
-        elif discount.get("amount_off") is not None:
-            net -= int(discount["amount_off"])
-    return max(net, Fraction(0))
 
 
 def cents(value: Fraction) -> int:
@@ -191,29 +187,30 @@ def compute_metrics(
         )
     buckets = _buckets(start, end, interval)
     state: dict[int, Mapping[str, Any]] = {}
+    current: dict[int, Fraction] = {}  # each account's MRR now, as of the last step
     paid_before: set[int] = set()
     counts = Counts()
     mrr_at_start, paying_at_start = 0, 0
-    index = 0
-    ordered = sorted(entries, key=lambda entry: (entry.effective_at, entry.id))
+    timeline = _Timeline(sorted(entries, key=lambda entry: (entry.effective_at, entry.id)))
     for bucket in [Bucket(start=datetime.min.replace(tzinfo=UTC), end=start), *buckets]:
-        while index < len(ordered) and ordered[index].effective_at < bucket.end:
-            entry = ordered[index]
-            index += 1
-            old = mrr_of(state.get(entry.account_id), catalog)
-            new = mrr_of(entry.after, catalog)
-            if entry.kind == "change" and bucket.end > start:
-                kind = _movement(old, new, entry.account_id in paid_before)
+        for at, account_id, entry in timeline.steps(state, bucket.end):
+            old = current.get(account_id, Fraction(0))
+            after = entry.after if entry is not None else state[account_id]
+            new = mrr_of(after, catalog, at)
+            kind = _movement(old, new, account_id in paid_before)
+            if bucket.end > start and (entry is None or entry.kind == "change"):
                 if kind is not None:
                     bucket.movements[kind] += cents(new) - cents(old)
-                _count(counts, state.get(entry.account_id), entry.after, kind, new)
-            state[entry.account_id] = entry.after
+                if entry is not None:
+                    _count(counts, state.get(account_id), entry.after, kind, new)
+            state[account_id] = after
+            current[account_id] = new
             if new > 0:
-                paid_before.add(entry.account_id)
-        bucket.mrr = cents(sum((mrr_of(after, catalog) for after in state.values()), Fraction(0)))
+                paid_before.add(account_id)
+        bucket.mrr = cents(sum(current.values(), Fraction(0)))
         if bucket.end == start:
             mrr_at_start = bucket.mrr
-            paying_at_start = sum(1 for after in state.values() if mrr_of(after, catalog) > 0)
+            paying_at_start = sum(1 for value in current.values() if value > 0)
     subscribers: dict[tuple[str, str], int] = {}
     for after in state.values():
         status = str(after.get("status"))
@@ -231,6 +228,40 @@ def compute_metrics(
         paying_at_start=paying_at_start,
         counts=counts,
     )
+
+
+class _Timeline:
+    """The steps of the metrics, in time order: each ledger row, and each moment a discount of an
+    account's state ends (MRR steps back up: ChartMogul's and Baremetrics' expansion)."""
+
+    def __init__(self, ordered: Sequence[LedgerEntry]) -> None:
+        self.ordered = ordered
+        self.index = 0
+        self.ends: list[tuple[datetime, int]] = []  # a heap of (end, account)
+
+    def steps(
+        self, state: Mapping[int, Mapping[str, Any]], before: datetime
+    ) -> Iterator[tuple[datetime, int, LedgerEntry | None]]:
+        """(moment, account, its row, or None when only a discount ends) effective before
+        `before`; a discount's end comes before a row of the same moment."""
+        while True:
+            entry = self.ordered[self.index] if self.index < len(self.ordered) else None
+            if (
+                self.ends
+                and self.ends[0][0] < before
+                and (entry is None or self.ends[0][0] <= entry.effective_at)
+            ):
+                at, account_id = heapq.heappop(self.ends)
+                if account_id in state:
+                    yield at, account_id, None
+                continue
+            if entry is None or entry.effective_at >= before:
+                return
+            self.index += 1
+            yield entry.effective_at, entry.account_id, entry
+            for ending in discount_ends(entry.after.get("discounts") or []):
+                if ending > entry.effective_at:
+                    heapq.heappush(self.ends, (ending, entry.account_id))
 
 
 def _count(

@@ -23,18 +23,27 @@ from sqlalchemy import select, text, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from billing import discounts
 from billing.errors import BillingError
 from billing.host_events.events import HostEventConfig, StripeTrigger, write_sync_events
-from billing.ledger import BILLING_SYNC, Cause, effective_at, record_change
+from billing.invoice_records import metered_prices, upsert_invoice
+from billing.ledger import (
+    BILLING_SYNC,
+    SUBSCRIPTIONS_EXPAND,
+    Cause,
+    effective_at,
+    record_change,
+    update_invoice_time,
+)
 from billing.notifier import Notification, NotificationKind, Notifier
 from billing.plans import plan_of_price, tier_rank
 from billing.realtime import publish_account_change
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
-from billing.stripe_objects import invoice_subscription_id, metadata, object_id, stripe_time
+from billing.stripe_objects import metadata, object_id, stripe_time
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
-from db.models import account_table, invoice_table
+from db.models import account_table
 
 log = logging.getLogger("billing.sync")
 
@@ -93,8 +102,9 @@ class StripeState:
     quantity: int | None = None
     unit_amount: int | None = None
     currency: str | None = None
-    discounts: tuple[str, ...] = ()
+    discounts: tuple[dict[str, Any], ...] = ()  # billing/discounts.py `discount_terms`
     started_at: datetime | None = None  # `start_date`
+    updated_by_invoice: datetime | None = None  # billing/ledger.py `update_invoice_time`
     ended_at: datetime | None = None
 
     def moments(self) -> dict[str, datetime | None]:
@@ -105,6 +115,7 @@ class StripeState:
             "canceled_at": self.canceled_at,
             "ended_at": self.ended_at,
             "current_period_start": self.current_period_start,
+            "updated_by_invoice": self.updated_by_invoice,
         }
 
     def stripe_values(self) -> dict[str, Any]:
@@ -193,9 +204,8 @@ def subscription_state(subscription: Any, schedule: Any = None) -> StripeState:
         currency=get(price, "currency"),
         started_at=stripe_time(get(subscription, "start_date") or get(subscription, "created")),
         ended_at=stripe_time(get(subscription, "ended_at")),
-        discounts=tuple(
-            sorted(found for d in get(subscription, "discounts") or [] if (found := object_id(d)))
-        ),
+        updated_by_invoice=update_invoice_time(subscription),
+        discounts=discounts.discount_terms(subscription),
     )
 
 
@@ -330,7 +340,7 @@ async def sync_customer(
             )
             if not dry_run and not result.unknown_customer:
                 for invoice in invoices:
-                    await upsert_invoice(conn, database, invoice, now)
+                    await upsert_invoice(conn, database, invoice, now, metered_prices(subscriptions))
             if host_events is not None and not dry_run and result.conflict is None:
                 await _write_host_events(conn, database, host_events, result, triggers, now)
             if not dry_run and result.conflict is None:
@@ -355,7 +365,7 @@ async def _customer(gateway: StripeGateway, customer_id: str) -> stripe.Customer
 async def _subscriptions(gateway: StripeGateway, customer_id: str) -> list[stripe.Subscription]:
     page = await gateway.call(
         lambda o: gateway.v1.subscriptions.list_async(
-            {"customer": customer_id, "status": "all", "limit": 100}, o
+            {"customer": customer_id, "status": "all", "limit": 100, "expand": SUBSCRIPTIONS_EXPAND}, o
         ),
         what="list subscriptions",
     )
@@ -596,30 +606,6 @@ async def _locked_row(conn: AsyncConnection, database: Database, condition: Any)
 
 def _insert(database: Database) -> Any:
     return (postgresql.insert if database.is_postgres else sqlite.insert)(account_table)
-
-
-async def upsert_invoice(conn: AsyncConnection, database: Database, invoice: Any, now: datetime) -> None:
-    values = {
-        "stripe_customer_id": object_id(get(invoice, "customer")),
-        "stripe_subscription_id": invoice_subscription_id(invoice),
-        "number": get(invoice, "number"),
-        "status": get(invoice, "status") or "draft",
-        "billing_reason": get(invoice, "billing_reason"),
-        "currency": get(invoice, "currency"),
-        "amount_due": int(get(invoice, "amount_due") or 0),
-        "amount_paid": int(get(invoice, "amount_paid") or 0),
-        "amount_remaining": int(get(invoice, "amount_remaining") or 0),
-        "total": int(get(invoice, "total") or 0),
-        "hosted_invoice_url": get(invoice, "hosted_invoice_url"),
-        "invoice_pdf": get(invoice, "invoice_pdf"),
-        "period_start": stripe_time(get(invoice, "period_start")),
-        "period_end": stripe_time(get(invoice, "period_end")),
-        "created": stripe_time(get(invoice, "created")),
-        "synced_at": now,
-    }
-    insert = (postgresql.insert if database.is_postgres else sqlite.insert)(invoice_table)
-    statement = insert.values(id=get(invoice, "id"), **values)
-    await conn.execute(statement.on_conflict_do_update(index_elements=["id"], set_=values))
 
 
 def notifications_for(result: SyncResult) -> list[Notification]:

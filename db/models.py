@@ -264,6 +264,13 @@ class Invoice(SQLModel, table=True):
     period_end: datetime | None = Field(default=None, sa_type=UTCDateTime)
     created: datetime = Field(sa_type=UTCDateTime)
     synced_at: datetime = Field(sa_type=UTCDateTime)
+    # Revenue metrics (migration 0010): payment attempts so far, when it was finalized (its
+    # first charge) and paid, the metered lines' amount and the discounts, both in cents.
+    attempt_count: int = Field(default=0, sa_column_kwargs={"server_default": "0"})
+    finalized_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    paid_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
+    metered_amount: int = Field(default=0, sa_type=BigInteger, sa_column_kwargs={"server_default": "0"})
+    discount_amount: int = Field(default=0, sa_type=BigInteger, sa_column_kwargs={"server_default": "0"})
 
 
 class RateLimit(SQLModel, table=True):

@@ -15,6 +15,7 @@ import strawberry
 
 from billing.account_lookup import AccountEvent, AccountFound, customer_events, find_account
 from billing.customers import list_invoices
+from billing.invoice_records import InvoiceRevenue, invoice_revenue
 from billing.ledger import LedgerEntry
 from billing.revenue import Bucket, MetricsInterval, RevenueMetrics, revenue_metrics
 from graph.common import BillingSubscription
@@ -200,9 +201,21 @@ class BillingMetrics:
     failed_payments: int = strawberry.field(description="Renewals that failed: to past_due.")
     recovered_payments: int = strawberry.field(description="past_due back to active.")
     recovered_mrr: int = strawberry.field(description="The MRR of the recovered accounts (cents).")
+    failed_invoices: int = strawberry.field(
+        description="Invoices finalized in the range whose payment failed (an attempt did not pay them)."
+    )
+    failed_amount: int = strawberry.field(description="Their amount due (cents).")
+    recovered_invoices: int = strawberry.field(description="Of those, the ones paid since, before `to`.")
+    recovered_amount: int = strawberry.field(description="Their amount paid (cents).")
+    metered_revenue: int = strawberry.field(
+        description=(
+            "Metered lines of the invoices finalized in the range, net of their discounts (cents); "
+            "never in MRR."
+        )
+    )
 
     @classmethod
-    def from_model(cls, metrics: RevenueMetrics) -> BillingMetrics:
+    def from_model(cls, metrics: RevenueMetrics, invoices: InvoiceRevenue) -> BillingMetrics:
         return cls(
             start=metrics.start,
             end=metrics.end,
@@ -224,6 +237,11 @@ class BillingMetrics:
             failed_payments=metrics.counts.payments_failed,
             recovered_payments=metrics.counts.payments_recovered,
             recovered_mrr=metrics.counts.recovered_mrr,
+            failed_invoices=invoices.failed_invoices,
+            failed_amount=invoices.failed_amount,
+            recovered_invoices=invoices.recovered_invoices,
+            recovered_amount=invoices.recovered_amount,
+            metered_revenue=invoices.metered_revenue,
         )
 
 
@@ -267,4 +285,4 @@ class OperatorQuery:
     ) -> BillingMetrics:
         context = context_of(info)
         metrics = await revenue_metrics(context.database, from_, to, interval, context.catalog)
-        return BillingMetrics.from_model(metrics)
+        return BillingMetrics.from_model(metrics, await invoice_revenue(context.database, from_, to))

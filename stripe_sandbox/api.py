@@ -233,6 +233,14 @@ async def _expand_path(tx: Transaction, node: Any, parts: list[str]) -> None:
         return
     key, rest = parts[0], parts[1:]
     value = node.get(key)
+    if isinstance(value, list) and any(isinstance(item, str) for item in value):
+        # A list of ids (a subscription's `discounts`): each id expanded, then the rest of the path.
+        node[key] = value = [
+            (await tx.find(item) or item) if isinstance(item, str) else item for item in value
+        ]
+        for item in value:
+            await _expand_path(tx, item, rest)
+        return
     if isinstance(value, str) and not rest:
         found = await tx.find(value)
         if found is not None:

@@ -12,7 +12,7 @@ import pytest
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.exc import DBAPIError
 
-from billing.ledger import Cause, LedgerEntry, effective_at, transition_time
+from billing.ledger import BILLING_SYNC, Cause, LedgerEntry, effective_at, record_change, transition_time
 from billing.stripe_objects import stripe_time
 from billing.webhooks import requeue
 from db.engine import Database
@@ -228,3 +228,38 @@ def test_transition_times_come_from_the_subscription() -> None:
         2_000_000_000
     )
     assert effective_at([Cause("mutation")], {}, moments, start) == start
+    # A price changed and billed at once (an upgrade): the update's invoice, not the sync's clock.
+    billed = {**moments, "updated_by_invoice": start + 9 * day}
+    assert transition_time({"stripe_price_id": ("a", "b")}, billed) == start + 9 * day
+    assert transition_time({"stripe_price_id": ("a", "b")}, moments) is None
+
+
+async def test_learning_discount_terms_is_not_a_change_on_its_own(database: Database) -> None:
+    now = datetime.now(UTC)
+    terms = {"id": "di_1", "coupon": "c", "percent_off": 20.0, "duration": "forever", "end": None}
+
+    async def record(discounts: list[Any], changes: dict[str, tuple[Any, Any]]) -> bool:
+        async with database.write() as conn:
+            return await record_change(
+                conn,
+                account_id=7,
+                user_id="u7",
+                customer_id="cus_7",
+                before={"status": "active"},
+                changes=changes,
+                stripe_values={"quantity": 1, "unit_amount": 2900, "currency": "usd", "discounts": discounts},
+                causes=[Cause(BILLING_SYNC)],
+                effective=now,
+                now=now,
+            )
+
+    assert await record(["di_1"], {"status": (None, "active")})  # a row written before terms were
+    assert not await record([terms], {})  # the same discount, its terms learned
+    assert await record([terms, {**terms, "id": "di_2"}], {})  # another discount is a change
+    assert await record([], {})  # and so is its removal
+    entries = await ledger_of(database, "u7")
+    assert [entry.changed for entry in entries] == [
+        ["status", "quantity", "unit_amount", "currency", "discounts"],
+        ["discounts"],
+        ["discounts"],
+    ]

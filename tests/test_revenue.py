@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
+from billing.discounts import discount_terms
 from billing.errors import BillingError
+from billing.invoice_records import metered_prices, revenue_values
 from billing.ledger import LedgerEntry
 from billing.plans import load_catalog
 from billing.revenue import MetricsInterval, compute_metrics, mrr_of
@@ -147,3 +149,102 @@ def test_trials_churn_and_failed_payments() -> None:
     assert metrics.logo_churn_rate == 0.5
     assert metrics.mrr_at_start == 4000 and metrics.mrr == 2000
     assert metrics.revenue_churn_rate == 3000 / 4000  # churned 3000, nothing won back (new is not)
+
+
+def test_a_repeating_discount_counts_until_its_end_then_mrr_steps_back_up() -> None:
+    ends = START + 3 * DAY + timedelta(hours=5)
+    discount = {"id": "di_1", "percent_off": 20.0, "duration": "repeating", "end": ends.isoformat()}
+    forever = {"id": "di_2", "amount_off": 100, "currency": "usd", "duration": "forever", "end": None}
+    assert mrr_of(state(discounts=[discount]), at=ends - timedelta(seconds=1)) == 800
+    assert mrr_of(state(discounts=[discount]), at=ends) == 1000  # it applies before its end, not at it
+    assert mrr_of(state(currency="usd", discounts=[forever]), at=ends) == 900
+    assert mrr_of(state(currency="eur", discounts=[forever]), at=ends) == 1000  # another currency's
+
+    ledger = Ledger()
+    ledger.add(1, START + timedelta(hours=1), state(discounts=[discount]))
+    ledger.add(2, START + timedelta(hours=2), state(currency="usd", discounts=[forever]))
+    # Stripe removes the ended discount at the next invoice: a row that changes no MRR.
+    ledger.add(1, ends + 2 * DAY, state(discounts=[]))
+    metrics = compute_metrics(ledger.entries, START, START + 7 * DAY)
+    by_day = {bucket.start.day: bucket for bucket in metrics.buckets}
+    assert by_day[1].movements["new"] == 800 + 900
+    assert by_day[4].movements["expansion"] == 200  # the discount's end, on its day
+    assert [bucket.mrr for bucket in metrics.buckets] == [1700, 1700, 1700, 1900, 1900, 1900, 1900]
+    assert sum(bucket.net_new for bucket in metrics.buckets) == metrics.mrr == 1900
+    # A range starting after the end: MRR at its start is the undiscounted one, and no movement.
+    later = compute_metrics(ledger.entries, START + 5 * DAY, START + 7 * DAY)
+    assert later.mrr_at_start == 1900 and later.total("expansion") == 0
+
+
+def test_discount_terms_stop_at_the_first_invoice_they_no_longer_reduce() -> None:
+    def ts(moment: datetime) -> int:
+        return int(moment.timestamp())
+
+    trial_end = START + 14 * DAY  # the anchor: renewals on the 15th
+    coupon = {"id": "c", "percent_off": 20.0, "duration": "repeating", "amount_off": None, "currency": None}
+    subscription = {
+        "billing_cycle_anchor": ts(trial_end),
+        "trial_end": ts(trial_end),
+        "items": {
+            "data": [{"price": {"id": "p", "recurring": {"interval": "month", "usage_type": "licensed"}}}]
+        },
+        "discounts": [
+            {
+                "id": "di_r",
+                "source": {"coupon": coupon},
+                "start": ts(START),
+                "end": ts(START.replace(month=5)),
+            },
+            {
+                "id": "di_o",
+                "source": {"coupon": {**coupon, "duration": "once"}},
+                "start": ts(START),
+                "end": None,
+            },
+            {
+                "id": "di_f",
+                "source": {"coupon": {**coupon, "duration": "forever"}},
+                "start": ts(START),
+                "end": None,
+            },
+        ],
+    }
+    terms = {found["id"]: found for found in discount_terms(subscription)}
+    # Repeating until 1 May: the invoice of 15 April is discounted for its whole period.
+    assert terms["di_r"]["mrr_end"] == datetime(2026, 5, 15, tzinfo=UTC).isoformat()
+    # Once: the first paid period, after the trial.
+    assert terms["di_o"]["mrr_end"] == datetime(2026, 4, 15, tzinfo=UTC).isoformat()
+    assert terms["di_f"]["mrr_end"] is None and terms["di_f"]["percent_off"] == 20.0
+    assert discount_terms({"discounts": ["di_only_an_id"]}) == ({"id": "di_only_an_id"},)
+
+
+def test_an_invoices_revenue_columns() -> None:
+    def line(price: str, amount: int, off: int = 0) -> dict[str, Any]:
+        return {
+            "amount": amount,
+            "pricing": {"price_details": {"price": price}},
+            "discount_amounts": [{"amount": off, "discount": "di_1"}] if off else [],
+        }
+
+    invoice = {
+        "attempt_count": 2,
+        "status_transitions": {"finalized_at": 1_800_000_000, "paid_at": 1_800_300_000},
+        "lines": {"data": [line("price_plan", 2900, 725), line("price_calls", 1200, 300)]},
+        "total_discount_amounts": [{"amount": 1025, "discount": "di_1"}],
+    }
+    subscriptions = [
+        {
+            "items": {
+                "data": [
+                    {"price": {"id": "price_plan", "recurring": {"usage_type": "licensed"}}},
+                    {"price": {"id": "price_calls", "recurring": {"usage_type": "metered"}}},
+                ]
+            }
+        }
+    ]
+    assert metered_prices(subscriptions) == {"price_calls"}
+    values = revenue_values(invoice, metered_prices(subscriptions))
+    assert values["metered_amount"] == 900 and values["discount_amount"] == 1025  # net of its discount
+    assert values["attempt_count"] == 2
+    assert values["finalized_at"] == datetime.fromtimestamp(1_800_000_000, tz=UTC)
+    assert values["paid_at"] == datetime.fromtimestamp(1_800_300_000, tz=UTC)

@@ -50,6 +50,7 @@ async def complete_checkout(sandbox: SandboxHost, request: Request) -> Response:
             outcome=outcome,
             email=body.get("email"),
             name=body.get("name"),
+            promotion_code=body.get("promotion_code"),
         )
     return JSONResponse(result)
 

@@ -313,6 +313,11 @@ def render_checkout(
             '<p><label>Email<input type="email" name="email" required '
             'placeholder="you@example.com"></label></p>'
         )
+    code_field = (
+        '<p><label>Promotion code<input type="text" name="promotion_code" autocomplete="off"></label></p>'
+        if session.get("allow_promotion_codes")
+        else ""
+    )
     body = (
         f'{back}<div class="card"><p class="muted">Subscribe to</p>'
         f"<h1>{esc(plan_title([line.name for line in view.lines if not line.metered]))}</h1>"
@@ -320,7 +325,7 @@ def render_checkout(
         f'<p>Total due today: <span class="big">{esc(today)}</span></p>{who}</div>'
         f'<div class="card"><h2>Payment</h2>{banner(error=error)}'
         '<p class="muted">Card: 4242 4242 4242 4242 &middot; 12/34 &middot; 123 (sandbox test card)</p>'
-        f'<form class="inline" method="post" action="{esc(base)}/pay">{email_field}'
+        f'<form class="inline" method="post" action="{esc(base)}/pay">{email_field}{code_field}'
         '<button type="submit">Pay</button></form>'
         f'<form class="inline" method="post" action="{esc(base)}/decline">'
         '<button type="submit" class="secondary">Decline (the card is refused)</button></form>'
@@ -353,8 +358,9 @@ async def checkout_pay(sandbox: SandboxHost, request: Request) -> Response:
             customer = await find(tx, "customer", str(session.get("customer") or ""))
             known = (customer or {}).get("email") or session.get("customer_email")
             email = None if known else (fields.get("email") or "").strip() or None
+            code = (fields.get("promotion_code") or "").strip() or None
             result = await creation.complete_checkout(
-                tx, sandbox.config, session_id, outcome="paid", email=email
+                tx, sandbox.config, session_id, outcome="paid", email=email, promotion_code=code
             )
     except StripeError as exc:
         error = exc

@@ -9,7 +9,8 @@ Stripe would send with `tx.emit`. Arithmetic (periods, proration) is pure.
 Its modules, each importing only from those before it:
 `periods` (intervals and boundaries, items, billing mode, prices and proration arithmetic),
 `payments` (events, payment methods, a charge and its retry schedule), `invoice_lines` (lines and
-pending invoice items), `invoicing` (invoices from draft to paid, dunning, cancellation),
+pending invoice items), `discounts` (coupons applied to subscriptions and invoices),
+`invoicing` (invoices from draft to paid, dunning, cancellation),
 `creation` (checkout, the first invoice, the trial's end), `changes` (updates and their
 prorations, previews, resuming), `clock` (renewals, schedule phases, `advance_clock`).
 

@@ -63,6 +63,7 @@ async def renew(tx: Transaction, config: SandboxConfig, subscription: Obj, at: i
     for item in due:
         if not is_metered(item["price"]):
             lines.append(await period_line(tx, item, item_period(item)))
+    discounts = list(subscription.get("discounts") or [])
     invoice = await create_invoice(
         tx,
         customer_id=customer_id,
@@ -73,6 +74,8 @@ async def renew(tx: Transaction, config: SandboxConfig, subscription: Obj, at: i
         now=at,
         finalize_at=at + FINALIZE_DELAY,
     )
+    if subscription.get("discounts") != discounts:  # an ended discount was removed
+        previous["discounts"] = discounts
     subscription["latest_invoice"] = invoice["id"]
     await tx.save(subscription)
     await emit(tx, "customer.subscription.updated", subscription, previous)

@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 
 from stripe_sandbox.api import SandboxConfig
+from stripe_sandbox.engine import discounts
 from stripe_sandbox.engine.invoice_lines import (
     TIMES,
     create_invoice_item,
@@ -183,6 +184,7 @@ async def start_subscription(
         period=(now, now),
         now=now,
     )
+    await discounts.apply_to_invoice(tx, invoice, lines, subscription)
     subscription["latest_invoice"] = invoice["id"]
     await tx.insert(subscription)
     await emit(tx, "customer.subscription.created", subscription)
@@ -204,8 +206,11 @@ async def complete_checkout(
     outcome: str = "paid",
     email: str | None = None,
     name: str | None = None,
+    promotion_code: str | None = None,
 ) -> Obj:
     """The customer submits the Checkout page. `outcome`: "paid" or "declined" (card refused).
+
+    `promotion_code`: the code the customer typed, when the session allows promotion codes.
 
     Paid: creates the customer (if the session had none), their card, the subscription
     (trialing when a trial was asked for, else active) and its paid first invoice, and completes
@@ -225,6 +230,10 @@ async def complete_checkout(
     if outcome != "paid":
         raise parameter_invalid("outcome", "outcome must be 'paid' or 'declined'")
     request: Obj = json.loads(await tx.get_state(checkout_request_key(session_id), "{}"))
+    specs = list(request.get("discounts") or [])
+    if promotion_code:
+        specs = [{"promotion_code": await _promotion_code(tx, session, promotion_code)}]
+    resolved = await discounts.resolve(tx, specs, "discounts")
 
     customer_id = session.get("customer")
     if customer_id is None:
@@ -271,6 +280,7 @@ async def complete_checkout(
             )
         ),
     )
+    made = await discounts.attach(tx, subscription, resolved, now)
     invoice = await start_subscription(tx, config, subscription, one_time, now)
     if trial_end is not None and trial_end - TRIAL_WILL_END_NOTICE <= now:
         await notify_trial_will_end(tx, subscription)
@@ -281,6 +291,12 @@ async def complete_checkout(
     session["subscription"] = subscription["id"]
     session["amount_subtotal"] = invoice["subtotal"]
     session["amount_total"] = invoice["total"]
+    session["total_details"]["amount_discount"] = sum(
+        int(found["amount"]) for found in invoice["total_discount_amounts"]
+    )
+    session["discounts"] = [
+        {"coupon": found["source"]["coupon"], "promotion_code": found["promotion_code"]} for found in made
+    ]
     session["customer_details"] = {
         "address": customer_address(customer),
         "business_name": None,
@@ -299,6 +315,17 @@ async def complete_checkout(
         "subscription": await reload(tx, subscription),
         "invoice": await reload(tx, invoice),
     }
+
+
+async def _promotion_code(tx: Transaction, session: Obj, code: str) -> str:
+    """The id of the active promotion code the customer typed (codes are case-insensitive)."""
+    if not session.get("allow_promotion_codes"):
+        raise parameter_invalid("promotion_code", "This Checkout Session does not accept promotion codes.")
+    wanted = code.strip().lower()
+    found = await tx.all("promotion_code", lambda promo: promo["code"].lower() == wanted and promo["active"])
+    if not found:
+        raise StripeError(400, "This code is invalid.", code="promotion_code_invalid", param="promotion_code")
+    return str(found[0]["id"])
 
 
 async def expire_checkout(tx: Transaction, session: Obj, now: int) -> Obj:

@@ -6,6 +6,7 @@ Canceling a subscription is here too: it is where dunning ends (`settle_subscrip
 from __future__ import annotations
 
 from stripe_sandbox.api import SandboxConfig
+from stripe_sandbox.engine import discounts
 from stripe_sandbox.engine.invoice_lines import (
     Line,
     create_invoice_item,
@@ -184,6 +185,7 @@ async def create_invoice(
         now=now,
     )
     invoice["automatically_finalizes_at"] = finalize_at
+    await discounts.apply_to_invoice(tx, invoice, lines, subscription)
     return await store_invoice(tx, invoice, lines)
 
 

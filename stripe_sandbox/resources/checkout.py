@@ -19,7 +19,7 @@ from stripe.params.checkout import (
 )
 
 from stripe_sandbox.api import Call, created_filter, endpoint, paginate
-from stripe_sandbox.engine import creation, periods
+from stripe_sandbox.engine import creation, discounts, periods
 from stripe_sandbox.errors import StripeError, parameter_invalid, parameter_missing, unsupported
 from stripe_sandbox.store import new_id
 
@@ -28,7 +28,6 @@ _UNSUPPORTED = (
     "adaptive_pricing",
     "consent_collection",
     "custom_fields",
-    "discounts",
     "invoice_creation",
     "optional_items",
     "payment_intent_data",
@@ -144,6 +143,13 @@ async def create_session(call: Call) -> dict[str, Any]:
             "subscription_data[trial_period_days]", "trial_period_days must be between 1 and 730."
         )
     line_items, total, currency = await _line_items(call)
+    if params.get("allow_promotion_codes") and params.get("discounts"):
+        raise StripeError(
+            400,
+            "You may only specify one of these parameters: allow_promotion_codes, discounts.",
+            param="discounts",
+        )
+    await discounts.resolve(tx, list(params.get("discounts") or []), "discounts")
     expires_at = int(params.get("expires_at") or now + creation.CHECKOUT_LIFETIME)
     if not now + 30 * periods.MINUTE <= expires_at <= now + creation.CHECKOUT_LIFETIME:
         raise parameter_invalid(
@@ -187,7 +193,10 @@ async def create_session(call: Call) -> dict[str, Any]:
         "customer_creation": None if customer_id else "always",
         "customer_details": None,
         "customer_email": params.get("customer_email"),
-        "discounts": [],
+        "discounts": [
+            {"coupon": spec.get("coupon"), "promotion_code": spec.get("promotion_code")}
+            for spec in params.get("discounts") or []
+        ],
         "expires_at": expires_at,
         "integration_identifier": None,
         "invoice": None,
@@ -230,6 +239,7 @@ async def create_session(call: Call) -> dict[str, Any]:
         "subscription_data": data,
         "automatic_tax": params.get("automatic_tax") or {},
         "customer_update": params.get("customer_update") or {},
+        "discounts": list(params.get("discounts") or []),
     }
     await tx.set_state(creation.checkout_request_key(session_id), json.dumps(request))
     return session

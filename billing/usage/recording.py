@@ -43,7 +43,8 @@ from billing.errors import BillingError, ErrorCode
 from billing.host_events.events import HostEventConfig
 from billing.metrics import USAGE_RECORDS
 from billing.plans import Catalog
-from billing.usage.window_totals import total_and_threshold_ctes
+from billing.usage.thresholds import add_to_totals, one_record_parameters, threshold_parameters
+from billing.usage.window_totals import hour_of, total_ctes
 from db.engine import Database
 from db.enums import Tier
 from db.models import rollup_table, usage_table
@@ -54,7 +55,6 @@ MAX_FUTURE = timedelta(minutes=5)  # Stripe's meter events accept timestamps up 
 MAX_AGE = timedelta(days=35)  # ... and up to 35 days back
 MAX_KEY_LENGTH = 255
 DEFAULT_PAST_DUE_GRACE = timedelta(days=7)
-HOUR = timedelta(hours=1)
 
 
 # Recording -----------------------------------------------------------------------------------
@@ -161,10 +161,11 @@ class _Statements:
 _STATEMENTS = {"postgresql": _Statements.build(postgresql.insert), "sqlite": _Statements.build(sqlite.insert)}
 
 
-def _record_one_statement(*, with_totals: bool = False) -> Any:
+def _record_one_statement(*, with_thresholds: bool = False) -> Any:
     """PostgreSQL, one record in one atomic statement (autocommit, one round trip): the insert
-    (ON CONFLICT on the idempotency key DO NOTHING), its hour's rollup upsert when it inserted,
-    and the row already stored under the key when it did not (`new` tells which)."""
+    (ON CONFLICT on the idempotency key DO NOTHING), its hour's rollup upsert and its window
+    total's when it inserted, and the row already stored under the key when it did not (`new`
+    tells which)."""
     c = usage_table.c
     inserted = (
         postgresql.insert(usage_table)
@@ -201,12 +202,12 @@ def _record_one_statement(*, with_totals: bool = False) -> Any:
         select(
             c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at, false().label("new")
         ).where(c.account_id == bindparam("account_id"), c.idempotency_key == bindparam("idempotency_key")),
-    ).add_cte(added, *(total_and_threshold_ctes(inserted) if with_totals else ()))
+    ).add_cte(added, *total_ctes(inserted, thresholds=with_thresholds))
 
 
 _RECORD_ONE = _record_one_statement()
-# ... and the window total and the usage.threshold events (billing/usage/window_totals.py).
-_RECORD_ONE_WITH_TOTAL = _record_one_statement(with_totals=True)
+# ... and the usage.threshold events (billing/usage/window_totals.py).
+_RECORD_ONE_WITH_EVENTS = _record_one_statement(with_thresholds=True)
 
 
 def _statements(database: Database) -> _Statements:
@@ -231,9 +232,9 @@ async def record_usage(
     feature, quantity out of 1..max_quantity, recordedAt outside Stripe's window, more than
     1,000 items), NO_BILLING_ACCOUNT (unknown user), NO_SUBSCRIPTION (no live subscription).
 
-    With `host_events`, each quota window's running total is upserted in the same transaction
-    (one more statement; for a single record on PostgreSQL, within its one statement) and a
-    record crossing 80% or 100% writes `usage.threshold` (billing/usage/thresholds.py).
+    Each new record adds to its quota window's running total in the same transaction (for a
+    single record on PostgreSQL, within its one statement; billing/usage/window_totals.py); with
+    `host_events`, a record crossing 80% or 100% writes `usage.threshold`.
     """
     now = now or utcnow()
     if len(records) > MAX_BATCH:
@@ -294,9 +295,7 @@ async def record_usage(
                 _check_same_row(row, record, index)
             results.append(_recorded(row, record.user_id, duplicate=duplicate))
         await _add_to_rollups(database, conn, new.values())
-        if host_events is not None and new:
-            from billing.usage.thresholds import add_to_totals  # it reads the windows, which read us
-
+        if new:
             written = await add_to_totals(
                 conn,
                 database,
@@ -320,10 +319,10 @@ async def _record_one(
     policy: AccessPolicy,
     host_events: HostEventConfig | None,
 ) -> RecordedUsage:
-    """One record on PostgreSQL in two round trips instead of five (BEGIN, the account, the
-    insert, the rollup, COMMIT): the account read, then `_RECORD_ONE`, each in autocommit. The
-    transaction's account read took no lock either, so the answers are the same. With host
-    events, the same statement also adds to the window total and writes `usage.threshold`."""
+    """One record on PostgreSQL in two round trips instead of six (BEGIN, the account, the
+    insert, the rollup, the total, COMMIT): the account read, then `_RECORD_ONE`, each in
+    autocommit. The transaction's account read took no lock either, so the answers are the same.
+    With host events, the same statement also writes `usage.threshold`."""
     async with database.write_one() as conn:
         states: dict[int, SubscriptionState] = {}
         account_id = (await _live_accounts(conn, [record], now, policy.past_due_grace, states))[
@@ -338,14 +337,12 @@ async def _record_one(
             "idempotency_key": record.idempotency_key,
             "created_at": now,
             "hour": hour_of(at),
+            **one_record_parameters(states[account_id], record, at),
         }
         statement = _RECORD_ONE
-        if host_events is not None:
-            from billing.usage.thresholds import one_record_parameters  # it reads the windows
-
-            more = one_record_parameters(host_events, policy, states[account_id], record, at, now)
-            if more is not None:
-                statement, parameters = _RECORD_ONE_WITH_TOTAL, {**parameters, **more}
+        events = threshold_parameters(host_events, policy, states[account_id], record, at, now)
+        if events is not None:
+            statement, parameters = _RECORD_ONE_WITH_EVENTS, {**parameters, **events}
         rows = (await conn.execute(statement, parameters)).all()
         row: Any = next((row for row in rows if row.new), None)
         duplicate = row is None
@@ -442,10 +439,6 @@ async def _existing(conn: AsyncConnection, keys: list[tuple[int, str]]) -> dict[
         )
     )
     return {(row.account_id, row.idempotency_key): row for row in rows}
-
-
-def hour_of(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 async def _add_to_rollups(database: Database, conn: AsyncConnection, rows: Iterable[Any]) -> None:

@@ -1,8 +1,10 @@
 """Quota windows, a window's usage, entitlements and the quota check.
 
-Reading never scans every record: a window's usage is the `usage_rollup` rows of the whole
-hours inside the window plus exact sums of the raw records in the partial hours at its edges
-(windows start at the subscription period's start time, rarely on the hour).
+A window's usage is its running total, one row (`usage_window_total`, billing/usage/
+window_totals.py); a window without one (no record since totals began) is summed exactly: the
+`usage_rollup` rows of the whole hours inside it plus the raw records in the partial hours at its
+edges (windows start at the subscription period's start time, rarely on the hour). The daily
+series is always read from the rollups and edges, per UTC day.
 
 Quota windows (limits in the plans file are per month):
 
@@ -49,7 +51,7 @@ from billing.access import (
 )
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
-from billing.usage.recording import HOUR, hour_of
+from billing.usage.window_totals import HOUR, exact_window_sum, hour_of, sum_ranges, total_of
 from db.engine import Database
 from db.enums import BillingInterval
 from db.models import rollup_table, usage_table
@@ -181,14 +183,23 @@ async def window_usage(
 async def used_in_window(
     database: Database, account_id: int | None, features: Sequence[str], window: Window
 ) -> dict[str, int]:
-    """feature -> usage in the window (0 for features without any)."""
-    used = dict.fromkeys(features, 0)
-    if account_id is None:
-        return used
+    """feature -> usage in the window (0 for features without any), in one statement: each
+    feature's total row, or the window's exact sum when it has none (evaluated only then)."""
+    if account_id is None or not features:
+        return dict.fromkeys(features, 0)
+    ranges = sum_ranges(window.start, window.end)
+    statement = select(
+        *(
+            func.coalesce(
+                total_of(account_id, feature, window.start, window.end),
+                exact_window_sum(account_id, feature, ranges),
+            )
+            for feature in features
+        )
+    )
     async with database.read() as conn:
-        for feature, _at, quantity in await window_usage(conn, account_id, features, window):
-            used[feature] += quantity
-    return used
+        row = (await conn.execute(statement)).one()
+    return {feature: int(quantity) for feature, quantity in zip(features, row, strict=True)}
 
 
 # Summaries, entitlements and the quota check -------------------------------------------------
@@ -241,29 +252,44 @@ def feature_limit(policy: AccessPolicy, state: SubscriptionState, feature: str, 
 
 
 async def usage_summary(
-    database: Database, policy: AccessPolicy, state: SubscriptionState, feature: str, now: datetime
+    database: Database,
+    policy: AccessPolicy,
+    state: SubscriptionState,
+    feature: str,
+    now: datetime,
+    *,
+    with_daily: bool = True,
 ) -> UsageSummary:
-    """The feature's usage in the current quota window, with a daily series for charts."""
+    """The feature's usage in the current quota window (its total), with the daily series for
+    charts unless `with_daily` is false (then `daily` is empty; `daily_usage` reads it)."""
     check_known_feature(policy.catalog, feature)
     window = quota_window(state, now)
+    used = (await used_in_window(database, state.account_id, [feature], window))[feature]
+    return UsageSummary(
+        feature=feature,
+        used=used,
+        limit=feature_limit(policy, state, feature, now),
+        window=window,
+        daily=await daily_usage(database, state.account_id, feature, window) if with_daily else (),
+    )
+
+
+async def daily_usage(
+    database: Database, account_id: int | None, feature: str, window: Window
+) -> tuple[DailyUsage, ...]:
+    """Every UTC day the window touches, zeros included, from the rollups and the edges' records."""
     days: dict[date, int] = {}
     day = window.start.date()
     while datetime(day.year, day.month, day.day, tzinfo=UTC) < window.end:
         days[day] = 0
         day += timedelta(days=1)
-    if state.account_id is not None:
+    if account_id is not None:
         async with database.read() as conn:
             for _feature, at, quantity in await window_usage(
-                conn, state.account_id, [feature], window, by_day=True
+                conn, account_id, [feature], window, by_day=True
             ):
                 days[at.astimezone(UTC).date()] += quantity
-    return UsageSummary(
-        feature=feature,
-        used=sum(days.values()),
-        limit=feature_limit(policy, state, feature, now),
-        window=window,
-        daily=tuple(DailyUsage(day, quantity) for day, quantity in days.items()),
-    )
+    return tuple(DailyUsage(day, quantity) for day, quantity in days.items())
 
 
 async def entitlements(

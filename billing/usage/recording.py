@@ -190,10 +190,14 @@ def _record_one_statement(*, with_thresholds: bool = False) -> Any:
             inserted.c.quantity,
         ),
     )
-    added = rollup.on_conflict_do_update(
-        index_elements=["account_id", "feature", "hour"],
-        set_={"quantity": rollup_table.c.quantity + rollup.excluded.quantity},
-    ).cte("added")
+    added = (
+        rollup.on_conflict_do_update(
+            index_elements=["account_id", "feature", "hour"],
+            set_={"quantity": rollup_table.c.quantity + rollup.excluded.quantity},
+        )
+        .returning(rollup_table.c.account_id, rollup_table.c.feature)
+        .cte("added")
+    )
     i = inserted.c
     return union_all(
         select(
@@ -202,7 +206,7 @@ def _record_one_statement(*, with_thresholds: bool = False) -> Any:
         select(
             c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at, false().label("new")
         ).where(c.account_id == bindparam("account_id"), c.idempotency_key == bindparam("idempotency_key")),
-    ).add_cte(added, *total_ctes(inserted, thresholds=with_thresholds))
+    ).add_cte(added, *total_ctes(added, thresholds=with_thresholds))
 
 
 _RECORD_ONE = _record_one_statement()

@@ -12,8 +12,8 @@ changed), starts exact; later records add to it, concurrent ones taking turns on
 window without a row is read with that exact sum.
 
 On PostgreSQL the single record's one statement (billing/usage/recording.py `_RECORD_ONE`) holds
-the total as data-modifying CTEs after `inserted` (the record, when it is new): `total` upserts
-it RETURNING the new quantity; with host events, `threshold_80` and then `threshold_100` (it
+the total as data-modifying CTEs after the record's (`inserted`, when it is new) and its hour's
+rollup's (`added`): `total` upserts it RETURNING the new quantity; with host events, `threshold_80` and then `threshold_100` (it
 reads the first, so PostgreSQL runs them in that order) insert `usage.threshold` into the outbox
 when the new total, less this record, was below the threshold and now reaches it. The Python
 side (batches, SQLite, limits, the same rule) is billing/usage/thresholds.py.
@@ -119,36 +119,39 @@ def _window_bound(name: str) -> Any:
     return bindparam(name, type_=usage_total_table.c.window_start.type)
 
 
-def total_ctes(inserted: Any, *, thresholds: bool) -> list[Any]:
+def total_ctes(added: Any, *, thresholds: bool) -> list[Any]:
     """The `total` CTE (and with `thresholds` the two event CTEs) of the one-record statement.
 
-    Parameters: `window_start`, `window_end`, the `sum_ranges` of that window, `added` (the
-    record's quantity); with thresholds, those of `thresholds.one_record_parameters`."""
+    `added` is the rollup's upsert, RETURNING `account_id` and `feature` when the record is new:
+    reading it makes PostgreSQL write the rollup before the total (CTEs run in no set order
+    otherwise), the lock order of the batch path too (rollups, then totals), so the two never
+    deadlock. Parameters: `window_start`, `window_end`, the `sum_ranges` of that window, `added`
+    (the record's quantity); with thresholds, those of `thresholds.threshold_parameters`."""
     t = usage_total_table
     start, end = _window_bound("window_start"), _window_bound("window_end")
-    i = inserted.c
+    a, quantity = added.c, _big("added")
     # The first record of a window: the exact sum of what is already there (this statement's own
-    # insert is not visible to it), computed only when the row is missing.
+    # writes are not visible to it), computed only when the row is missing.
     missing = ~exists().where(
         and_(
-            t.c.account_id == i.account_id,
-            t.c.feature == i.feature,
+            t.c.account_id == a.account_id,
+            t.c.feature == a.feature,
             t.c.window_start == start,
             t.c.window_end == end,
         )
     )
     before = case(
-        (missing, exact_window_sum(i.account_id, i.feature, {name: _window_bound(name) for name in RANGES})),
+        (missing, exact_window_sum(a.account_id, a.feature, {name: _window_bound(name) for name in RANGES})),
         else_=0,
     )
     upsert = postgresql.insert(t).from_select(
         ["account_id", "feature", "window_start", "window_end", "quantity"],
-        select(i.account_id, i.feature, start, end, i.quantity + before),
+        select(a.account_id, a.feature, start, end, quantity + before),
     )
     total = (
         upsert.on_conflict_do_update(
             index_elements=["account_id", "feature", "window_start", "window_end"],
-            set_={"quantity": t.c.quantity + _big("added")},  # not excluded: it may hold `before`
+            set_={"quantity": t.c.quantity + quantity},  # not excluded: it may hold `before`
         )
         .returning(t.c.quantity)
         .cte("total")

@@ -16,8 +16,9 @@ from billing.access import AccessPolicy, SubscriptionState, load_subscription
 from billing.plans import load_catalog
 from billing.usage import UsageInput, Window, hour_of, quota_check, quota_window, record_usage, usage_summary
 from db.engine import Database
+from db.enums import Tier
 from db.models import account_table, usage_table, usage_total_table
-from tests.graphql_support import insert_account
+from tests.graphql_support import hs256_token, insert_account, serve_api
 
 CATALOG = load_catalog()
 POLICY = AccessPolicy(CATALOG, timedelta(days=7))
@@ -175,3 +176,26 @@ async def test_a_new_period_opens_a_new_window_counting_its_records_exactly(data
     await record(database, (5, None))
     assert await total_row(database, window) == await raw_sum(database, new, window) == 25
     assert await used(database, new, now) == 25
+
+
+async def test_viewer_usage_reads_the_total_and_the_daily_series_only_when_asked(database: Database) -> None:
+    now = datetime.now(UTC)
+    start = period_start(now)
+    await insert_account(database, "u", period_start=start)
+    await record(database, (40, start + timedelta(minutes=1)), (2, None), (9, start - timedelta(hours=1)))
+    quota = '{ viewer { usage(feature: "api_calls") { used remaining } } }'
+    series = '{ viewer { usage(feature: "api_calls") { used daily { date quantity } } } }'
+    fragment = (
+        '{ viewer { usage(feature: "api_calls") { used ... on UsageSummary { daily { date quantity } } } } }'
+    )
+    async with serve_api(database, usage_reporter=False) as api:
+        token = hs256_token("u")
+        answers = [
+            (await api.query(query, token=token))["data"]["viewer"]["usage"]
+            for query in (quota, series, fragment)
+        ]
+    assert [answer["used"] for answer in answers] == [42, 42, 42]
+    assert answers[0]["remaining"] == CATALOG.limit(Tier.PRO, "api_calls") - 42  # type: ignore[operator]
+    for answer in answers[1:]:
+        assert sum(day["quantity"] for day in answer["daily"]) == 42
+        assert answer["daily"][0]["date"] == start.date().isoformat()

@@ -13,10 +13,11 @@ window without a row is read with that exact sum.
 
 On PostgreSQL the single record's one statement (billing/usage/recording.py `_RECORD_ONE`) holds
 the total as data-modifying CTEs after the record's (`inserted`, when it is new) and its hour's
-rollup's (`added`): `total` upserts it RETURNING the new quantity; with host events, `threshold_80` and then `threshold_100` (it
-reads the first, so PostgreSQL runs them in that order) insert `usage.threshold` into the outbox
-when the new total, less this record, was below the threshold and now reaches it. The Python
-side (batches, SQLite, limits, the same rule) is billing/usage/thresholds.py.
+rollup's (`added`): `total` upserts it RETURNING the new quantity; with host events,
+`threshold_80` and then `threshold_100` (it reads the first, so PostgreSQL runs them in that
+order) insert `usage.threshold` into the outbox when the new total, less this record, was below
+the threshold and now reaches it. The Python side (batches, SQLite, limits, the same rule) is
+billing/usage/thresholds.py.
 """
 
 from __future__ import annotations

@@ -26,6 +26,7 @@ concurrently just under the limit, each recording at most q, usage ends at most 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -33,6 +34,8 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    String,
+    bindparam,
     cast,
     func,
     select,
@@ -51,10 +54,10 @@ from billing.access import (
 )
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
-from billing.usage.window_totals import HOUR, exact_window_sum, hour_of, sum_ranges, total_of
+from billing.usage.window_totals import HOUR, RANGES, exact_window_sum, hour_of, sum_ranges, total_of
 from db.engine import Database
 from db.enums import BillingInterval
-from db.models import rollup_table, usage_table
+from db.models import rollup_table, usage_table, usage_total_table
 from db.types import UTCDateTime
 
 
@@ -180,6 +183,23 @@ async def window_usage(
     return [(row.feature, row.at, int(row.quantity)) for row in rows if row.quantity]
 
 
+@functools.cache
+def _used_statement(features: int) -> Any:
+    """The read of `used_in_window` for that many features, built once: building the expression
+    on each call cost more CPU than the rest of a quota check (bench/RESULTS.md, issue 23)."""
+    account = bindparam("account_id", type_=usage_total_table.c.account_id.type)
+    bound = {name: bindparam(name, type_=UTCDateTime()) for name in ("window_start", "window_end", *RANGES)}
+    return select(
+        *(
+            func.coalesce(
+                total_of(account, feature, bound["window_start"], bound["window_end"]),
+                exact_window_sum(account, feature, bound),
+            )
+            for feature in (bindparam(f"feature_{n}", type_=String) for n in range(features))
+        )
+    )
+
+
 async def used_in_window(
     database: Database, account_id: int | None, features: Sequence[str], window: Window
 ) -> dict[str, int]:
@@ -187,18 +207,15 @@ async def used_in_window(
     feature's total row, or the window's exact sum when it has none (evaluated only then)."""
     if account_id is None or not features:
         return dict.fromkeys(features, 0)
-    ranges = sum_ranges(window.start, window.end)
-    statement = select(
-        *(
-            func.coalesce(
-                total_of(account_id, feature, window.start, window.end),
-                exact_window_sum(account_id, feature, ranges),
-            )
-            for feature in features
-        )
-    )
+    parameters: dict[str, Any] = {
+        "account_id": account_id,
+        "window_start": window.start,
+        "window_end": window.end,
+        **sum_ranges(window.start, window.end),
+        **{f"feature_{n}": feature for n, feature in enumerate(features)},
+    }
     async with database.read() as conn:
-        row = (await conn.execute(statement)).one()
+        row = (await conn.execute(_used_statement(len(features)), parameters)).one()
     return {feature: int(quantity) for feature, quantity in zip(features, row, strict=True)}
 
 
@@ -260,17 +277,22 @@ async def usage_summary(
     *,
     with_daily: bool = True,
 ) -> UsageSummary:
-    """The feature's usage in the current quota window (its total), with the daily series for
-    charts unless `with_daily` is false (then `daily` is empty; `daily_usage` reads it)."""
+    """The feature's usage in the current quota window, one statement: with the daily series for
+    charts, `used` is its sum; without (`with_daily` false: `daily` is empty, `daily_usage` reads
+    it), the window's total."""
     check_known_feature(policy.catalog, feature)
     window = quota_window(state, now)
-    used = (await used_in_window(database, state.account_id, [feature], window))[feature]
+    if with_daily:
+        daily = await daily_usage(database, state.account_id, feature, window)
+        used = sum(day.quantity for day in daily)
+    else:
+        daily, used = (), (await used_in_window(database, state.account_id, [feature], window))[feature]
     return UsageSummary(
         feature=feature,
         used=used,
         limit=feature_limit(policy, state, feature, now),
         window=window,
-        daily=await daily_usage(database, state.account_id, feature, window) if with_daily else (),
+        daily=daily,
     )
 
 

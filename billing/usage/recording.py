@@ -18,12 +18,8 @@ from typing import Any
 
 from sqlalchemy import (
     and_,
-    bindparam,
-    false,
     or_,
     select,
-    true,
-    union_all,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -43,8 +39,8 @@ from billing.errors import BillingError, ErrorCode
 from billing.host_events.events import HostEventConfig
 from billing.metrics import USAGE_RECORDS
 from billing.plans import Catalog
-from billing.usage.thresholds import add_to_totals, one_record_parameters, threshold_parameters
-from billing.usage.window_totals import hour_of, total_ctes
+from billing.usage.thresholds import add_to_totals
+from billing.usage.window_totals import hour_of
 from db.engine import Database
 from db.enums import Tier
 from db.models import rollup_table, usage_table
@@ -161,59 +157,6 @@ class _Statements:
 _STATEMENTS = {"postgresql": _Statements.build(postgresql.insert), "sqlite": _Statements.build(sqlite.insert)}
 
 
-def _record_one_statement(*, with_thresholds: bool = False) -> Any:
-    """PostgreSQL, one record in one atomic statement (autocommit, one round trip): the insert
-    (ON CONFLICT on the idempotency key DO NOTHING), its hour's rollup upsert and its window
-    total's when it inserted, and the row already stored under the key when it did not (`new`
-    tells which)."""
-    c = usage_table.c
-    inserted = (
-        postgresql.insert(usage_table)
-        .values(
-            account_id=bindparam("account_id"),
-            feature=bindparam("feature"),
-            quantity=bindparam("quantity"),
-            recorded_at=bindparam("recorded_at"),
-            idempotency_key=bindparam("idempotency_key"),
-            created_at=bindparam("created_at"),
-        )
-        .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
-        .returning(c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at)
-        .cte("inserted")
-    )
-    rollup = postgresql.insert(rollup_table).from_select(
-        ["account_id", "feature", "hour", "quantity"],
-        select(
-            inserted.c.account_id,
-            inserted.c.feature,
-            bindparam("hour", type_=rollup_table.c.hour.type),
-            inserted.c.quantity,
-        ),
-    )
-    added = (
-        rollup.on_conflict_do_update(
-            index_elements=["account_id", "feature", "hour"],
-            set_={"quantity": rollup_table.c.quantity + rollup.excluded.quantity},
-        )
-        .returning(rollup_table.c.account_id, rollup_table.c.feature)
-        .cte("added")
-    )
-    i = inserted.c
-    return union_all(
-        select(
-            i.id, i.account_id, i.idempotency_key, i.feature, i.quantity, i.recorded_at, true().label("new")
-        ),
-        select(
-            c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at, false().label("new")
-        ).where(c.account_id == bindparam("account_id"), c.idempotency_key == bindparam("idempotency_key")),
-    ).add_cte(added, *total_ctes(added, thresholds=with_thresholds))
-
-
-_RECORD_ONE = _record_one_statement()
-# ... and the usage.threshold events (billing/usage/window_totals.py).
-_RECORD_ONE_WITH_EVENTS = _record_one_statement(with_thresholds=True)
-
-
 def _statements(database: Database) -> _Statements:
     return _STATEMENTS[database.engine.dialect.name]
 
@@ -261,11 +204,10 @@ async def record_usage(
             _check_same(records[seen], record, index)
 
     if len(records) == 1 and database.is_postgres:
+        from billing.usage.singles import record_single  # it uses this module's writes
+
         policy = AccessPolicy(catalog=catalog, past_due_grace=past_due_grace)
-        recorded = await _record_one(database, records[0], times[0], now, policy, host_events)
-        if not recorded.duplicate:
-            USAGE_RECORDS.inc()
-        return [recorded]
+        return [await record_single(database, policy, host_events, records[0], times[0], now)]
     written = 0
     async with database.write() as conn:
         states: dict[int, SubscriptionState] = {}
@@ -315,49 +257,6 @@ async def record_usage(
     return results
 
 
-async def _record_one(
-    database: Database,
-    record: UsageInput,
-    at: datetime,
-    now: datetime,
-    policy: AccessPolicy,
-    host_events: HostEventConfig | None,
-) -> RecordedUsage:
-    """One record on PostgreSQL in two round trips instead of six (BEGIN, the account, the
-    insert, the rollup, the total, COMMIT): the account read, then `_RECORD_ONE`, each in
-    autocommit. The transaction's account read took no lock either, so the answers are the same.
-    With host events, the same statement also writes `usage.threshold`."""
-    async with database.write_one() as conn:
-        states: dict[int, SubscriptionState] = {}
-        account_id = (await _live_accounts(conn, [record], now, policy.past_due_grace, states))[
-            record.user_id
-        ]
-        key = (account_id, record.idempotency_key)
-        parameters = {
-            "account_id": account_id,
-            "feature": record.feature,
-            "quantity": record.quantity,
-            "recorded_at": at,
-            "idempotency_key": record.idempotency_key,
-            "created_at": now,
-            "hour": hour_of(at),
-            **one_record_parameters(states[account_id], record, at),
-        }
-        statement = _RECORD_ONE
-        events = threshold_parameters(host_events, policy, states[account_id], record, at, now)
-        if events is not None:
-            statement, parameters = _RECORD_ONE_WITH_EVENTS, {**parameters, **events}
-        rows = (await conn.execute(statement, parameters)).all()
-        row: Any = next((row for row in rows if row.new), None)
-        duplicate = row is None
-        if row is None:
-            # Stored before this statement's snapshot, or by a transaction that committed while
-            # the insert waited for it (not in the snapshot): read it again then.
-            row = rows[0] if rows else (await _existing(conn, [key]))[key]
-            _check_same_row(row, record, 0)
-    return _recorded(row, record.user_id, duplicate=duplicate)
-
-
 def _recorded(row: Any, user_id: str, *, duplicate: bool) -> RecordedUsage:
     return RecordedUsage(
         id=row.id,
@@ -405,24 +304,35 @@ async def _live_accounts(
         if record.user_id in accounts:
             continue
         state = found.get(record.user_id)
-        if state is None or state.account_id is None:
-            raise BillingError(
-                f"no billing account for user {record.user_id!r}",
-                code=ErrorCode.NO_BILLING_ACCOUNT,
-                index=index,
-                userId=record.user_id,
-            )
-        if effective_tier(state, now=now, past_due_grace=grace) is Tier.NONE:
-            raise BillingError(
-                f"user {record.user_id!r} has no live subscription (status {state.status.value})",
-                code=ErrorCode.NO_SUBSCRIPTION,
-                index=index,
-                userId=record.user_id,
-            )
+        refusal = account_refusal(state, record, index, now, grace)
+        if refusal is not None:
+            raise refusal
+        assert state is not None and state.account_id is not None
         accounts[record.user_id] = state.account_id
         if states is not None:
             states[state.account_id] = state
     return accounts
+
+
+def account_refusal(
+    state: SubscriptionState | None, record: UsageInput, index: int, now: datetime, grace: timedelta
+) -> BillingError | None:
+    """NO_BILLING_ACCOUNT or NO_SUBSCRIPTION for the user's account state, or None: it may record."""
+    if state is None or state.account_id is None:
+        return BillingError(
+            f"no billing account for user {record.user_id!r}",
+            code=ErrorCode.NO_BILLING_ACCOUNT,
+            index=index,
+            userId=record.user_id,
+        )
+    if effective_tier(state, now=now, past_due_grace=grace) is Tier.NONE:
+        return BillingError(
+            f"user {record.user_id!r} has no live subscription (status {state.status.value})",
+            code=ErrorCode.NO_SUBSCRIPTION,
+            index=index,
+            userId=record.user_id,
+        )
+    return None
 
 
 async def _existing(conn: AsyncConnection, keys: list[tuple[int, str]]) -> dict[tuple[int, str], Any]:

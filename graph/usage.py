@@ -14,12 +14,15 @@ from datetime import date, datetime
 from typing import Any
 
 import strawberry
+from strawberry.types.nodes import SelectedField
 
 from billing.usage import DailyUsage as DailyUsageModel
 from billing.usage import Entitlement as EntitlementModel
 from billing.usage import (
     RecordedUsage,
     UsageInput,
+    Window,
+    daily_usage,
     entitlements,
     record_usage,
     usage_summary,
@@ -166,12 +169,19 @@ class UsageSummary:
         )
     )
     window_end: datetime
-    daily: list[DailyUsage] = strawberry.field(
-        description="One entry per UTC day the window touches (zeros included), for charts."
-    )
+    account_id: strawberry.Private[int | None] = None
+    days: strawberry.Private[tuple[DailyUsageModel, ...] | None] = None  # read with `used`
+
+    @strawberry.field(description="One entry per UTC day the window touches (zeros included), for charts.")
+    async def daily(self, info: strawberry.Info[Any, Any]) -> list[DailyUsage]:
+        days = self.days
+        if days is None:
+            window = Window(self.window_start, self.window_end)
+            days = await daily_usage(context_of(info).database, self.account_id, self.feature, window)
+        return [DailyUsage.from_model(day) for day in days]
 
     @classmethod
-    def from_model(cls, summary: UsageSummaryModel) -> UsageSummary:
+    def from_model(cls, summary: UsageSummaryModel, account_id: int | None, *, daily: bool) -> UsageSummary:
         return cls(
             feature=summary.feature,
             used=BigInt(summary.used),
@@ -179,7 +189,8 @@ class UsageSummary:
             remaining=_big(summary.remaining),
             window_start=summary.window.start,
             window_end=summary.window.end,
-            daily=[DailyUsage.from_model(day) for day in summary.daily],
+            account_id=account_id,
+            days=summary.daily if daily else None,
         )
 
 
@@ -206,8 +217,16 @@ async def viewer_usage(info: strawberry.Info[Any, Any], user_id: str, feature: s
     """`Viewer.usage`: the account is the request's one read of it (shared with permissions)."""
     context = context_of(info)
     state = await context.subscription(user_id)
-    summary = await usage_summary(context.database, context.policy, state, feature, context.now)
-    return UsageSummary.from_model(summary)
+    # `used` alone is the window's total (one row); with `daily`, the series' sum (one statement).
+    daily = any(
+        isinstance(field, SelectedField) and field.name == "daily"
+        for selected in info.selected_fields
+        for field in selected.selections
+    )
+    summary = await usage_summary(
+        context.database, context.policy, state, feature, context.now, with_daily=daily
+    )
+    return UsageSummary.from_model(summary, state.account_id, daily=daily)
 
 
 async def viewer_entitlements(info: strawberry.Info[Any, Any], user_id: str) -> list[Entitlement]:

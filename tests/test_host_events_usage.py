@@ -50,11 +50,13 @@ async def thresholds(database: Database) -> list[dict[str, Any]]:
 counter = iter(range(10**9))
 
 
-async def use(database: Database, quantity: int, *, user: str = "m", config: Any = CONFIG) -> None:
+async def use(
+    database: Database, quantity: int, *, user: str = "m", config: Any = CONFIG, at: datetime | None = None
+) -> None:
     await record_usage(
         database=database,
         catalog=CATALOG,
-        records=[UsageInput(user, "api_calls", quantity, f"k-{next(counter)}")],
+        records=[UsageInput(user, "api_calls", quantity, f"k-{next(counter)}", at)],
         host_events=config,
     )
 
@@ -90,7 +92,7 @@ async def test_one_record_across_both_thresholds_writes_both_in_order(database: 
 async def test_a_new_quota_window_crosses_again(database: Database) -> None:
     start = datetime.now(UTC) - timedelta(days=40)
     await insert_account(database, "m", tier="starter", period_start=start)  # ended: rolls monthly
-    await use(database, 9_000)
+    await use(database, 9_000, at=datetime.now(UTC) - timedelta(hours=2))  # before the new period
     async with database.write() as conn:
         await conn.execute(
             update(account_table)
@@ -117,11 +119,11 @@ async def test_concurrent_recordings_racing_across_the_threshold_write_it_once(d
     assert total == 7_990 + 25 + 2_500
 
 
-async def test_without_host_events_no_total_is_kept(database: Database) -> None:
+async def test_without_host_events_the_total_is_kept_and_no_event_written(database: Database) -> None:
     await insert_account(database, "m", tier="starter")
     await use(database, 9_000, config=None)
     async with database.read() as conn:
-        assert list(await conn.execute(select(usage_total_table))) == []
+        assert [row.quantity for row in await conn.execute(select(usage_total_table))] == [9_000]
     assert await thresholds(database) == []
 
 

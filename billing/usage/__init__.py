@@ -4,13 +4,15 @@ reporting to Stripe's meters (`reporting.py`).
 The names a host app or a resolver needs are importable from `billing.usage` itself.
 """
 
-from billing.usage.recording import RecordedUsage, UsageInput, hour_of, record_usage, validate_usage
+from billing.usage.recording import RecordedUsage, UsageInput, record_usage, validate_usage
+from billing.usage.window_totals import hour_of
 from billing.usage.windows import (
     DailyUsage,
     Entitlement,
     QuotaCheck,
     UsageSummary,
     Window,
+    daily_usage,
     entitlements,
     monthly_window,
     quota_check,
@@ -27,6 +29,7 @@ __all__ = [
     "UsageInput",
     "UsageSummary",
     "Window",
+    "daily_usage",
     "entitlements",
     "hour_of",
     "monthly_window",

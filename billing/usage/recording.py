@@ -2,8 +2,11 @@
 
 Every item is validated before anything is written, and one write transaction holds the insert
 (one `INSERT ... ON CONFLICT (account_id, idempotency_key) DO NOTHING RETURNING` for the whole
-batch, then one read-back of the keys that were already there, to tell a retry from a conflict)
-and the upsert of the hourly rollups that the windows read (`billing/usage/windows.py`).
+batch, then one read-back of the keys that were already there, to tell a retry from a conflict),
+the upsert of the hourly rollups that the daily series read, and then of the quota windows'
+running totals that quota reads read (`billing/usage/window_totals.py`, `thresholds.py`). A
+single record on PostgreSQL goes through `billing/usage/singles.py` (one statement, or group
+commit with the calls concurrent with it).
 
 Recording never refuses over quota (the use has happened; it must be billed): the quota check
 is the caller's, before the use (`billing/usage/windows.py` gives the bound).
@@ -18,12 +21,8 @@ from typing import Any
 
 from sqlalchemy import (
     and_,
-    bindparam,
-    false,
     or_,
     select,
-    true,
-    union_all,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -43,7 +42,8 @@ from billing.errors import BillingError, ErrorCode
 from billing.host_events.events import HostEventConfig
 from billing.metrics import USAGE_RECORDS
 from billing.plans import Catalog
-from billing.usage.window_totals import total_and_threshold_ctes
+from billing.usage.thresholds import add_to_totals
+from billing.usage.window_totals import hour_of
 from db.engine import Database
 from db.enums import Tier
 from db.models import rollup_table, usage_table
@@ -54,7 +54,6 @@ MAX_FUTURE = timedelta(minutes=5)  # Stripe's meter events accept timestamps up 
 MAX_AGE = timedelta(days=35)  # ... and up to 35 days back
 MAX_KEY_LENGTH = 255
 DEFAULT_PAST_DUE_GRACE = timedelta(days=7)
-HOUR = timedelta(hours=1)
 
 
 # Recording -----------------------------------------------------------------------------------
@@ -161,54 +160,6 @@ class _Statements:
 _STATEMENTS = {"postgresql": _Statements.build(postgresql.insert), "sqlite": _Statements.build(sqlite.insert)}
 
 
-def _record_one_statement(*, with_totals: bool = False) -> Any:
-    """PostgreSQL, one record in one atomic statement (autocommit, one round trip): the insert
-    (ON CONFLICT on the idempotency key DO NOTHING), its hour's rollup upsert when it inserted,
-    and the row already stored under the key when it did not (`new` tells which)."""
-    c = usage_table.c
-    inserted = (
-        postgresql.insert(usage_table)
-        .values(
-            account_id=bindparam("account_id"),
-            feature=bindparam("feature"),
-            quantity=bindparam("quantity"),
-            recorded_at=bindparam("recorded_at"),
-            idempotency_key=bindparam("idempotency_key"),
-            created_at=bindparam("created_at"),
-        )
-        .on_conflict_do_nothing(index_elements=["account_id", "idempotency_key"])
-        .returning(c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at)
-        .cte("inserted")
-    )
-    rollup = postgresql.insert(rollup_table).from_select(
-        ["account_id", "feature", "hour", "quantity"],
-        select(
-            inserted.c.account_id,
-            inserted.c.feature,
-            bindparam("hour", type_=rollup_table.c.hour.type),
-            inserted.c.quantity,
-        ),
-    )
-    added = rollup.on_conflict_do_update(
-        index_elements=["account_id", "feature", "hour"],
-        set_={"quantity": rollup_table.c.quantity + rollup.excluded.quantity},
-    ).cte("added")
-    i = inserted.c
-    return union_all(
-        select(
-            i.id, i.account_id, i.idempotency_key, i.feature, i.quantity, i.recorded_at, true().label("new")
-        ),
-        select(
-            c.id, c.account_id, c.idempotency_key, c.feature, c.quantity, c.recorded_at, false().label("new")
-        ).where(c.account_id == bindparam("account_id"), c.idempotency_key == bindparam("idempotency_key")),
-    ).add_cte(added, *(total_and_threshold_ctes(inserted) if with_totals else ()))
-
-
-_RECORD_ONE = _record_one_statement()
-# ... and the window total and the usage.threshold events (billing/usage/window_totals.py).
-_RECORD_ONE_WITH_TOTAL = _record_one_statement(with_totals=True)
-
-
 def _statements(database: Database) -> _Statements:
     return _STATEMENTS[database.engine.dialect.name]
 
@@ -231,9 +182,9 @@ async def record_usage(
     feature, quantity out of 1..max_quantity, recordedAt outside Stripe's window, more than
     1,000 items), NO_BILLING_ACCOUNT (unknown user), NO_SUBSCRIPTION (no live subscription).
 
-    With `host_events`, each quota window's running total is upserted in the same transaction
-    (one more statement; for a single record on PostgreSQL, within its one statement) and a
-    record crossing 80% or 100% writes `usage.threshold` (billing/usage/thresholds.py).
+    Each new record adds to its quota window's running total in the same transaction (for a
+    single record on PostgreSQL, within its one statement; billing/usage/window_totals.py); with
+    `host_events`, a record crossing 80% or 100% writes `usage.threshold`.
     """
     now = now or utcnow()
     if len(records) > MAX_BATCH:
@@ -256,11 +207,10 @@ async def record_usage(
             _check_same(records[seen], record, index)
 
     if len(records) == 1 and database.is_postgres:
+        from billing.usage.singles import record_single  # it uses this module's writes
+
         policy = AccessPolicy(catalog=catalog, past_due_grace=past_due_grace)
-        recorded = await _record_one(database, records[0], times[0], now, policy, host_events)
-        if not recorded.duplicate:
-            USAGE_RECORDS.inc()
-        return [recorded]
+        return [await record_single(database, policy, host_events, records[0], times[0], now)]
     written = 0
     async with database.write() as conn:
         states: dict[int, SubscriptionState] = {}
@@ -294,9 +244,7 @@ async def record_usage(
                 _check_same_row(row, record, index)
             results.append(_recorded(row, record.user_id, duplicate=duplicate))
         await _add_to_rollups(database, conn, new.values())
-        if host_events is not None and new:
-            from billing.usage.thresholds import add_to_totals  # it reads the windows, which read us
-
+        if new:
             written = await add_to_totals(
                 conn,
                 database,
@@ -310,51 +258,6 @@ async def record_usage(
     if host_events is not None and written:
         host_events.notify_written()
     return results
-
-
-async def _record_one(
-    database: Database,
-    record: UsageInput,
-    at: datetime,
-    now: datetime,
-    policy: AccessPolicy,
-    host_events: HostEventConfig | None,
-) -> RecordedUsage:
-    """One record on PostgreSQL in two round trips instead of five (BEGIN, the account, the
-    insert, the rollup, COMMIT): the account read, then `_RECORD_ONE`, each in autocommit. The
-    transaction's account read took no lock either, so the answers are the same. With host
-    events, the same statement also adds to the window total and writes `usage.threshold`."""
-    async with database.write_one() as conn:
-        states: dict[int, SubscriptionState] = {}
-        account_id = (await _live_accounts(conn, [record], now, policy.past_due_grace, states))[
-            record.user_id
-        ]
-        key = (account_id, record.idempotency_key)
-        parameters = {
-            "account_id": account_id,
-            "feature": record.feature,
-            "quantity": record.quantity,
-            "recorded_at": at,
-            "idempotency_key": record.idempotency_key,
-            "created_at": now,
-            "hour": hour_of(at),
-        }
-        statement = _RECORD_ONE
-        if host_events is not None:
-            from billing.usage.thresholds import one_record_parameters  # it reads the windows
-
-            more = one_record_parameters(host_events, policy, states[account_id], record, at, now)
-            if more is not None:
-                statement, parameters = _RECORD_ONE_WITH_TOTAL, {**parameters, **more}
-        rows = (await conn.execute(statement, parameters)).all()
-        row: Any = next((row for row in rows if row.new), None)
-        duplicate = row is None
-        if row is None:
-            # Stored before this statement's snapshot, or by a transaction that committed while
-            # the insert waited for it (not in the snapshot): read it again then.
-            row = rows[0] if rows else (await _existing(conn, [key]))[key]
-            _check_same_row(row, record, 0)
-    return _recorded(row, record.user_id, duplicate=duplicate)
 
 
 def _recorded(row: Any, user_id: str, *, duplicate: bool) -> RecordedUsage:
@@ -404,24 +307,35 @@ async def _live_accounts(
         if record.user_id in accounts:
             continue
         state = found.get(record.user_id)
-        if state is None or state.account_id is None:
-            raise BillingError(
-                f"no billing account for user {record.user_id!r}",
-                code=ErrorCode.NO_BILLING_ACCOUNT,
-                index=index,
-                userId=record.user_id,
-            )
-        if effective_tier(state, now=now, past_due_grace=grace) is Tier.NONE:
-            raise BillingError(
-                f"user {record.user_id!r} has no live subscription (status {state.status.value})",
-                code=ErrorCode.NO_SUBSCRIPTION,
-                index=index,
-                userId=record.user_id,
-            )
+        refusal = account_refusal(state, record, index, now, grace)
+        if refusal is not None:
+            raise refusal
+        assert state is not None and state.account_id is not None
         accounts[record.user_id] = state.account_id
         if states is not None:
             states[state.account_id] = state
     return accounts
+
+
+def account_refusal(
+    state: SubscriptionState | None, record: UsageInput, index: int, now: datetime, grace: timedelta
+) -> BillingError | None:
+    """NO_BILLING_ACCOUNT or NO_SUBSCRIPTION for the user's account state, or None: it may record."""
+    if state is None or state.account_id is None:
+        return BillingError(
+            f"no billing account for user {record.user_id!r}",
+            code=ErrorCode.NO_BILLING_ACCOUNT,
+            index=index,
+            userId=record.user_id,
+        )
+    if effective_tier(state, now=now, past_due_grace=grace) is Tier.NONE:
+        return BillingError(
+            f"user {record.user_id!r} has no live subscription (status {state.status.value})",
+            code=ErrorCode.NO_SUBSCRIPTION,
+            index=index,
+            userId=record.user_id,
+        )
+    return None
 
 
 async def _existing(conn: AsyncConnection, keys: list[tuple[int, str]]) -> dict[tuple[int, str], Any]:
@@ -442,10 +356,6 @@ async def _existing(conn: AsyncConnection, keys: list[tuple[int, str]]) -> dict[
         )
     )
     return {(row.account_id, row.idempotency_key): row for row in rows}
-
-
-def hour_of(moment: datetime) -> datetime:
-    return moment.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
 
 
 async def _add_to_rollups(database: Database, conn: AsyncConnection, rows: Iterable[Any]) -> None:

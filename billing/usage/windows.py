@@ -1,8 +1,10 @@
 """Quota windows, a window's usage, entitlements and the quota check.
 
-Reading never scans every record: a window's usage is the `usage_rollup` rows of the whole
-hours inside the window plus exact sums of the raw records in the partial hours at its edges
-(windows start at the subscription period's start time, rarely on the hour).
+A window's usage is its running total, one row (`usage_window_total`, billing/usage/
+window_totals.py); a window without one (no record since totals began) is summed exactly: the
+`usage_rollup` rows of the whole hours inside it plus the raw records in the partial hours at its
+edges (windows start at the subscription period's start time, rarely on the hour). The daily
+series is always read from the rollups and edges, per UTC day.
 
 Quota windows (limits in the plans file are per month):
 
@@ -24,6 +26,7 @@ concurrently just under the limit, each recording at most q, usage ends at most 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -31,6 +34,8 @@ from typing import Any
 
 from sqlalchemy import (
     BigInteger,
+    String,
+    bindparam,
     cast,
     func,
     select,
@@ -49,10 +54,10 @@ from billing.access import (
 )
 from billing.errors import BillingError, ErrorCode
 from billing.plans import Catalog
-from billing.usage.recording import HOUR, hour_of
+from billing.usage.window_totals import HOUR, RANGES, exact_window_sum, hour_of, sum_ranges, total_of
 from db.engine import Database
 from db.enums import BillingInterval
-from db.models import rollup_table, usage_table
+from db.models import rollup_table, usage_table, usage_total_table
 from db.types import UTCDateTime
 
 
@@ -178,17 +183,40 @@ async def window_usage(
     return [(row.feature, row.at, int(row.quantity)) for row in rows if row.quantity]
 
 
+@functools.cache
+def _used_statement(features: int) -> Any:
+    """The read of `used_in_window` for that many features, built once: building the expression
+    on each call cost more CPU than the rest of a quota check (bench/RESULTS.md, issue 23)."""
+    account = bindparam("account_id", type_=usage_total_table.c.account_id.type)
+    bound = {name: bindparam(name, type_=UTCDateTime()) for name in ("window_start", "window_end", *RANGES)}
+    return select(
+        *(
+            func.coalesce(
+                total_of(account, feature, bound["window_start"], bound["window_end"]),
+                exact_window_sum(account, feature, bound),
+            ).label(f"used_{n}")
+            for n, feature in enumerate(bindparam(f"feature_{n}", type_=String) for n in range(features))
+        )
+    )
+
+
 async def used_in_window(
     database: Database, account_id: int | None, features: Sequence[str], window: Window
 ) -> dict[str, int]:
-    """feature -> usage in the window (0 for features without any)."""
-    used = dict.fromkeys(features, 0)
-    if account_id is None:
-        return used
-    async with database.read() as conn:
-        for feature, _at, quantity in await window_usage(conn, account_id, features, window):
-            used[feature] += quantity
-    return used
+    """feature -> usage in the window (0 for features without any), in one statement: each
+    feature's total row, or the window's exact sum when it has none (evaluated only then)."""
+    if account_id is None or not features:
+        return dict.fromkeys(features, 0)
+    parameters: dict[str, Any] = {
+        "account_id": account_id,
+        "window_start": window.start,
+        "window_end": window.end,
+        **sum_ranges(window.start, window.end),
+        **{f"feature_{n}": feature for n, feature in enumerate(features)},
+    }
+    row = await database.first(_used_statement(len(features)), parameters)  # asyncpg's, with FAST_PATHS
+    assert row is not None  # a select without FROM: always one row
+    return {feature: int(row[f"used_{n}"]) for n, feature in enumerate(features)}
 
 
 # Summaries, entitlements and the quota check -------------------------------------------------
@@ -241,29 +269,49 @@ def feature_limit(policy: AccessPolicy, state: SubscriptionState, feature: str, 
 
 
 async def usage_summary(
-    database: Database, policy: AccessPolicy, state: SubscriptionState, feature: str, now: datetime
+    database: Database,
+    policy: AccessPolicy,
+    state: SubscriptionState,
+    feature: str,
+    now: datetime,
+    *,
+    with_daily: bool = True,
 ) -> UsageSummary:
-    """The feature's usage in the current quota window, with a daily series for charts."""
+    """The feature's usage in the current quota window, one statement: with the daily series for
+    charts, `used` is its sum; without (`with_daily` false: `daily` is empty, `daily_usage` reads
+    it), the window's total."""
     check_known_feature(policy.catalog, feature)
     window = quota_window(state, now)
+    if with_daily:
+        daily = await daily_usage(database, state.account_id, feature, window)
+        used = sum(day.quantity for day in daily)
+    else:
+        daily, used = (), (await used_in_window(database, state.account_id, [feature], window))[feature]
+    return UsageSummary(
+        feature=feature,
+        used=used,
+        limit=feature_limit(policy, state, feature, now),
+        window=window,
+        daily=daily,
+    )
+
+
+async def daily_usage(
+    database: Database, account_id: int | None, feature: str, window: Window
+) -> tuple[DailyUsage, ...]:
+    """Every UTC day the window touches, zeros included, from the rollups and the edges' records."""
     days: dict[date, int] = {}
     day = window.start.date()
     while datetime(day.year, day.month, day.day, tzinfo=UTC) < window.end:
         days[day] = 0
         day += timedelta(days=1)
-    if state.account_id is not None:
+    if account_id is not None:
         async with database.read() as conn:
             for _feature, at, quantity in await window_usage(
-                conn, state.account_id, [feature], window, by_day=True
+                conn, account_id, [feature], window, by_day=True
             ):
                 days[at.astimezone(UTC).date()] += quantity
-    return UsageSummary(
-        feature=feature,
-        used=sum(days.values()),
-        limit=feature_limit(policy, state, feature, now),
-        window=window,
-        daily=tuple(DailyUsage(day, quantity) for day, quantity in days.items()),
-    )
+    return tuple(DailyUsage(day, quantity) for day, quantity in days.items())
 
 
 async def entitlements(

@@ -13,8 +13,7 @@ from alembic import op
 from db.types import UTCDateTime
 
 revision: str = "0010"
-# 0009 is another branch's; whichever lands second points its down_revision at the other.
-down_revision: str | None = "0008"
+down_revision: str | None = "0009"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 

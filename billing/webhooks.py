@@ -162,7 +162,7 @@ def _holds_nul(value: Any) -> bool:
 # The payload is bound as the text received (jsonb parses it on PostgreSQL; SQLite keeps JSON as
 # text), so the event is not serialised again on the acknowledgement path.
 _PAYLOAD_TEXT = bindparam("payload_text", type_=Text)
-_STORE_EVENT = {
+STORE_EVENT = {
     "postgresql": postgresql.insert(event_table)
     .values(payload=cast(_PAYLOAD_TEXT, postgresql.JSONB))
     .on_conflict_do_nothing(index_elements=["id"]),
@@ -188,9 +188,7 @@ async def store_event(database: Database, envelope: Envelope, *, now: datetime) 
         "payload_text": envelope.raw if envelope.raw is not None else json.dumps(envelope.payload),
         "trace_context": tracing.traceparent(),
     }
-    async with database.write_one() as conn:
-        result = await conn.execute(_STORE_EVENT[database.engine.dialect.name], values)
-    return bool(result.rowcount)
+    return bool(await database.insert_one(STORE_EVENT[database.engine.dialect.name], values))
 
 
 # Applying events -----------------------------------------------------------------------------

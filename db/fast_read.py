@@ -9,8 +9,10 @@ transaction, as `Database.read()` reads.
 
 What it relies on beyond SQLAlchemy's everyday API (pinned below its next minor version in
 pyproject.toml; `tests/test_pinned_internals.py` fails when it changes): the compiled
-statement's `positiontup`, `binds`, `literal_execute_params` and `post_compile_params`, and the
-engine's `dispatch.before_cursor_execute` listener collection.
+statement's `positiontup`, `binds`, `literal_execute_params` and `post_compile_params`, an
+insert's `_returning` (its public `exported_columns` can be stale: `.returning()` copies the
+statement with that property already computed), and the engine's
+`dispatch.before_cursor_execute` listener collection.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Select
+from sqlalchemy import Insert, Select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MAX_STATEMENTS = 64  # distinct statements compiled and kept; the service reads a handful
@@ -37,19 +39,31 @@ class CompiledRead:
     columns: tuple[tuple[str, Callable[[Any], Any] | None], ...]
 
     @classmethod
-    def compile(cls, statement: Select[Any], engine: AsyncEngine) -> CompiledRead | None:
-        """None for a statement asyncpg cannot take as compiled (expanding or literal parameters)."""
+    def compile(
+        cls, statement: Select[Any] | Insert, engine: AsyncEngine, keys: tuple[str, ...] = ()
+    ) -> CompiledRead | None:
+        """None for a statement asyncpg cannot take as compiled (expanding or literal parameters).
+
+        An insert (without RETURNING) is compiled for the columns `keys` it is given values of,
+        as SQLAlchemy compiles it for the keys of its parameters; None when the compiled insert
+        needs anything more (a column default SQLAlchemy would compute at execution).
+        """
         dialect = engine.dialect
-        compiled = statement.compile(dialect=dialect)
+        compiled = statement.compile(dialect=dialect, column_keys=list(keys) if keys else None)
         names = compiled.positiontup
         if names is None or compiled.literal_execute_params or compiled.post_compile_params:
             return None
         binds = compiled.binds
-        selected = statement.selected_columns
-        columns = tuple(
-            (key, column.type.dialect_impl(dialect).result_processor(dialect, None))
-            for key, column in zip(selected.keys(), selected, strict=True)
-        )
+        if isinstance(statement, Insert):
+            if statement._returning or not set(names) <= {*keys, *(n for n in binds if binds[n].required)}:
+                return None
+            columns: tuple[tuple[str, Callable[[Any], Any] | None], ...] = ()
+        else:
+            selected = statement.selected_columns
+            columns = tuple(
+                (key, column.type.dialect_impl(dialect).result_processor(dialect, None))
+                for key, column in zip(selected.keys(), selected, strict=True)
+            )
         parameters = tuple(
             (
                 name,
@@ -83,6 +97,7 @@ class FastReads:
             raise ValueError("fast reads run on asyncpg: PostgreSQL only")
         self.engine = engine
         self.compiled: dict[Select[Any], CompiledRead | None] = {}
+        self.compiled_inserts: dict[tuple[Insert, tuple[str, ...]], CompiledRead | None] = {}
 
     def read_for(self, statement: Select[Any]) -> CompiledRead | None:
         """`statement` compiled, or None when SQLAlchemy must run it: a statement asyncpg cannot
@@ -96,6 +111,29 @@ class FastReads:
         if len(self.compiled) < MAX_STATEMENTS:
             self.compiled[statement] = read
         return read
+
+    def insert_for(self, statement: Insert, keys: tuple[str, ...]) -> CompiledRead | None:
+        """`read_for` for an insert given values of the columns `keys`."""
+        if self.engine.sync_engine.dispatch.before_cursor_execute:
+            return None
+        if (statement, keys) in self.compiled_inserts:
+            return self.compiled_inserts[(statement, keys)]
+        insert = CompiledRead.compile(statement, self.engine, keys)
+        if len(self.compiled_inserts) < MAX_STATEMENTS:
+            self.compiled_inserts[(statement, keys)] = insert
+        return insert
+
+    async def insert(self, insert: CompiledRead, parameters: Mapping[str, Any]) -> int:
+        """Run a compiled insert in autocommit; the number of rows it inserted."""
+        values = insert.values(parameters)
+        async with self.engine.connect() as conn:
+            connection = await conn.get_raw_connection()
+            try:
+                status = await connection.driver_connection.execute(insert.sql, *values)  # type: ignore[union-attr]
+            except Exception:
+                await conn.invalidate()
+                raise
+        return int(status.rsplit(" ", 1)[-1])
 
     async def first(self, read: CompiledRead, parameters: Mapping[str, Any]) -> dict[str, Any] | None:
         values = read.values(parameters)

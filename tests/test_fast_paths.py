@@ -14,8 +14,9 @@ from sqlalchemy import bindparam, event, select
 from strawberry.extensions import SchemaExtension
 from strawberry.tools import merge_types
 
+from billing.webhooks import STORE_EVENT
 from db.engine import Database
-from db.models import account_table
+from db.models import account_table, event_table
 from db.types import UTCDateTime
 from graph.schema import Query as BillingQuery
 from graph.schema import build_schema
@@ -79,6 +80,50 @@ async def test_an_expanding_parameter_is_left_to_sqlalchemy(database: Database) 
     statement = select(c.user_id).where(c.user_id.in_(bindparam("users", expanding=True)))
     assert (await database.first(statement, {"users": ["listed", "other"]})) == {"user_id": "listed"}
     assert database.fast_reads.compiled[statement] is None
+
+
+EVENT_ROW = {
+    "type": "invoice.paid",
+    "stripe_created": AT,
+    "received_at": AT,
+    "status": "pending",
+    "attempts": 0,
+    "next_attempt_at": AT,
+    "payload_text": '{"id": "evt"}',
+    "trace_context": None,
+}
+
+
+@pytest.mark.parametrize("fast", [True, False], ids=["fast", "sqlalchemy"])
+async def test_insert_one_stores_what_sqlalchemy_stores_and_counts_duplicates(
+    database: Database, fast: bool
+) -> None:
+    """The webhook inbox's `INSERT ... ON CONFLICT DO NOTHING` (billing/webhooks.py): 1 for a new
+    row, 0 for a duplicate, the same stored values on both paths (a datetime in another zone
+    stored as UTC, the payload text parsed as JSON)."""
+    database.use_fast_reads(fast)
+    insert = STORE_EVENT[database.engine.dialect.name]
+    assert await database.insert_one(insert, {"id": "evt_1", **EVENT_ROW}) == 1
+    assert await database.insert_one(insert, {"id": "evt_1", **EVENT_ROW}) == 0
+    async with database.read() as conn:
+        row = (await conn.execute(select(event_table).where(event_table.c.id == "evt_1"))).mappings().one()
+    assert row["received_at"] == AT and row["received_at"].tzinfo is UTC
+    assert row["payload"] == {"id": "evt"} and row["attempts"] == 0 and row["type"] == "invoice.paid"
+    if fast and database.is_postgres:
+        assert database.fast_reads is not None
+        [(_, compiled)] = database.fast_reads.compiled_inserts.items()
+        assert compiled is not None  # asyncpg ran it
+
+
+@pytest.mark.postgres_only
+async def test_an_insert_sqlalchemy_must_complete_is_left_to_it(database: Database) -> None:
+    """An insert with RETURNING, or one missing a value SQLAlchemy would compute, is not compiled."""
+    database.use_fast_reads(True)
+    assert database.fast_reads is not None
+    insert = STORE_EVENT["postgresql"]
+    returning = insert.returning(event_table.c.id)
+    assert await database.insert_one(returning, {"id": "evt_r", **EVENT_ROW}) == 1
+    assert database.fast_reads.compiled_inserts[(returning, ("id", *EVENT_ROW))] is None
 
 
 # The lean executor, and the rules on every path -------------------------------------------------

@@ -129,6 +129,14 @@ def test_a_compiled_select_names_its_positional_parameters_and_binds() -> None:
     assert expanding.compile(dialect=dialect).post_compile_params
 
 
+def test_an_insert_holds_its_returning_columns() -> None:
+    """db/fast_read.py runs inserts without RETURNING only, and tells them by `_returning`."""
+    insert = postgresql.insert(account_table).values(user_id=bindparam("user_id"))
+    assert not insert.exported_columns  # computed, and kept by the copy `.returning()` makes
+    returning = insert.returning(account_table.c.id)
+    assert insert._returning == () and list(returning._returning) == [account_table.c.id]
+
+
 def test_an_engine_lists_its_cursor_listeners() -> None:
     """db.fast_read leaves statements to SQLAlchemy while a `before_cursor_execute` listener exists."""
     engine = create_async_engine("postgresql+asyncpg://nobody@127.0.0.1:1/none")

@@ -76,6 +76,7 @@ class SubscriptionState:
     pending_tier: Tier | None = None
     pending_interval: BillingInterval | None = None
     pending_change_at: datetime | None = None
+    seats: int | None = None  # the subscription's licensed quantity (an organisation's seat count)
 
     @classmethod
     def from_row(cls, row: Mapping[str, Any]) -> SubscriptionState:
@@ -99,6 +100,7 @@ class SubscriptionState:
             pending_tier=Tier(pending_tier) if pending_tier else None,
             pending_interval=BillingInterval(pending_interval) if pending_interval else None,
             pending_change_at=row["pending_change_at"],
+            seats=row["seats"],
         )
 
 
@@ -121,6 +123,7 @@ _STATE_COLUMNS = (
     _c.pending_tier,
     _c.pending_interval,
     _c.pending_change_at,
+    _c.seats,
 )
 
 

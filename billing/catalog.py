@@ -335,7 +335,12 @@ def _price_params(price: Price | MeteredPrice, product: str, meter: str | None) 
             **common,
             "unit_amount": price.amount,
             "recurring": {"interval": STRIPE_INTERVAL[price.interval]},
-            "metadata": {**MANAGED, "tier": price.tier.value, "interval": price.interval.value},
+            "metadata": {
+                **MANAGED,
+                "tier": price.tier.value,
+                "interval": price.interval.value,
+                **_seats(price),
+            },
         }
     # Usage is billed monthly, whatever the interval of the tier's licensed price.
     return {
@@ -366,6 +371,7 @@ def _price_matches(
             and recurring.usage_type == "licensed"
             and metadata.get("tier") == price.tier.value
             and metadata.get("interval") == price.interval.value
+            and metadata.get("per_seat") == _seats(price).get("per_seat")
         )
     return (
         current.unit_amount_decimal is not None
@@ -374,6 +380,11 @@ def _price_matches(
         and recurring.meter == meter
         and metadata.get("tier") == price.tier.value
     )
+
+
+def _seats(price: Price) -> dict[str, str]:
+    """A per-seat price says so in its metadata (its quantity is the seat count)."""
+    return {"per_seat": "true"} if price.per_seat else {}
 
 
 def _metered_key(feature: str) -> str:

@@ -45,7 +45,9 @@ from billing.customers import (
 from billing.customers import existing_customer as existing_customer_of
 from billing.errors import BillingError, ErrorCode
 from billing.ledger import MUTATION
+from billing.owners import customer_metadata
 from billing.plans import Catalog
+from billing.seats import checkout_seats
 from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
@@ -147,9 +149,11 @@ async def _new_session(
     account = await load_subscription(database, user_id)
     trial_used = account.trial_used or (seen.state is not None and seen.state.trial_used)
     trial_days = 0 if trial_used else catalog.trial_days
+    seats = checkout_seats(catalog.plan(tier), account.seats)  # 1 unless the tier is per seat
     prices = await _price_ids(gateway, catalog, tier, interval)
     await _expire_open_sessions(gateway, customer_id)
     params = _session_params(catalog, settings, user_id, customer_id, tier, interval, prices, trial_days)
+    params["line_items"][0]["quantity"] = seats
     session = await gateway.call(
         lambda o: gateway.v1.checkout.sessions.create_async(params, o),
         idempotency_key=random_idempotency_key("checkout.session"),
@@ -271,7 +275,7 @@ def _session_params(
     # Metered prices take no quantity: usage reported to their meters is billed monthly.
     line_items += [{"price": price} for price in metered]
     subscription_data: SessionCreateParamsSubscriptionData = {
-        "metadata": {"userId": user_id},
+        "metadata": customer_metadata(user_id),  # userId, or orgId for an organisation
         # Stripe's default in this API version, said outright: an annual plan with monthly
         # metered prices mixes intervals, which only flexible billing mode allows.
         "billing_mode": {"type": "flexible"},
@@ -288,7 +292,7 @@ def _session_params(
             "required" if catalog.checkout.billing_address_collection == "required" else "auto"
         ),
         "subscription_data": subscription_data,
-        "metadata": {"userId": user_id, "tier": tier.value, "interval": interval.value},
+        "metadata": {**customer_metadata(user_id), "tier": tier.value, "interval": interval.value},
         "success_url": success_url(settings),
         "cancel_url": cancel_url(settings),
     }

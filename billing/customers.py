@@ -38,6 +38,7 @@ from stripe.params import CustomerCreateParams, CustomerCreateParamsInvoiceSetti
 from billing.clock import Clock, utcnow
 from billing.errors import BillingError, ErrorCode
 from billing.ledger import MUTATION
+from billing.owners import customer_metadata, owner_columns
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
 from billing.sync import CustomerLocks, sync_customer
@@ -50,7 +51,8 @@ MAX_INVOICES = 100
 
 
 class Identity(Protocol):
-    """Who the customer is for: the signed-in user (`graph.auth.User` is one)."""
+    """Who the customer is for: the signed-in user (`graph.auth.User` is one), or an organisation
+    (`id` is then its owner key, billing/owners.py)."""
 
     @property
     def id(self) -> str: ...
@@ -132,7 +134,7 @@ async def linked_customer(database: Database, user_id: str) -> str | None:
 
 def customer_params(user: Identity, catalog: Catalog) -> CustomerCreateParams:
     """A new customer: the user's id in metadata, their email and name, the invoice settings."""
-    params: CustomerCreateParams = {"metadata": {"userId": user.id}}
+    params: CustomerCreateParams = {"metadata": customer_metadata(user.id)}  # userId or orgId
     if user.email:
         params["email"] = user.email
     if user.name:
@@ -182,7 +184,7 @@ async def _create_and_link(
     async with database.write() as conn:
         await conn.execute(
             insert.values(
-                user_id=user.id,
+                **owner_columns(user.id),
                 email=user.email,
                 name=user.name,
                 stripe_customer_id=customer.id,

@@ -69,6 +69,18 @@ class _Tier(_Strict):
     prices: dict[BillingInterval, int]
     limits: dict[str, int] = Field(default_factory=dict)
     metered_prices: dict[str, str] = Field(default_factory=dict)
+    # Priced per seat: the licensed price's quantity is the organisation's seat count.
+    per_seat: bool = False
+    min_seats: int | None = Field(default=None, ge=1)
+    max_seats: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _seat_bounds(self) -> _Tier:
+        if not self.per_seat and (self.min_seats is not None or self.max_seats is not None):
+            raise ValueError("min_seats and max_seats need per_seat = true")
+        if self.min_seats is not None and self.max_seats is not None and self.min_seats > self.max_seats:
+            raise ValueError("min_seats is above max_seats")
+        return self
 
     @field_validator("prices")
     @classmethod
@@ -138,8 +150,9 @@ class _PlansFile(_Strict):
 class Price:
     tier: Tier
     interval: BillingInterval
-    amount: int  # smallest currency unit
+    amount: int  # smallest currency unit (per seat when `per_seat`)
     currency: str
+    per_seat: bool = False  # licensed per seat: the subscription item's quantity is the seat count
 
     @property
     def lookup_key(self) -> str:
@@ -174,6 +187,12 @@ class Plan:
     features: frozenset[str]  # every feature of the tier, limited ones included
     limits: Mapping[str, int]  # per month
     metered_prices: Mapping[str, MeteredPrice]
+    per_seat: bool = False
+    min_seats: int = 1
+    max_seats: int | None = None
+
+    def seats_allowed(self, seats: int) -> bool:
+        return self.min_seats <= seats and (self.max_seats is None or seats <= self.max_seats)
 
 
 @dataclass(frozen=True)
@@ -255,7 +274,7 @@ def _catalog(parsed: _PlansFile) -> Catalog:
             name=tier_file.name,
             description=tier_file.description,
             prices={
-                interval: Price(tier, interval, amount, parsed.currency)
+                interval: Price(tier, interval, amount, parsed.currency, tier_file.per_seat)
                 for interval, amount in sorted(tier_file.prices.items())
             },
             features=frozenset(tier_file.features) | frozenset(tier_file.limits),
@@ -264,6 +283,9 @@ def _catalog(parsed: _PlansFile) -> Catalog:
                 feature: MeteredPrice(tier, feature, amount, parsed.currency)
                 for feature, amount in tier_file.metered_prices.items()
             },
+            per_seat=tier_file.per_seat,
+            min_seats=tier_file.min_seats or 1,
+            max_seats=tier_file.max_seats,
         )
     return Catalog(
         currency=parsed.currency,

@@ -51,6 +51,11 @@ class Settings(BaseSettings):
     admin_user_ids: str | None = None
     auth_admin_claim: str | None = None
     auth_admin_value: str | None = None
+    # Organisations as billing owners (billing/owners.py): the dotted claim paths of the token's
+    # active organisation id (the first one present wins), and the `claim=value` pairs that make a
+    # member of it a billing admin (docs/permissions.md gives the source of each default).
+    auth_org_id_claims: str = "o.id,org_id"
+    billing_admin_roles: str = "o.rol=admin,org_role=org:admin,role=admin"
     # A past_due subscription keeps its tier for this many days after `current_period_start`
     # (a failed renewal has already moved the period); 0 = no grace. billing/access.py decides.
     past_due_grace_days: int = Field(default=7, ge=0, le=90)
@@ -129,6 +134,18 @@ class Settings(BaseSettings):
     @classmethod
     def _rate(cls, value: str) -> str:
         Rate.parse(value)  # raises ValueError naming the expected form
+        return value
+
+    @field_validator("auth_org_id_claims")
+    @classmethod
+    def _org_claims(cls, value: str) -> str:
+        parse_claim_paths(value)
+        return value
+
+    @field_validator("billing_admin_roles")
+    @classmethod
+    def _admin_roles(cls, value: str) -> str:
+        parse_admin_roles(value)
         return value
 
     @field_validator("host_webhook_retry_schedule")
@@ -243,6 +260,16 @@ class Settings(BaseSettings):
         return frozenset(_split(self.admin_user_ids or ""))
 
     @property
+    def org_id_claims(self) -> list[str]:
+        """AUTH_ORG_ID_CLAIMS, parsed."""
+        return parse_claim_paths(self.auth_org_id_claims)
+
+    @property
+    def admin_roles(self) -> list[tuple[str, str]]:
+        """BILLING_ADMIN_ROLES, parsed: (claim path, exact value) pairs."""
+        return parse_admin_roles(self.billing_admin_roles)
+
+    @property
     def logs_as_json(self) -> bool:
         """LOG_FORMAT, with its default: JSON lines in production."""
         return self.log_format == "json" or (self.log_format is None and self.is_production)
@@ -287,6 +314,26 @@ def parse_retry_schedule(raw: str) -> list[float]:
     if not delays or any(not 0 <= delay <= 7 * 86400 for delay in delays):
         raise ValueError(f"{raw!r}: give at least one delay, each between 0 and 604800 seconds")
     return delays
+
+
+def parse_claim_paths(raw: str) -> list[str]:
+    """Comma-separated dotted claim paths, e.g. `o.id,org_id`."""
+    paths = _split(raw)
+    if any(not all(path.split(".")) for path in paths):
+        raise ValueError(f"{raw!r} is not a comma-separated list of dotted claim paths (e.g. o.id,org_id)")
+    return paths
+
+
+def parse_admin_roles(raw: str) -> list[tuple[str, str]]:
+    """Comma-separated `claim.path=value` pairs, e.g. `o.rol=admin,org_role=org:admin`."""
+    pairs = []
+    for part in _split(raw):
+        path, sep, value = part.partition("=")
+        path, value = path.strip(), value.strip()
+        if not sep or not value or not path or not all(path.split(".")):
+            raise ValueError(f"{part!r} is not a `claim.path=value` pair (e.g. o.rol=admin)")
+        pairs.append((path, value))
+    return pairs
 
 
 def _split(raw: str) -> list[str]:

@@ -36,6 +36,7 @@ from billing.ledger import (
     update_invoice_time,
 )
 from billing.notifier import Notification, NotificationKind, Notifier
+from billing.owners import owner_columns, owner_key_from_metadata
 from billing.plans import plan_of_price, tier_rank
 from billing.realtime import publish_account_change
 from billing.stripe_gateway import StripeGateway
@@ -332,7 +333,7 @@ async def sync_customer(
         schedules = await _schedules(gateway, subscriptions)
         invoices = [await _invoice(gateway, invoice_id) for invoice_id in invoice_ids]
         state = customer_state(subscriptions, schedules)
-        hint = metadata(customer).get("userId") or user_id_hint
+        hint = owner_key_from_metadata(metadata(customer)) or user_id_hint  # userId or orgId
         stale_link = await _stale_link(database, gateway, customer_id, hint, state)
         async with database.write() as conn:
             result = await _write_account(
@@ -458,7 +459,9 @@ async def _write_account(
     if row is None and not user_id_hint:
         return SyncResult(customer_id, None, state, unknown_customer=True)
 
-    values = {**state.values(), "synced_at": now, "updated_at": now}
+    # Seats follow a live subscription's quantity; otherwise the count `setSeats` stored is kept.
+    seats = state.quantity if state.status in LIVE_STATUSES else getattr(row, "seats", None)
+    values = {**state.values(), "seats": seats, "synced_at": now, "updated_at": now}
     if row is None:
         assert user_id_hint is not None
         result = SyncResult(customer_id, user_id_hint, state, created_account=True)
@@ -466,7 +469,9 @@ async def _write_account(
         if not dry_run:
             inserted = await conn.execute(
                 _insert(database)
-                .values(user_id=user_id_hint, stripe_customer_id=customer_id, created_at=now, **values)
+                .values(
+                    **owner_columns(user_id_hint), stripe_customer_id=customer_id, created_at=now, **values
+                )
                 .returning(account_table.c.id)
             )
             result.account_id = inserted.scalar_one()

@@ -45,11 +45,19 @@ Json = JSON().with_variant(JSONB(), "postgresql")
 
 
 class BillingAccount(SQLModel, table=True):
-    """One row per user of the host app: their Stripe customer and subscription state."""
+    """One row per billing owner (billing/owners.py): a user of the host app or an organisation.
+
+    `user_id` is the owner key: the user's id, or `org:<organisation id>`; `owner_kind` says which.
+    """
 
     __tablename__ = "billing_account"
     __table_args__ = (
         UniqueConstraint("user_id"),
+        CheckConstraint(
+            "(owner_kind = 'organization' AND substr(user_id, 1, 4) = 'org:') OR "
+            "(owner_kind = 'user' AND substr(user_id, 1, 4) <> 'org:')",
+            name="owner",
+        ),
         UniqueConstraint("stripe_customer_id"),
         UniqueConstraint("stripe_subscription_id"),
         CheckConstraint(f"tier IN ({sql_in(Tier)})", name="tier"),
@@ -64,6 +72,8 @@ class BillingAccount(SQLModel, table=True):
 
     id: int | None = Field(default=None, primary_key=True, sa_type=BigId)
     user_id: str = Field(sa_type=String(255))
+    # The database's default (not SQLAlchemy's), so an INSERT that names no owner kind is a user's.
+    owner_kind: str = Field(sa_type=String(16), sa_column_kwargs={"server_default": "user"})
     email: str | None = Field(default=None, sa_type=String(320))
     name: str | None = Field(default=None, sa_type=String(255))
     stripe_customer_id: str | None = Field(default=None, sa_type=String(255))
@@ -78,6 +88,7 @@ class BillingAccount(SQLModel, table=True):
     cancel_at_period_end: bool = Field(default=False)
     canceled_at: datetime | None = Field(default=None, sa_type=UTCDateTime)
     trial_used: bool = Field(default=False)
+    seats: int | None = Field(default=None)  # the licensed item's quantity while subscribed
     # A plan change scheduled for the period end (a subscription schedule's next phase).
     stripe_schedule_id: str | None = Field(default=None, sa_type=String(255))
     pending_tier: str | None = Field(default=None, sa_type=String(16))

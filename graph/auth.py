@@ -5,7 +5,9 @@
   with `AUTH_JWT_SECRET`. The accepted algorithm comes from the configuration, never from the
   token alone: `alg: none` and an HS256 token "signed" with the RSA public key are refused.
   `exp` and `sub` are required; `nbf`, and `iss` / `aud` when `AUTH_ISSUER` / `AUTH_AUDIENCE`
-  are set, are checked. `sub` is the user id; `email` and `name` are read when present.
+  are set, are checked. `sub` is the user id (never beginning with `org:`); `email` and `name`
+  are read when present; the active organisation (AUTH_ORG_ID_CLAIMS) and whether the member is
+  one of its billing admins (BILLING_ADMIN_ROLES) too.
 - JWKS keys are cached. A token with an unknown `kid` makes one refetch, at most once a minute.
 """
 
@@ -17,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -28,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPublicKey
 from billing.access import is_plain_text, is_user_id
 from billing.clock import utcnow
 from billing.errors import BillingError, ConfigurationError, ErrorCode
+from billing.owners import ORG_PREFIX, org_key
 from billing.settings import Settings
 
 log = logging.getLogger("billing.auth")
@@ -38,6 +41,7 @@ CLOCK_SKEW_SECONDS = 30
 MAX_TOKEN_LENGTH = 8192
 MAX_EMAIL_LENGTH = 320  # the columns of billing_account
 MAX_NAME_LENGTH = 255
+MAX_ORG_ID_LENGTH = 251  # `org:` + the id fits the account's 255-character owner key
 JWKS_REFETCH_INTERVAL = 60.0  # seconds between two fetches once keys are known
 JWKS_RETRY_INTERVAL = 5.0  # seconds between two attempts while no key was ever fetched
 JWKS_TIMEOUT = 5.0
@@ -54,6 +58,15 @@ class User:
     name: str | None = None
     # An operator of the service (ADMIN_USER_IDS, or AUTH_ADMIN_CLAIM = AUTH_ADMIN_VALUE).
     operator: bool = False
+    # The token's active organisation (AUTH_ORG_ID_CLAIMS), and whether the user's role in it is
+    # one of BILLING_ADMIN_ROLES. With an organisation, the viewer is on the organisation's plan.
+    org_id: str | None = None
+    billing_admin: bool = False
+
+    @property
+    def owner_key(self) -> str:
+        """The account the viewer is billed through: the active organisation's, else their own."""
+        return self.id if self.org_id is None else org_key(self.org_id)
 
 
 @dataclass(frozen=True, slots=True)
@@ -174,6 +187,8 @@ class Authenticator:
         self.operator_ids = settings.operator_ids
         self.admin_claim = settings.auth_admin_claim
         self.admin_value = settings.auth_admin_value
+        self.org_id_claims = settings.org_id_claims
+        self.admin_roles = settings.admin_roles
         self.jwks = jwks or (JwksKeys(settings.auth_jwks_url) if settings.auth_jwks_url else None)
         key = settings.service_api_key
         self._service_key = key.get_secret_value().encode() if key is not None else None
@@ -227,9 +242,23 @@ class Authenticator:
             raise unauthenticated(f"invalid token: algorithm {algorithm!r} is not accepted")
         claims = self._decode(token, key, algorithm)
         user = _user(claims)
-        if user.id in self.operator_ids or self._admin_claim_matches(claims):
-            user = User(id=user.id, email=user.email, name=user.name, operator=True)
+        org_id = self._org_id(claims)
+        user = replace(
+            user,
+            operator=user.id in self.operator_ids or self._admin_claim_matches(claims),
+            org_id=org_id,
+            billing_admin=org_id is not None
+            and any(claim_at(claims, path) == value for path, value in self.admin_roles),
+        )
         return user, float(claims["exp"])
+
+    def _org_id(self, claims: dict[str, Any]) -> str | None:
+        """The active organisation: the first AUTH_ORG_ID_CLAIMS path holding a usable id."""
+        for path in self.org_id_claims:
+            value = claim_at(claims, path)
+            if isinstance(value, str) and is_user_id(value) and len(value) <= MAX_ORG_ID_LENGTH:
+                return value
+        return None
 
     def _admin_claim_matches(self, claims: dict[str, Any]) -> bool:
         """AUTH_ADMIN_CLAIM (a dotted path into the claims) holds exactly AUTH_ADMIN_VALUE."""
@@ -280,6 +309,8 @@ def _user(claims: dict[str, Any]) -> User:
         raise unauthenticated(
             "invalid token: `sub` must be a user id of 1 to 255 characters, none of them control characters"
         )
+    if subject.startswith(ORG_PREFIX):  # the prefix of organisations' owner keys (billing/owners.py)
+        raise unauthenticated(f"invalid token: a user id may not begin with {ORG_PREFIX!r}")
     return User(
         id=subject,
         email=_profile_claim(claims.get("email"), MAX_EMAIL_LENGTH),

@@ -55,14 +55,14 @@ class CheckoutMutation:
         self, info: strawberry.Info[Any, Any], tier: Tier, interval: BillingInterval
     ) -> CheckoutSession:
         context = context_of(info)
-        user = await context.user()
+        owner = await context.billing_owner()
         session = await create_checkout_session(
             database=context.database,
             gateway=context.gateway,
             locks=context.locks,
             catalog=context.catalog,
             settings=context.services.settings,
-            user=user,
+            user=owner,
             tier=tier,
             interval=interval,
         )
@@ -81,12 +81,12 @@ class CheckoutMutation:
         self, info: strawberry.Info[Any, Any], session_id: strawberry.ID
     ) -> BillingSubscription:
         context = context_of(info)
-        user = await context.user()
+        owner = await context.billing_owner()
         state = await confirm_checkout_session(
             database=context.database,
             gateway=context.gateway,
             locks=context.locks,
-            user_id=user.id,
+            user_id=owner.id,
             session_id=str(session_id),
         )
         return BillingSubscription.from_model(state, context.policy, context.now)
@@ -100,8 +100,8 @@ class CheckoutMutation:
     )
     async def create_portal_session(self, info: strawberry.Info[Any, Any]) -> PortalSession:
         context = context_of(info)
-        user = await context.user()
+        owner = await context.billing_owner()
         session = await create_portal_session(
-            database=context.database, gateway=context.gateway, settings=context.services.settings, user=user
+            database=context.database, gateway=context.gateway, settings=context.services.settings, user=owner
         )
         return PortalSession.from_model(session)

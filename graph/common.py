@@ -82,6 +82,13 @@ class BillingSubscription:
     pending_change: PendingPlanChange | None = strawberry.field(
         default=None, description="A downgrade that starts at the period end (`changePlan`); null if none."
     )
+    seats: int | None = strawberry.field(
+        default=None,
+        description=(
+            "The seats paid for (the plan item's quantity; an organisation's seat count, `setSeats`); "
+            "null without a subscription."
+        ),
+    )
 
     @classmethod
     def from_model(cls, state: SubscriptionState, policy: AccessPolicy, now: datetime) -> BillingSubscription:
@@ -100,4 +107,5 @@ class BillingSubscription:
             canceled_at=state.canceled_at,
             trial_used=state.trial_used,
             pending_change=PendingPlanChange.from_model(state),
+            seats=state.seats,
         )

@@ -23,8 +23,10 @@ import strawberry
 
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
 from billing.clock import Clock, utcnow
+from billing.customers import Identity
 from billing.errors import BillingError, ErrorCode
 from billing.logs import REQUEST_ID, USER_ID, request_id_for
+from billing.owners import OwnerIdentity
 from billing.plans import Catalog
 from billing.realtime import BillingStateHub
 from billing.settings import Settings
@@ -229,8 +231,22 @@ class Context:
         return await future
 
     async def viewer(self) -> tuple[User, SubscriptionState]:
+        """The signed-in user and the subscription of their active owner (billing/owners.py):
+        the token's organisation's, or else their own."""
         user = await self.user()
-        return user, await self.subscription(user.id)
+        return user, await self.subscription(user.owner_key)
+
+    async def billing_owner(self) -> Identity:
+        """Whose billing the viewer may manage: their own, or their active organisation's when
+        their role in it is one of BILLING_ADMIN_ROLES; FORBIDDEN for any other member."""
+        user = await self.user()
+        if user.org_id is None:
+            return user
+        if not user.billing_admin:
+            raise BillingError(
+                "only a billing admin of the organisation may manage its billing", code=ErrorCode.FORBIDDEN
+            )
+        return OwnerIdentity(id=user.owner_key)
 
 
 def _bound(service: T | None, name: str) -> T:

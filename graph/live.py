@@ -20,7 +20,8 @@ class LiveSubscription:
     @strawberry.subscription(
         description=(
             "The viewer's subscription now, then again each time it changes (webhooks, mutations, "
-            "`billing sync`, event replays); an unchanged state is not sent twice. Over "
+            "`billing sync`, event replays); an unchanged state is not sent twice. With an "
+            "organisation in the token, the organisation's subscription. Over "
             "graphql-transport-ws with a user token in `connection_init`."
         )
     )
@@ -32,6 +33,6 @@ class LiveSubscription:
         hub = context.services.realtime
         if hub is None:
             raise BillingError("real-time updates are not running", code=ErrorCode.INTERNAL_ERROR)
-        async with aclosing(hub.watch(user.id)) as states:
+        async with aclosing(hub.watch(user.owner_key)) as states:  # the active owner's state
             async for state in states:
                 yield BillingSubscription.from_model(state, context.policy, context.clock())

@@ -7,6 +7,7 @@ tier): a canceled or unpaid Pro subscriber passes none of the subscription check
 | class | passes when | fails with `extensions.code` |
 |---|---|---|
 | `IsAuthenticated()` | a valid user token | UNAUTHENTICATED (FORBIDDEN for the service key) |
+| `ManagesBilling()` | a user token; a billing-admin role when it names an organisation | FORBIDDEN |
 | `IsService()` | the service key | UNAUTHENTICATED (nothing sent), FORBIDDEN (a user) |
 | `IsOperator()` | an operator (ADMIN_USER_IDS, AUTH_ADMIN_CLAIM/VALUE) or the service key | FORBIDDEN |
 | `HasActiveSubscription()` | any paid effective tier | FORBIDDEN_TIER |
@@ -48,6 +49,7 @@ __all__ = [
     "IsAuthenticated",
     "IsOperator",
     "IsService",
+    "ManagesBilling",
     "PermissionExtension",
     "RequiresFeature",
     "RequiresTier",
@@ -70,6 +72,18 @@ class IsAuthenticated(_BillingPermission):
 
     async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
         await context_of(info).user()
+        return True
+
+
+class ManagesBilling(_BillingPermission):
+    """A user managing their own billing, or a billing admin (BILLING_ADMIN_ROLES) of the token's
+    active organisation; other members of it get FORBIDDEN before anything is written or sent."""
+
+    message = "only a billing admin of the organisation may manage its billing"
+    code = ErrorCode.FORBIDDEN
+
+    async def has_permission(self, source: Any, info: strawberry.Info[Any, Any], **kwargs: Any) -> bool:
+        await context_of(info).billing_owner()
         return True
 
 

@@ -1,6 +1,7 @@
 """Plan changes, cancellation and resumption: thin resolvers over `billing.plan_changes`.
 
-Every field needs a user token and acts on that user's subscription.
+Every field needs a user token and acts on the subscription of the user, or of the token's
+active organisation when the user is one of its billing admins (others get FORBIDDEN).
 """
 
 from __future__ import annotations
@@ -87,13 +88,13 @@ class PlanChangeMutation:
         self, info: strawberry.Info[Any, Any], tier: Tier, interval: BillingInterval
     ) -> PlanChangePreview:
         context = context_of(info)
-        user = await context.user()
+        owner = await context.billing_owner()
         preview = await plan_changes.preview_plan_change(
             database=context.database,
             gateway=context.gateway,
             catalog=context.catalog,
             clock=context.clock,
-            user_id=user.id,
+            user_id=owner.id,
             tier=tier,
             interval=interval,
         )
@@ -112,14 +113,14 @@ class PlanChangeMutation:
         self, info: strawberry.Info[Any, Any], tier: Tier, interval: BillingInterval
     ) -> BillingSubscription:
         context = context_of(info)
-        user = await context.user()
+        owner = await context.billing_owner()
         state = await plan_changes.change_plan(
             database=context.database,
             gateway=context.gateway,
             locks=context.locks,
             catalog=context.catalog,
             clock=context.clock,
-            user_id=user.id,
+            user_id=owner.id,
             tier=tier,
             interval=interval,
         )
@@ -136,13 +137,13 @@ class PlanChangeMutation:
         self, info: strawberry.Info[Any, Any], at_period_end: bool = True
     ) -> BillingSubscription:
         context = context_of(info)
-        user = await context.user()
+        owner = await context.billing_owner()
         state = await plan_changes.cancel_subscription(
             database=context.database,
             gateway=context.gateway,
             locks=context.locks,
             clock=context.clock,
-            user_id=user.id,
+            user_id=owner.id,
             at_period_end=at_period_end,
         )
         return BillingSubscription.from_model(state, context.policy, context.now)
@@ -156,12 +157,12 @@ class PlanChangeMutation:
     )
     async def resume_subscription(self, info: strawberry.Info[Any, Any]) -> BillingSubscription:
         context = context_of(info)
-        user = await context.user()
+        owner = await context.billing_owner()
         state = await plan_changes.resume_subscription(
             database=context.database,
             gateway=context.gateway,
             locks=context.locks,
             clock=context.clock,
-            user_id=user.id,
+            user_id=owner.id,
         )
         return BillingSubscription.from_model(state, context.policy, context.now)

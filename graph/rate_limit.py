@@ -22,7 +22,7 @@ from strawberry.extensions.field_extension import AsyncExtensionResolver
 from billing.errors import BillingError, ErrorCode
 from billing.rate_limit import RateLimiter
 from graph.context import context_of
-from graph.permissions import IsAuthenticated, PermissionExtension
+from graph.permissions import IsAuthenticated, ManagesBilling, PermissionExtension
 
 STRIPE_BUCKET = "stripe-mutations"
 
@@ -56,8 +56,10 @@ class RateLimited(FieldExtension):
 
 
 def signed_in_stripe_call() -> list[Any]:
-    """Extensions of a mutation that reaches Stripe: a user token, then the user's budget.
+    """Extensions of a mutation that manages billing through Stripe: a user token (a billing
+    admin's, when it names an organisation), then the user's budget.
 
-    Field extensions run last-first, so the permission is checked before the budget is counted.
+    Field extensions run last-first, so the permission is checked before the budget is counted:
+    a refused member writes nothing, not even a rate-limit hit.
     """
-    return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated()])]
+    return [RateLimited(), PermissionExtension(permissions=[IsAuthenticated(), ManagesBilling()])]

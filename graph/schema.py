@@ -2,8 +2,9 @@
 
 `Query`, `Mutation` and `Subscription` are assembled here from the areas, each a module holding
 its types, resolvers and mutations: `graph.viewer` (viewer, plans, access), `graph.checkout`
-(checkout and portal), `graph.plan_changes`, `graph.usage`, `graph.live` (websocket updates),
-`graph.operators` (operator-only account lookup and metrics);
+(checkout and portal), `graph.plan_changes`, `graph.usage`, `graph.seats` (an organisation's
+seats), `graph.live` (websocket updates), `graph.operators` (operator-only account lookup and
+metrics);
 the types several areas return are in `graph.common`. Resolvers stay thin: they read the context
 and call `billing`. `schema.graphql` at the repository root is this schema's SDL (`billing
 schema` prints it, `billing schema --check` compares).
@@ -18,6 +19,7 @@ from graph.live import LiveSubscription
 from graph.operators import OperatorQuery
 from graph.plan_changes import PlanChangeMutation
 from graph.schema_builder import build_schema
+from graph.seats import SeatsMutation
 from graph.usage import UsageMutation
 from graph.viewer import ViewerQuery
 
@@ -30,8 +32,8 @@ class Query(ViewerQuery, OperatorQuery):
 
 
 @strawberry.type
-class Mutation(PlanChangeMutation, CheckoutMutation, UsageMutation):
-    """Every billing mutation: plan changes, checkout and portal, usage."""
+class Mutation(PlanChangeMutation, CheckoutMutation, UsageMutation, SeatsMutation):
+    """Every billing mutation: plan changes, checkout and portal, usage, an organisation's seats."""
 
 
 @strawberry.type(name="BillingUpdates", description="Real-time updates, over graphql-transport-ws.")

@@ -104,15 +104,31 @@ class Viewer:
     id: strawberry.ID = strawberry.field(description="The user id (the token's `sub`).")
     email: str | None
     name: str | None
+    organization_id: strawberry.ID | None = strawberry.field(
+        description=(
+            "The token's active organisation: the viewer is then on its plan (subscription, "
+            "access, usage and invoices are the organisation's). Null: the viewer's own plan."
+        )
+    )
+    can_manage_billing: bool = strawberry.field(
+        description=(
+            "May the viewer check out, open the portal, change, cancel or resume the plan? Always "
+            "for their own; for an organisation, when their role is one of BILLING_ADMIN_ROLES."
+        )
+    )
     subscription: BillingSubscription
+    owner_key: strawberry.Private[str]
 
     @classmethod
     def from_model(cls, user: User, state: SubscriptionState, policy: AccessPolicy, now: datetime) -> Viewer:
         return cls(
             id=strawberry.ID(user.id),
-            email=user.email or state.email,
-            name=user.name or state.name,
+            email=user.email or (None if user.org_id else state.email),
+            name=user.name or (None if user.org_id else state.name),
+            organization_id=None if user.org_id is None else strawberry.ID(user.org_id),
+            can_manage_billing=user.org_id is None or user.billing_admin,
             subscription=BillingSubscription.from_model(state, policy, now),
+            owner_key=user.owner_key,
         )
 
     @strawberry.field(
@@ -123,7 +139,7 @@ class Viewer:
     )
     async def invoices(self, info: strawberry.Info[Any, Any], first: int | None = 10) -> list[Invoice]:
         count = 10 if first is None else first
-        records = await list_invoices(context_of(info).database, user_id=str(self.id), first=count)
+        records = await list_invoices(context_of(info).database, user_id=self.owner_key, first=count)
         return [Invoice.from_model(record) for record in records]
 
     @strawberry.field(
@@ -133,13 +149,13 @@ class Viewer:
         )
     )
     async def usage(self, info: strawberry.Info[Any, Any], feature: str) -> UsageSummary:
-        return await viewer_usage(info, str(self.id), feature)
+        return await viewer_usage(info, self.owner_key, feature)
 
     @strawberry.field(
         description="Every feature of the viewer's effective plan with its limit and usage this window."
     )
     async def entitlements(self, info: strawberry.Info[Any, Any]) -> list[Entitlement]:
-        return await viewer_entitlements(info, str(self.id))
+        return await viewer_entitlements(info, self.owner_key)
 
 
 @strawberry.type(description="May the viewer use a feature? For frontends gating pages.")

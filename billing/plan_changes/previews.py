@@ -99,6 +99,11 @@ def _is_proration(line: Any) -> bool:
     return bool(get(line, "proration"))  # older API versions
 
 
+def preview_lines(preview: Any) -> tuple[PreviewLine, ...]:
+    """The lines of one of Stripe's invoice previews."""
+    return _lines(preview)
+
+
 def _lines(preview: Any) -> tuple[PreviewLine, ...]:
     return tuple(
         PreviewLine(

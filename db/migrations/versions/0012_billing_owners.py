@@ -1,0 +1,37 @@
+"""billing owners: an account belongs to a user or an organisation (`owner_kind`, the owner key
+in `user_id`); today's accounts become user-owned; `seats`, the licensed quantity
+
+Revision ID: 0012
+Revises: 0008
+Create Date: 2026-12-07
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0012"
+down_revision: str | None = "0008"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+OWNER = (
+    "(owner_kind = 'organization' AND substr(user_id, 1, 4) = 'org:') OR "
+    "(owner_kind = 'user' AND substr(user_id, 1, 4) <> 'org:')"
+)
+
+
+def upgrade() -> None:
+    with op.batch_alter_table("billing_account") as batch:
+        # Every existing row gets the server default: a user-owned account, answering as before.
+        batch.add_column(sa.Column("owner_kind", sa.String(16), nullable=False, server_default="user"))
+        batch.add_column(sa.Column("seats", sa.Integer(), nullable=True))
+        batch.create_check_constraint(op.f("ck_billing_account_owner"), OWNER)
+
+
+def downgrade() -> None:
+    with op.batch_alter_table("billing_account") as batch:
+        batch.drop_constraint(op.f("ck_billing_account_owner"), type_="check")
+        batch.drop_column("seats")
+        batch.drop_column("owner_kind")

@@ -1,0 +1,237 @@
+"""Organisations as billing owners: the token's active organisation decides whose plan the viewer
+is on, and only its billing admins may pay or manage (issue 27). HTTP, real tokens, the sandbox
+through the SDK, on PostgreSQL and SQLite."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from billing.access import load_subscription
+from billing.sync import sync_customer
+from db.migrate import upgrade_engine
+from db.models import account_table, rate_limit_table
+from tests.billing_flows import control, setup_catalog
+from tests.checkout_flows import CREATE, gql, settle, snapshot, subscribe_via_api
+from tests.conftest import DbTarget, Service
+from tests.gateways import open_sandbox_gateway
+from tests.graphql_support import error_codes, hs256_token, insert_account
+
+VIEWER = """{ viewer { id organizationId canManageBilling
+  subscription { status tier effectiveTier hasAccess } } }"""
+ACCESS = """query($f: String!) { access(feature: $f) { allowed effectiveTier } }"""
+PORTAL = "mutation { createPortalSession { url } }"
+CHANGE = """mutation { changePlan(tier: STARTER, interval: MONTHLY) { tier } }"""
+PREVIEW = """mutation { previewPlanChange(tier: STARTER, interval: MONTHLY) { amountDue } }"""
+CANCEL = "mutation { cancelSubscription { status } }"
+RESUME = "mutation { resumeSubscription { status } }"
+INVOICES = "{ viewer { invoices { id total } } }"
+
+
+def clerk_token(user_id: str, org_id: str, role: str) -> str:
+    """Clerk's current session token: the active organisation in `o` (`rol` without `org:`)."""
+    return hs256_token(user_id, email=f"{user_id}@example.test", o={"id": org_id, "rol": role, "slg": "acme"})
+
+
+def clerk_v1_token(user_id: str, org_id: str, role: str) -> str:
+    """Clerk's previous session-token format: `org_id` and `org_role` (`org:admin`)."""
+    return hs256_token(user_id, org_id=org_id, org_role=role)
+
+
+def workos_token(user_id: str, org_id: str, role: str) -> str:
+    return hs256_token(user_id, org_id=org_id, role=role)
+
+
+async def viewer(service: Service, token: str) -> dict[str, Any]:
+    result = await gql(service, VIEWER, token=token)
+    assert "errors" not in result, result
+    found: dict[str, Any] = result["data"]["viewer"]
+    return found
+
+
+async def stripe_state(service: Service, customer_id: str) -> tuple[Any, ...]:
+    """What a refused member could have changed at Stripe: subscriptions and checkout sessions."""
+    async with open_sandbox_gateway(service.url) as gateway:
+        subs = await gateway.v1.subscriptions.list_async({"customer": customer_id, "status": "all"})
+        sessions = await gateway.v1.checkout.sessions.list_async({"customer": customer_id, "limit": 100})
+        return (
+            [(s.id, s.status, s.cancel_at_period_end, s.items.data[0].price.id) for s in subs.data],
+            sorted((s.id, s.status) for s in sessions.data),
+        )
+
+
+@pytest.fixture
+async def catalog(service: Service) -> dict[str, str]:
+    async with open_sandbox_gateway(service.url) as gateway:
+        return await setup_catalog(gateway)
+
+
+async def test_an_admin_checks_out_for_the_organisation_and_its_members_are_on_its_plan(
+    service: Service, catalog: dict[str, str]
+) -> None:
+    admin = clerk_token("ada", "org_acme", "admin")
+    member = clerk_v1_token("bob", "org_acme", "org:member")
+    other_member = workos_token("cy", "org_acme", "member")
+    assert (await viewer(service, admin))["canManageBilling"] is True
+
+    _session, confirmed = await subscribe_via_api(service, admin, "PRO", "MONTHLY")
+    assert (confirmed["tier"], confirmed["hasAccess"]) == ("PRO", True)
+    await settle(service)
+
+    async with service.database.read() as conn:
+        rows = (
+            await conn.execute(
+                select(account_table.c.user_id, account_table.c.owner_kind, account_table.c.seats)
+            )
+        ).all()
+        customer_id = (
+            await conn.execute(
+                select(account_table.c.stripe_customer_id).where(account_table.c.user_id == "org:org_acme")
+            )
+        ).scalar_one()
+    # One account, the organisation's: nobody's personal account was made by paying for it.
+    assert [tuple(row) for row in rows] == [("org:org_acme", "organization", 1)]
+    async with open_sandbox_gateway(service.url) as gateway:
+        customer = await gateway.v1.customers.retrieve_async(customer_id)
+        assert customer.metadata.to_dict() == {"orgId": "org_acme"}
+
+    for token, user_id in ((member, "bob"), (other_member, "cy"), (admin, "ada")):
+        seen = await viewer(service, token)
+        assert seen["id"] == user_id and seen["organizationId"] == "org_acme"
+        assert seen["canManageBilling"] is (user_id == "ada")
+        assert (seen["subscription"]["tier"], seen["subscription"]["effectiveTier"]) == ("PRO", "PRO")
+        access = await gql(service, ACCESS, {"f": "advanced_analytics"}, token=token)
+        assert access["data"]["access"] == {"allowed": True, "effectiveTier": "PRO"}
+        invoices = await gql(service, INVOICES, token=token)
+        assert len(invoices["data"]["viewer"]["invoices"]) == 1  # the organisation's first invoice
+
+    # The same user without an active organisation is on their own plan: none.
+    personal = await viewer(service, hs256_token("bob"))
+    assert personal["organizationId"] is None and personal["canManageBilling"] is True
+    assert (personal["subscription"]["status"], personal["subscription"]["tier"]) == ("NONE", "NONE")
+    assert (await gql(service, INVOICES, token=hs256_token("bob")))["data"]["viewer"]["invoices"] == []
+
+
+async def test_members_who_are_not_billing_admins_are_forbidden_and_change_nothing(
+    service: Service, catalog: dict[str, str]
+) -> None:
+    admin = workos_token("ada", "org_acme", "admin")
+    await subscribe_via_api(service, admin, "PRO", "MONTHLY")
+    await settle(service)
+    async with service.database.read() as conn:
+        customer_id = (
+            await conn.execute(
+                select(account_table.c.stripe_customer_id).where(account_table.c.user_id == "org:org_acme")
+            )
+        ).scalar_one()
+    tables = (account_table, rate_limit_table)
+    before, stripe_before = await snapshot(service.database, tables), await stripe_state(service, customer_id)
+    for member in (
+        clerk_token("bob", "org_acme", "member"),
+        clerk_v1_token("bob", "org_acme", "org:member"),
+        workos_token("bob", "org_acme", "member"),
+        clerk_token("bob", "org_acme", "org:admin"),  # the previous format's value at the current path
+    ):
+        for query, variables in (
+            (CREATE, {"tier": "STARTER", "interval": "MONTHLY"}),
+            (PORTAL, None),
+            (PREVIEW, None),
+            (CHANGE, None),
+            (CANCEL, None),
+            (RESUME, None),
+        ):
+            result = await gql(service, query, variables, token=member)
+            assert error_codes(result) == ["FORBIDDEN"], (query, result)
+    assert await snapshot(service.database, tables) == before
+    assert await stripe_state(service, customer_id) == stripe_before
+
+    # The admin may: the organisation's plan is theirs to change.
+    changed = await gql(service, CANCEL, token=clerk_v1_token("ada", "org_acme", "org:admin"))
+    assert "errors" not in changed, changed
+
+
+async def test_billing_sync_maps_an_organisation_customer_by_its_org_id(
+    service: Service, catalog: dict[str, str]
+) -> None:
+    """A customer made outside the API (the dashboard) with `metadata.orgId` syncs to the
+    organisation's account; a personal one (`userId`) to the user's, as before."""
+    async with open_sandbox_gateway(service.url) as gateway:
+        org = await gateway.v1.customers.create_async({"metadata": {"orgId": "org_b"}})
+        person = await gateway.v1.customers.create_async({"metadata": {"userId": "dora"}})
+        for customer in (org, person):
+            session = await gateway.v1.checkout.sessions.create_async(
+                {
+                    "mode": "subscription",
+                    "customer": customer.id,
+                    "line_items": [{"price": catalog["starter_monthly"], "quantity": 2}],
+                    "success_url": "http://app.test/billing/success",
+                }
+            )
+            await control(service, f"checkout/{session.id}/complete", {"outcome": "paid"})
+        for customer in (org, person):
+            await sync_customer(
+                database=service.database,
+                gateway=gateway,
+                locks=service.app.state.graphql.locks,
+                customer_id=customer.id,
+                now=datetime.now(UTC),
+            )
+    async with service.database.read() as conn:
+        rows = (
+            await conn.execute(
+                select(
+                    account_table.c.user_id,
+                    account_table.c.owner_kind,
+                    account_table.c.stripe_customer_id,
+                    account_table.c.tier,
+                    account_table.c.seats,
+                ).order_by(account_table.c.user_id)
+            )
+        ).all()
+    assert [tuple(row) for row in rows] == [
+        ("dora", "user", person.id, "starter", 2),
+        ("org:org_b", "organization", org.id, "starter", 2),
+    ]
+    member = await viewer(service, clerk_token("eve", "org_b", "member"))
+    assert member["subscription"]["tier"] == "STARTER"
+
+
+async def test_a_user_id_with_the_organisation_prefix_is_refused(service: Service) -> None:
+    result = await gql(service, VIEWER, token=hs256_token("org:org_acme"))
+    assert error_codes(result) == ["UNAUTHENTICATED"]
+
+
+async def test_the_migration_makes_todays_accounts_user_owned_and_answers_as_before(
+    blank_db: DbTarget,
+) -> None:
+    db = blank_db.database()
+    try:
+        await upgrade_engine(db.engine, "0008")
+        await insert_account(db, "old1", cancel_at_period_end=True)
+        await insert_account(db, "old2", status="none", tier="none", interval=None)
+        await upgrade_engine(db.engine)
+        states = [await load_subscription(db, user_id) for user_id in ("old1", "old2")]
+        async with db.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        account_table.c.user_id, account_table.c.owner_kind, account_table.c.seats
+                    ).order_by(account_table.c.user_id)
+                )
+            ).all()
+            with pytest.raises(IntegrityError):  # kind and key must agree
+                async with db.write() as bad:
+                    await bad.execute(update(account_table).values(owner_kind="organization"))
+    finally:
+        await db.dispose()
+    assert [tuple(row) for row in rows] == [("old1", "user", None), ("old2", "user", None)]
+    assert (states[0].status.value, states[0].tier.value, states[0].cancel_at_period_end) == (
+        "active",
+        "pro",
+        True,
+    )
+    assert (states[1].status.value, states[1].tier.value) == ("none", "none")

@@ -62,6 +62,7 @@ class User:
     # one of BILLING_ADMIN_ROLES. With an organisation, the viewer is on the organisation's plan.
     org_id: str | None = None
     billing_admin: bool = False
+    expires_at: float | None = None  # the token's `exp` (Unix time): a websocket closes then
 
     @property
     def owner_key(self) -> str:
@@ -249,6 +250,7 @@ class Authenticator:
             org_id=org_id,
             billing_admin=org_id is not None
             and any(claim_at(claims, path) == value for path, value in self.admin_roles),
+            expires_at=float(claims["exp"]),
         )
         return user, float(claims["exp"])
 

@@ -16,6 +16,8 @@ from typing import Any
 import strawberry
 from strawberry.types.nodes import SelectedField
 
+from billing.errors import BillingError, ErrorCode
+from billing.owners import org_key, owner_of
 from billing.usage import DailyUsage as DailyUsageModel
 from billing.usage import Entitlement as EntitlementModel
 from billing.usage import (
@@ -42,7 +44,12 @@ def _big(value: int | None) -> BigInt | None:
 
 @strawberry.input(description="One use of a feature, reported by the host app's backend.")
 class RecordUsageInput:
-    user_id: strawberry.ID
+    user_id: strawberry.ID | None = strawberry.field(
+        default=None, description="The user whose own plan the use counts against (or give orgId)."
+    )
+    org_id: strawberry.ID | None = strawberry.field(
+        default=None, description="The organisation whose plan the use counts against (or give userId)."
+    )
     feature: str = strawberry.field(description="A feature of the plans file (`plans.features`/`limits`).")
     quantity: int = strawberry.field(description="1 to USAGE_MAX_QUANTITY (default 1,000,000).")
     idempotency_key: str = strawberry.field(
@@ -54,8 +61,11 @@ class RecordUsageInput:
     )
 
     def to_model(self) -> UsageInput:
+        if (self.user_id is None) == (self.org_id is None):
+            raise BillingError("give exactly one of userId and orgId", code=ErrorCode.BAD_USER_INPUT)
         return UsageInput(
-            user_id=str(self.user_id),
+            # The account's owner key (billing/owners.py): a user id, or the organisation's.
+            user_id=str(self.user_id) if self.org_id is None else org_key(str(self.org_id)),
             feature=self.feature,
             quantity=self.quantity,
             idempotency_key=self.idempotency_key,
@@ -66,7 +76,10 @@ class RecordUsageInput:
 @strawberry.type(description="A stored usage record.")
 class UsageRecord:
     id: strawberry.ID
-    user_id: strawberry.ID
+    user_id: strawberry.ID = strawberry.field(
+        description="The owner key of the account: the user id, or `org:` + orgId for an organisation."
+    )
+    org_id: strawberry.ID | None = strawberry.field(description="The organisation, for its records.")
     feature: str
     quantity: int
     recorded_at: datetime
@@ -80,6 +93,7 @@ class UsageRecord:
         return cls(
             id=strawberry.ID(str(record.id)),
             user_id=strawberry.ID(record.user_id),
+            org_id=strawberry.ID(owner.id) if (owner := owner_of(record.user_id)).is_organization else None,
             feature=record.feature,
             quantity=record.quantity,
             recorded_at=record.recorded_at,

@@ -3,9 +3,10 @@ operation goes through.
 
 POST JSON for everything, GET for queries only, GraphiQL outside production, and the
 `graphql-transport-ws` protocol on the same path. A websocket needs a valid token in its
-`connection_init` payload (else it is closed with 4403), runs at most `WS_MAX_OPERATIONS`
-operations at once, and a process serves at most `WS_MAX_CONNECTIONS` websockets (beyond that,
-and while tokens cannot be checked, a new one is closed with 1013, "try again later").
+`connection_init` payload (else it is closed with 4403, as it is when that token expires), runs
+at most `WS_MAX_OPERATIONS` operations at once, and a process serves at most
+`WS_MAX_CONNECTIONS` websockets (beyond that, and while tokens cannot be checked, a new one is
+closed with 1013, "try again later").
 
 Every operation, whichever path runs it, goes through `OperationRules`, here and not in schema
 extensions (which only Strawberry's path would run):
@@ -31,9 +32,11 @@ websocket operation as it starts.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import AsyncGenerator, Collection, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -76,7 +79,7 @@ from billing.errors import BillingError, ErrorCode
 from billing.logs import set_operation
 from billing.metrics import REALTIME_CONNECTIONS
 from billing.settings import Settings
-from graph.auth import AuthUnavailable
+from graph.auth import AuthUnavailable, User
 from graph.context import Context, GraphQLServices
 from graph.errors import BAD_REQUEST, format_errors, validation_failed, with_argument_rules
 from graph.front_door import graphiql_page
@@ -86,6 +89,7 @@ from graph.metrics import OperationMetrics, outcome_of, root_field
 
 METRIC_LABELS = "billing.graphql_labels"  # the scope key of a request's metric labels
 TRY_AGAIN_LATER = 1013  # RFC 6455: the graphql-ws client retries it
+FORBIDDEN_CLOSE = 4403  # graphql-transport-ws: the client must authenticate anew
 VERDICT_CACHE_SIZE = 256
 LEAN_OPERATIONS = frozenset({OperationType.QUERY, OperationType.MUTATION})
 ANY_OPERATION = frozenset(StrawberryOperationType)
@@ -285,6 +289,7 @@ class BillingTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
         view = self.view
         if isinstance(view, BillingGraphQL):
             self.schema = RuledStreams(self.schema, view.rules)  # type: ignore[assignment]
+        self._expiry: asyncio.Task[None] | None = None
 
     async def handle_connection_init(self, message: ConnectionInitMessage) -> None:
         try:
@@ -292,6 +297,24 @@ class BillingTransportWSHandler(BaseGraphQLTransportWSHandler[Context, None]):
         except AuthUnavailable:
             # Not the client's fault: do not make the frontend sign its user out (4403).
             await self.websocket.close(code=TRY_AGAIN_LATER, reason="authentication unavailable")
+            return
+        if self.connection_acknowledged and self._expiry is None:
+            principal = await self.context.principal()  # known by now: no second check
+            if isinstance(principal, User) and principal.expires_at is not None:
+                self._expiry = asyncio.create_task(self._close_at(principal.expires_at))
+
+    async def _close_at(self, expires_at: float) -> None:
+        """Close with 4403 when the token expires. Organisation membership lives only in the
+        token, so a member removed from one stops hearing its updates within the token's
+        lifetime; the client reconnects with a fresh token."""
+        await asyncio.sleep(max(0.0, expires_at - time.time()))
+        with suppress(Exception):  # already closed by the client
+            await self.websocket.close(code=FORBIDDEN_CLOSE, reason="token expired")
+
+    async def shutdown(self) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        await super().shutdown()
 
     async def handle_subscribe(self, message: SubscribeMessage) -> None:
         limit = self.max_subscriptions_per_connection

@@ -12,6 +12,7 @@ import strawberry
 from billing.access import AccessDecision as AccessDecisionModel
 from billing.access import AccessPolicy, AccessReason, SubscriptionState, check_user_id
 from billing.customers import InvoiceRecord, list_invoices
+from billing.owners import org_key
 from billing.plans import Catalog, Price
 from billing.plans import Plan as PlanModel
 from billing.usage import quota_check
@@ -217,4 +218,16 @@ class ViewerQuery:
         context = context_of(info)
         check_user_id(str(user_id))
         state = await context.subscription(str(user_id))
+        return BillingSubscription.from_model(state, context.policy, context.now)
+
+    @strawberry.field(
+        description="One organisation's subscription, for the host app's backend (service key only).",
+        extensions=[PermissionExtension(permissions=[IsService()])],
+    )
+    async def organization_subscription(
+        self, info: strawberry.Info[Any, Any], org_id: strawberry.ID
+    ) -> BillingSubscription:
+        context = context_of(info)
+        check_user_id(str(org_id))
+        state = await context.subscription(org_key(str(org_id)))
         return BillingSubscription.from_model(state, context.policy, context.now)

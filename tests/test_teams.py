@@ -12,14 +12,16 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from billing.access import load_subscription
-from billing.sync import sync_customer
+from billing.reconcile import customer_ids, reconcile
+from db.engine import Database
 from db.migrate import upgrade_engine
 from db.models import account_table, rate_limit_table
 from tests.billing_flows import control, setup_catalog
 from tests.checkout_flows import CREATE, gql, settle, snapshot, subscribe_via_api
-from tests.conftest import DbTarget, Service
+from tests.conftest import DbTarget, Service, running_service
 from tests.gateways import open_sandbox_gateway
 from tests.graphql_support import error_codes, hs256_token, insert_account
+from tests.live import Recorder
 
 VIEWER = """{ viewer { id organizationId canManageBilling
   subscription { status tier effectiveTier hasAccess } } }"""
@@ -155,11 +157,15 @@ async def test_members_who_are_not_billing_admins_are_forbidden_and_change_nothi
 
 
 async def test_billing_sync_maps_an_organisation_customer_by_its_org_id(
-    service: Service, catalog: dict[str, str]
+    database: Database, sandbox_db: DbTarget
 ) -> None:
-    """A customer made outside the API (the dashboard) with `metadata.orgId` syncs to the
-    organisation's account; a personal one (`userId`) to the user's, as before."""
-    async with open_sandbox_gateway(service.url) as gateway:
+    """Customers made outside the API (the dashboard), with no webhook applied: `billing sync`
+    gives the one with `metadata.orgId` to the organisation, the `userId` one to the user."""
+    async with (
+        running_service(database, sandbox_db, webhook_worker=False) as service,
+        open_sandbox_gateway(service.url) as gateway,
+    ):
+        prices = await setup_catalog(gateway)
         org = await gateway.v1.customers.create_async({"metadata": {"orgId": "org_b"}})
         person = await gateway.v1.customers.create_async({"metadata": {"userId": "dora"}})
         for customer in (org, person):
@@ -167,37 +173,39 @@ async def test_billing_sync_maps_an_organisation_customer_by_its_org_id(
                 {
                     "mode": "subscription",
                     "customer": customer.id,
-                    "line_items": [{"price": catalog["starter_monthly"], "quantity": 2}],
+                    "line_items": [{"price": prices["starter_monthly"], "quantity": 2}],
                     "success_url": "http://app.test/billing/success",
                 }
             )
             await control(service, f"checkout/{session.id}/complete", {"outcome": "paid"})
-        for customer in (org, person):
-            await sync_customer(
-                database=service.database,
-                gateway=gateway,
-                locks=service.app.state.graphql.locks,
-                customer_id=customer.id,
-                now=datetime.now(UTC),
-            )
-    async with service.database.read() as conn:
-        rows = (
-            await conn.execute(
-                select(
-                    account_table.c.user_id,
-                    account_table.c.owner_kind,
-                    account_table.c.stripe_customer_id,
-                    account_table.c.tier,
-                    account_table.c.seats,
-                ).order_by(account_table.c.user_id)
-            )
-        ).all()
-    assert [tuple(row) for row in rows] == [
-        ("dora", "user", person.id, "starter", 2),
-        ("org:org_b", "organization", org.id, "starter", 2),
-    ]
-    member = await viewer(service, clerk_token("eve", "org_b", "member"))
-    assert member["subscription"]["tier"] == "STARTER"
+        async with database.read() as conn:
+            assert (await conn.execute(select(account_table))).first() is None  # no webhook applied
+        report = await reconcile(
+            database=database,
+            gateway=gateway,
+            notifier=Recorder(),
+            customers=await customer_ids(database=database, gateway=gateway),
+            now=datetime.now(UTC),
+        )
+        assert len(report.drifted) == 2
+        async with database.read() as conn:
+            rows = (
+                await conn.execute(
+                    select(
+                        account_table.c.user_id,
+                        account_table.c.owner_kind,
+                        account_table.c.stripe_customer_id,
+                        account_table.c.tier,
+                        account_table.c.seats,
+                    ).order_by(account_table.c.user_id)
+                )
+            ).all()
+        assert [tuple(row) for row in rows] == [
+            ("dora", "user", person.id, "starter", 2),
+            ("org:org_b", "organization", org.id, "starter", 2),
+        ]
+        member = await viewer(service, clerk_token("eve", "org_b", "member"))
+        assert member["subscription"]["tier"] == "STARTER"
 
 
 async def test_a_user_id_with_the_organisation_prefix_is_refused(service: Service) -> None:

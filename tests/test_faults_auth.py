@@ -25,6 +25,7 @@ Rows, and where each is tested:
 | `confirmCheckoutSession(sessionId)` with another user's session (and unknown, malformed ids) | `test_mutations_checkout.py::test_confirming_another_users_session_is_refused_and_changes_nothing` (a user with a customer of her own); here: a user without one (`test_a_user_reaches_nothing_of_another_user_through_any_field`) |
 | `userSubscription(userId)` with another user's id | here: FORBIDDEN for a user (the service's field) |
 | `recordUsage(input.userId)`, `recordUsageBatch(inputs[].userId)` with another user's id | here: FORBIDDEN for a user, nothing recorded; `test_usage_recording.py::test_only_the_service_key_records_usage` |
+| organisations: `organizationSubscription(orgId)`, `recordUsage(input.orgId)`, `setSeats`, `previewSeatChange`; a prober who is a billing admin of an organisation (one named like the victim's user id too) | here: FORBIDDEN (the service's fields) and the prober's organisation's own empty state; `test_team_owners.py` (members of one organisation never see another's state, usage, invoices or live updates), `test_teams.py` (members who are not billing admins) |
 | fields without an id (viewer, its invoices, usage and entitlements; plan changes, cancel, resume, portal): always the token's user | here: the prober sees her own empty state, and every mutation answers for her (NO_SUBSCRIPTION, NO_BILLING_ACCOUNT), never touching the victim |
 | `billingStateChanged`: no argument, only the token's user | `test_realtime.py::test_a_subscriber_gets_its_state_then_each_webhook_change_and_no_one_else_does` |
 | the service key on user fields | `test_auth.py::test_the_service_key_is_the_service_principal`, `test_graphql_viewer.py::test_access_without_a_token_and_with_the_service_key` |
@@ -272,6 +273,30 @@ PROBES: list[tuple[str, str, dict[str, Any], str]] = [
         {},
         "NO_BILLING_ACCOUNT",
     ),
+    (
+        "organizationSubscription of an organisation named like the victim",
+        "query($o: ID!) { organizationSubscription(orgId: $o) { status tier } }",
+        {"o": VICTIM},
+        "FORBIDDEN",
+    ),
+    (
+        "recordUsage for an organisation",
+        "mutation($i: RecordUsageInput!) { recordUsage(input: $i) { id } }",
+        {"i": {"orgId": VICTIM, "feature": "api_calls", "quantity": 5, "idempotencyKey": "probe"}},
+        "FORBIDDEN",
+    ),
+    (
+        "setSeats of an organisation",
+        'mutation($o: ID!) { setSeats(orgId: $o, seats: 9, idempotencyKey: "probe") { seats } }',
+        {"o": VICTIM},
+        "FORBIDDEN",
+    ),
+    (
+        "previewSeatChange of an organisation",
+        "mutation($o: ID!) { previewSeatChange(orgId: $o, seats: 9) { amountDue } }",
+        {"o": VICTIM},
+        "FORBIDDEN",
+    ),
     ("createPortalSession", OPERATIONS["createPortalSession"], {}, "NO_BILLING_ACCOUNT"),
     ("previewPlanChange", OPERATIONS["previewPlanChange"], {}, "NO_SUBSCRIPTION"),
     ("changePlan", OPERATIONS["changePlan"], {}, "NO_SUBSCRIPTION"),
@@ -280,8 +305,20 @@ PROBES: list[tuple[str, str, dict[str, Any], str]] = [
 ]
 
 
-async def test_a_user_reaches_nothing_of_another_user_through_any_field(scene: Scene) -> None:
-    prober = f"Bearer {rs256(sub=PROBER)}"
+# The prober on their own, and as a billing admin of an organisation (team billing): one whose id
+# is the victim's user id must reach the organisation's account (`org:victim`), never hers.
+PROBER_ORGS: dict[str, dict[str, Any]] = {
+    "personal": {},
+    "admin of an organisation named like the victim": {"o": {"id": VICTIM, "rol": "admin"}},
+    "admin of another organisation (previous Clerk format)": {"org_id": "org_x", "org_role": "org:admin"},
+}
+
+
+@pytest.mark.parametrize("organisation", list(PROBER_ORGS), ids=list(PROBER_ORGS))
+async def test_a_user_reaches_nothing_of_another_user_through_any_field(
+    scene: Scene, organisation: str
+) -> None:
+    prober = f"Bearer {rs256(sub=PROBER, **PROBER_ORGS[organisation])}"
     stripe_before = await scene.stripe_side()
     answers: dict[str, dict[str, Any]] = {}
     async with unchanged(scene.service.database):

@@ -10,8 +10,9 @@ with the worker draining the inbox at random points. After the last drain:
 - every copy was acknowledged with 200, and exactly one copy of each event was new;
 - the inbox holds each event once, none pending or failed;
 - the account row equals the sandbox's subscription: id, status, price, tier and interval (from
-  the price's metadata), current period, trial end, cancel_at_period_end, canceled_at, and the
-  pending plan change of its schedule;
+  the price's metadata), current period, trial end, cancel_at_period_end, canceled_at, the
+  pending plan change of its schedule, and (while it is live) the seats, the plan's quantity; one
+  lifecycle is an organisation's (`metadata.orgId`, seats changed twice);
 - every invoice of the customer named by an event is stored with the sandbox's status and
   amounts (a deleted customer's invoices belong to no account: `viewer.invoices` lists the
   current customer's).
@@ -39,7 +40,7 @@ from billing.ledger import ACCOUNT_FIELDS, plain
 from billing.plan_changes import change_plan
 from billing.plans import load_catalog
 from billing.stripe_gateway import StripeGateway
-from billing.sync import CustomerLocks, sync_customer
+from billing.sync import LIVE_STATUSES, CustomerLocks, sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 from db.models import event_table, invoice_table, ledger_table
@@ -49,6 +50,7 @@ from tests.billing_flows import (
     advance_past_renewal,
     advance_to,
     card_fails,
+    control,
     period_end,
     subscribe,
 )
@@ -57,6 +59,7 @@ from tests.live import Live, LiveOptions
 from tests.stripe_events import post_event
 
 DAY = 86_400
+LIVE = {status.value for status in LIVE_STATUSES}
 SANDBOX_KEY = {"Authorization": "Bearer sk_test_properties"}
 
 
@@ -200,12 +203,44 @@ async def _customer_deleted_then_a_new_one(driver: Driver) -> Lifecycle:
     return Lifecycle("u-new", customer_id, [])
 
 
+async def _organisation_seats_change(driver: Driver) -> Lifecycle:
+    """An organisation's customer (`metadata.orgId`) checks out 3 seats of Pro, then its seats go
+    to 5 and to 4 with prorations invoiced at once: the row is the organisation's, seats included."""
+    gateway = driver.gateway
+    customer = await gateway.v1.customers.create_async({"metadata": {"orgId": "org_seats"}})
+    session = await gateway.v1.checkout.sessions.create_async(
+        {
+            "mode": "subscription",
+            "customer": customer.id,
+            "line_items": [{"price": driver.prices["pro_monthly"], "quantity": 3}],
+            "subscription_data": {"metadata": {"orgId": "org_seats"}},
+            "success_url": "http://app.test/billing/success",
+        }
+    )
+    await control(driver.service, f"checkout/{session.id}/complete", {"outcome": "paid"})
+    await driver.record(customer.id)
+    subscription = await gateway.v1.subscriptions.list_async({"customer": customer.id})
+    (found,) = subscription.data
+    for seats in (5, 4):
+        await advance(driver.service, 3 * DAY)
+        await gateway.v1.subscriptions.update_async(
+            found.id,
+            {
+                "items": [{"id": found["items"].data[0].id, "quantity": seats}],
+                "proration_behavior": "always_invoice",
+            },
+        )
+        await driver.record(customer.id)
+    return Lifecycle("org:org_seats", customer.id, [])
+
+
 # name -> (the steps, where they leave the subscription: status, tier, interval, a pending change)
 LIFECYCLES: dict[str, tuple[Callable[[Driver], Awaitable[Lifecycle]], tuple[str, str, str, bool]]] = {
     "trial-upgrade-downgrade": (_trial_upgrade_then_downgrade, ("active", "pro", "monthly", True)),
     "past-due-recovered-canceled": (_past_due_recovered_then_canceled, ("canceled", "pro", "monthly", False)),
     "annual-in-trial-past-due": (_annual_during_trial_then_dunning, ("past_due", "pro", "annual", False)),
     "customer-deleted-then-new": (_customer_deleted_then_a_new_one, ("active", "pro", "annual", False)),
+    "organisation-seats": (_organisation_seats_change, ("active", "pro", "monthly", False)),
 }
 
 
@@ -285,6 +320,8 @@ def expected_row(subscription: dict[str, Any]) -> dict[str, Any]:
         "pending_interval": None,
         "pending_change_at": None,
     }
+    if subscription["status"] in LIVE:  # seats follow a live subscription's plan quantity
+        expected["seats"] = licensed["quantity"]
     schedule = subscription.get("_schedule")
     if schedule is not None and schedule["status"] in ("not_started", "active"):
         start = schedule["current_phase"]["start_date"]

@@ -19,7 +19,7 @@ import logging
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -62,7 +62,8 @@ class User:
     # one of BILLING_ADMIN_ROLES. With an organisation, the viewer is on the organisation's plan.
     org_id: str | None = None
     billing_admin: bool = False
-    expires_at: float | None = None  # the token's `exp` (Unix time): a websocket closes then
+    # The token's `exp` (Unix time): a websocket closes then. Not part of who the user is.
+    expires_at: float | None = field(default=None, compare=False)
 
     @property
     def owner_key(self) -> str:

@@ -17,6 +17,7 @@ from billing.account_lookup import AccountEvent, AccountFound, customer_events, 
 from billing.customers import list_invoices
 from billing.invoice_records import InvoiceRevenue, invoice_revenue
 from billing.ledger import LedgerEntry
+from billing.owners import owner_of
 from billing.revenue import Bucket, MetricsInterval, RevenueMetrics, revenue_metrics
 from graph.common import BillingSubscription
 from graph.context import context_of
@@ -107,7 +108,12 @@ class AccountWebhookEvent:
 
 @strawberry.type(description="One account as an operator sees it.")
 class BillingAccountView:
-    user_id: strawberry.ID
+    user_id: strawberry.ID = strawberry.field(
+        description="The owner key: the user id, or `org:` + the organisation id."
+    )
+    organization_id: strawberry.ID | None = strawberry.field(
+        description="The organisation that owns the account; null for a user's own account."
+    )
     email: str | None
     name: str | None
     stripe_customer_id: str | None
@@ -119,6 +125,9 @@ class BillingAccountView:
         context = context_of(info)
         return cls(
             user_id=strawberry.ID(found.state.user_id),
+            organization_id=strawberry.ID(owner.id)
+            if (owner := owner_of(found.state.user_id)).is_organization
+            else None,
             email=found.state.email,
             name=found.state.name,
             stripe_customer_id=found.stripe_customer_id,

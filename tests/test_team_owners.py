@@ -196,3 +196,17 @@ async def test_a_socket_is_closed_when_its_token_expires_and_hears_nothing_after
         await bob.state_where(lambda s: s["cancelAtPeriodEnd"] is True)  # the member still connected hears it
         assert bob.closed is None
         assert [m for m in eve.unread() if m.get("type") == "next"] == []
+
+
+async def test_operators_see_the_owner_of_an_account(api: Api) -> None:
+    query = (
+        "query($u: ID!) { billingAccount(userId: $u) { userId organizationId subscription { tier seats } } }"
+    )
+    found = await api.query(query, {"u": "org:org_a"}, token=SERVICE_KEY)
+    assert found["data"]["billingAccount"] == {
+        "userId": "org:org_a",
+        "organizationId": "org_a",
+        "subscription": {"tier": "PRO", "seats": 3},
+    }
+    personal = await api.query(query, {"u": "ada"}, token=SERVICE_KEY)
+    assert personal["data"]["billingAccount"]["organizationId"] is None

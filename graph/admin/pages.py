@@ -17,6 +17,7 @@ from billing.customers import InvoiceRecord
 from billing.host_events.admin import HostEventRow
 from billing.ledger import LedgerEntry
 from billing.operations import AccountBrief, InboxEvent
+from billing.owners import owner_of
 from billing.revenue import MOVEMENTS, RevenueMetrics
 from billing.usage.reporting import FlaggedReport
 from billing.usage.windows import Entitlement
@@ -202,6 +203,12 @@ def overview(
     )
 
 
+def owner_label(user_id: str) -> str:
+    """An account's owner (billing/owners.py): `user <id>` or `organisation <id>`."""
+    owner = owner_of(user_id)
+    return f"organisation {owner.id}" if owner.is_organization else f"user {owner.id}"
+
+
 def account_link(request: Request, user_id: str) -> str:
     return f'<a href="{admin_url(request, "/accounts/" + quote(user_id, safe=""))}">{esc(user_id)}</a>'
 
@@ -275,7 +282,7 @@ def account(
     state = table(
         ["Field", "Value"],
         [
-            ["User id", esc(s.user_id)],
+            ["Owner", esc(owner_label(s.user_id))],
             ["Email", esc(s.email)],
             ["Stripe customer", esc(found.stripe_customer_id)],
             ["Status", f'<span id="account-status">{esc(s.status)}</span>'],

@@ -218,7 +218,7 @@ async def test_the_migration_makes_todays_accounts_user_owned_and_answers_as_bef
 ) -> None:
     db = blank_db.database()
     try:
-        await upgrade_engine(db.engine, "0008")
+        await upgrade_engine(db.engine, "0010")
         await insert_account(db, "old1", cancel_at_period_end=True)
         await insert_account(db, "old2", status="none", tier="none", interval=None)
         await upgrade_engine(db.engine)

@@ -11,7 +11,9 @@ from datetime import UTC, datetime, timedelta
 import pytest
 from sqlalchemy import insert, update
 
+from billing.plans import load_catalog
 from billing.realtime import publish_account_change
+from billing.usage import UsageInput, record_usage
 from db.engine import Database
 from db.models import account_table, invoice_table
 from examples.host_app import create_host_app
@@ -210,3 +212,26 @@ async def test_operators_see_the_owner_of_an_account(api: Api) -> None:
     }
     personal = await api.query(query, {"u": "ada"}, token=SERVICE_KEY)
     assert personal["data"]["billingAccount"]["organizationId"] is None
+
+
+async def test_a_quota_is_the_organisations_and_a_members_use_counts_against_it(
+    host: Api, database: Database
+) -> None:
+    """WithinQuota judges the organisation's usage; the host app's in-process recording (the
+    example's `lookup`) counts the member's use against the organisation, not the member."""
+    await record_usage(
+        database=database,
+        catalog=load_catalog(),
+        records=[UsageInput("org:org_a", "api_calls", 99_999, "bulk")],
+    )
+    lookup = '{ lookup(query: "abc") { answer } }'
+    first = await host.query(lookup, token=member("bob", "org_a"))
+    assert first["data"]["lookup"] == {"answer": "cba"}, first
+    refused = await host.query(lookup, token=member("cy", "org_a"))  # the 100,000th use was bob's
+    assert error_codes(refused) == ["QUOTA_EXCEEDED"], refused
+    personal = await host.query(lookup, token=hs256_token("bob"))  # bob's own plan: none
+    assert error_codes(personal) == ["FEATURE_NOT_IN_PLAN"], personal
+    own = await host.query(lookup, token=hs256_token("ada"))  # ada's own Starter quota is untouched
+    assert own["data"]["lookup"] == {"answer": "cba"}, own
+    usage = await host.query(USAGE, token=member("ada", "org_a"))
+    assert usage["data"]["viewer"]["usage"]["used"] == 100_000

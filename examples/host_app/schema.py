@@ -105,11 +105,12 @@ class HostQuery:
         context = context_of(info)
         user = await context.user()
         # An embedding host app records usage in-process; a separate backend would call the
-        # `recordUsage` mutation with the service key instead.
+        # `recordUsage` mutation with the service key instead. The use counts against the plan the
+        # quota was checked on: the token's active organisation's, else the user's own.
         await record_usage(
             database=context.database,
             catalog=context.catalog,
-            records=[UsageInput(user.id, "api_calls", 1, f"lookup:{context.request_id}")],
+            records=[UsageInput(user.owner_key, "api_calls", 1, f"lookup:{context.request_id}")],
             now=context.now,
             max_quantity=context.services.settings.usage_max_quantity,
             past_due_grace=context.policy.past_due_grace,

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import stripe
 from sqlalchemy import select
 
 from billing.catalog import sync_catalog
@@ -177,3 +178,21 @@ async def test_a_personal_checkout_of_a_per_seat_tier_starts_at_its_minimum(serv
             await conn.execute(select(account_table.c.seats).where(account_table.c.user_id == "solo"))
         ).scalar_one()
     assert seats == 2
+
+
+async def test_the_sandbox_refuses_a_negative_quantity_as_stripe_does(service: Service) -> None:
+    admin = hs256_token("ada", o={"id": "org_t", "rol": "admin"})
+    await subscribe_via_api(service, admin, "PRO", "MONTHLY")
+    quantity, invoices = await stripe_view(service)
+    async with open_sandbox_gateway(service.url) as gateway, service.database.read() as conn:
+        subscription_id = (
+            await conn.execute(
+                select(account_table.c.stripe_subscription_id).where(account_table.c.user_id == "org:org_t")
+            )
+        ).scalar_one()
+        subscription = await gateway.v1.subscriptions.retrieve_async(subscription_id)
+        with pytest.raises(stripe.InvalidRequestError, match="greater than or equal to 0"):
+            await gateway.v1.subscriptions.update_async(
+                subscription_id, {"items": [{"id": subscription["items"].data[0].id, "quantity": -1}]}
+            )
+    assert await stripe_view(service) == (quantity, invoices) and quantity == 2  # min_seats

@@ -113,7 +113,10 @@ async def resolve_items(
                 raise parameter_invalid(
                     f"{name}[quantity]", "Quantity should not be specified where usage_type is `metered`."
                 )
-            item["quantity"] = int(spec["quantity"])
+            quantity = int(spec["quantity"])
+            if quantity < 0:
+                raise parameter_invalid(f"{name}[quantity]", "This value must be greater than or equal to 0.")
+            item["quantity"] = quantity
         if "metadata" in spec:
             item["metadata"] = apply_metadata(item.get("metadata") or {}, spec["metadata"])
     if not result:

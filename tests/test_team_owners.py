@@ -5,9 +5,11 @@ The served API over the test database (no Stripe needed), on PostgreSQL and SQLi
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
+import httpx
 import pytest
 from sqlalchemy import insert, update
 
@@ -235,3 +237,21 @@ async def test_a_quota_is_the_organisations_and_a_members_use_counts_against_it(
     assert own["data"]["lookup"] == {"answer": "cba"}, own
     usage = await host.query(USAGE, token=member("ada", "org_a"))
     assert usage["data"]["viewer"]["usage"]["used"] == 100_000
+
+
+async def test_the_admin_console_names_an_accounts_owner(api: Api) -> None:
+    headers = {"Sec-Fetch-Site": "same-origin", "Origin": api.url}
+    async with httpx.AsyncClient(base_url=api.url, timeout=30, headers=headers) as client:
+        form = await client.get("/admin/sign-in")
+        csrf = re.search(r'name="csrf_token" value="([^"]+)"', form.text)
+        assert csrf is not None, form.text
+        signed_in = await client.post(
+            "/admin/sign-in", data={"token": SERVICE_KEY, "csrf_token": csrf.group(1)}
+        )
+        assert signed_in.status_code == 303, signed_in.text
+        found = await client.get("/admin/accounts", params={"q": "org:org_a"})
+        assert found.status_code == 303 and found.headers["location"] == "/admin/accounts/org%3Aorg_a"
+        page = (await client.get(found.headers["location"])).text
+        personal = (await client.get("/admin/accounts/ada")).text
+    assert "<td>organisation org_a</td>" in page
+    assert "<td>user ada</td>" in personal

@@ -12,10 +12,13 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import IntegrityError
 
 from billing.access import load_subscription
+from billing.errors import ConfigurationError
 from billing.reconcile import customer_ids, reconcile
+from billing.settings import Settings, load_settings
 from db.engine import Database
 from db.migrate import upgrade_engine
 from db.models import account_table, rate_limit_table
+from graph.auth import Authenticator, User
 from tests.billing_flows import control, setup_catalog
 from tests.checkout_flows import CREATE, gql, settle, snapshot, subscribe_via_api
 from tests.conftest import DbTarget, Service, running_service
@@ -243,3 +246,52 @@ async def test_the_migration_makes_todays_accounts_user_owned_and_answers_as_bef
         True,
     )
     assert (states[1].status.value, states[1].tier.value) == ("none", "none")
+
+
+async def test_the_active_organisation_and_admin_role_come_from_the_configured_claims() -> None:
+    auth = Authenticator(Settings())
+
+    async def who(**claims: Any) -> User:
+        user = await auth.authenticate(f"Bearer {hs256_token('u', **claims)}")
+        assert isinstance(user, User)
+        return user
+
+    cases = {
+        "clerk v2 admin": ({"o": {"id": "org_1", "rol": "admin"}}, ("org_1", True)),
+        "clerk v2 member": ({"o": {"id": "org_1", "rol": "member"}}, ("org_1", False)),
+        "clerk v1 admin": ({"org_id": "org_1", "org_role": "org:admin"}, ("org_1", True)),
+        "clerk v1 bare admin": ({"org_id": "org_1", "org_role": "admin"}, ("org_1", False)),
+        "workos admin": ({"org_id": "org_1", "role": "admin"}, ("org_1", True)),
+        "auth0 (no role by default)": ({"org_id": "org_1"}, ("org_1", False)),
+        "a role without an organisation": ({"role": "admin", "o": {"rol": "admin"}}, (None, False)),
+        "not a string": ({"org_id": 7, "role": "admin"}, (None, False)),
+        "too long": ({"org_id": "o" * 252, "role": "admin"}, (None, False)),
+        "control characters": ({"org_id": "org\n1", "role": "admin"}, (None, False)),
+    }
+    for case, (claims, expected) in cases.items():
+        user = await who(**claims)
+        assert (user.org_id, user.billing_admin) == expected, case
+    assert (await who(o={"id": "org_1"})).owner_key == "org:org_1"
+    assert (await who()).owner_key == "u"
+
+    # Auth0: a role claim added by an Action, named by the configured path (top level or nested).
+    for setting, claims in (
+        ("billing_org_role=admin", {"billing_org_role": "admin"}),
+        ("app.org_role=admin", {"app": {"org_role": "admin"}}),
+    ):
+        custom = Authenticator(Settings(auth_org_id_claims="org_id", billing_admin_roles=setting))
+        token = hs256_token("u", org_id="org_2", **claims)
+        assert isinstance(found := await custom.authenticate(f"Bearer {token}"), User)
+        assert (found.org_id, found.billing_admin) == ("org_2", True), setting
+
+
+def test_organisation_settings_are_validated() -> None:
+    assert Settings().org_id_claims == ["o.id", "org_id"]
+    assert Settings().admin_roles == [("o.rol", "admin"), ("org_role", "org:admin"), ("role", "admin")]
+    for bad in (
+        {"billing_admin_roles": "admin"},
+        {"billing_admin_roles": "o.rol="},
+        {"auth_org_id_claims": "o..id"},
+    ):
+        with pytest.raises(ConfigurationError):
+            load_settings(**bad)

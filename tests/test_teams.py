@@ -19,11 +19,12 @@ from db.engine import Database
 from db.migrate import upgrade_engine
 from db.models import account_table, rate_limit_table
 from graph.auth import Authenticator, User
-from tests.billing_flows import control, setup_catalog
+from tests.billing_flows import control, eventually, setup_catalog
 from tests.checkout_flows import CREATE, gql, settle, snapshot, subscribe_via_api
 from tests.conftest import DbTarget, Service, running_service
 from tests.gateways import open_sandbox_gateway
 from tests.graphql_support import error_codes, hs256_token, insert_account
+from tests.host_receiver import SECRET, run_host_receiver
 from tests.live import Recorder
 
 VIEWER = """{ viewer { id organizationId canManageBilling
@@ -119,6 +120,30 @@ async def test_an_admin_checks_out_for_the_organisation_and_its_members_are_on_i
     assert personal["organizationId"] is None and personal["canManageBilling"] is True
     assert (personal["subscription"]["status"], personal["subscription"]["tier"]) == ("NONE", "NONE")
     assert (await gql(service, INVOICES, token=hs256_token("bob")))["data"]["viewer"]["invoices"] == []
+
+
+async def test_an_organisations_host_events_name_it(database: Database, sandbox_db: DbTarget) -> None:
+    async with (
+        run_host_receiver(SECRET) as receiver,
+        running_service(
+            database, sandbox_db, host_webhook_url=receiver.url, host_webhook_secret=SECRET
+        ) as service,
+    ):
+        async with open_sandbox_gateway(service.url) as gateway:
+            await setup_catalog(gateway)
+        await subscribe_via_api(service, clerk_token("ada", "org_acme", "admin"), "PRO", "MONTHLY")
+        await settle(service)
+
+        async def created() -> dict[str, Any] | None:
+            found = [d.event for d in receiver.delivered if d.event["type"] == "subscription.created"]
+            return found[0]["data"] if found else None
+
+        data = await eventually(created, what="the organisation's subscription.created host event")
+    assert (data["userId"], data["orgId"], data["subscription"]["tier"]) == (
+        "org:org_acme",
+        "org_acme",
+        "PRO",
+    )
 
 
 async def test_members_who_are_not_billing_admins_are_forbidden_and_change_nothing(

@@ -20,6 +20,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from billing.access import SubscriptionState, account_state_select, effective_tier
+from billing.owners import owner_of
 from billing.stripe_objects import field as get
 from billing.stripe_objects import object_id, stripe_time
 from db.engine import Database
@@ -251,8 +252,10 @@ async def write_sync_events(
     wanted = [event for event in ordered if config.wants(event.type)]
     if not wanted:
         return 0
+    owner = owner_of(state.user_id)
     common = {
         "userId": state.user_id,
+        **({"orgId": owner.id} if owner.is_organization else {}),
         "stripeCustomerId": customer_id,
         "stripeSubscriptionId": row["stripe_subscription_id"],
         "subscription": subscription_data(state, now=now, past_due_grace=config.past_due_grace),

@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 from sqlalchemy.exc import IntegrityError
 
 from billing.access import load_subscription
@@ -239,6 +239,23 @@ async def test_billing_sync_maps_an_organisation_customer_by_its_org_id(
 async def test_a_user_id_with_the_organisation_prefix_is_refused(service: Service) -> None:
     result = await gql(service, VIEWER, token=hs256_token("org:org_acme"))
     assert error_codes(result) == ["UNAUTHENTICATED"]
+
+
+async def test_the_migration_refuses_a_user_id_that_looks_like_an_organisation(
+    blank_db: DbTarget,
+) -> None:
+    db = blank_db.database()
+    try:
+        await upgrade_engine(db.engine, "0010")
+        await insert_account(db, "org:legacy")
+        with pytest.raises(RuntimeError, match=r"1 billing_account row.*starting with 'org:'"):
+            await upgrade_engine(db.engine)
+        async with db.read() as conn:  # nothing changed: still 0010, the row as it was
+            version = (await conn.execute(text("SELECT version_num FROM alembic_version"))).scalar_one()
+            rows = (await conn.execute(select(account_table.c.user_id))).scalars().all()
+        assert (version, rows) == ("0010", ["org:legacy"])
+    finally:
+        await db.dispose()
 
 
 async def test_the_migration_makes_todays_accounts_user_owned_and_answers_as_before(

@@ -23,6 +23,16 @@ OWNER = (
 
 
 def upgrade() -> None:
+    # `org:` now starts an organisation's owner key: a user id that starts with it cannot be kept
+    # as a user's. Refuse before changing anything, naming how many and the way out.
+    taken = op.get_bind().execute(
+        sa.text("SELECT count(*) FROM billing_account WHERE substr(user_id, 1, 4) = 'org:'")
+    ).scalar_one()
+    if taken:
+        raise RuntimeError(
+            f"migration 0012: {taken} billing_account row(s) have a user_id starting with 'org:', "
+            "which now names an organisation's account; rename those users' ids (user_id) first"
+        )
     with op.batch_alter_table("billing_account") as batch:
         # Every existing row gets the server default: a user-owned account, answering as before.
         batch.add_column(sa.Column("owner_kind", sa.String(16), nullable=False, server_default="user"))

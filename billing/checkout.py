@@ -35,6 +35,7 @@ from stripe.params.checkout import (
 from billing.access import SubscriptionState, load_subscription
 from billing.catalog import MANAGED, PAGE
 from billing.clock import Clock, utcnow
+from billing.customer_locks import CustomerLocks
 from billing.customers import (
     Identity,
     get_or_create_customer,
@@ -52,7 +53,7 @@ from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import metadata, object_id
-from billing.sync import CustomerLocks, SyncResult, sync_customer
+from billing.sync import SyncResult, sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 

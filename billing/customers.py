@@ -36,12 +36,13 @@ from sqlalchemy.dialects import postgresql, sqlite
 from stripe.params import CustomerCreateParams, CustomerCreateParamsInvoiceSettings, CustomerUpdateParams
 
 from billing.clock import Clock, utcnow
+from billing.customer_locks import CustomerLocks
 from billing.errors import BillingError, ErrorCode
 from billing.ledger import MUTATION
 from billing.owners import customer_metadata, owner_columns
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, idempotency_key
-from billing.sync import CustomerLocks, sync_customer
+from billing.sync import sync_customer
 from db.engine import Database
 from db.models import account_table, invoice_table
 

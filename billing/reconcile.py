@@ -8,10 +8,11 @@ from datetime import datetime
 
 from sqlalchemy import select
 
+from billing.customer_locks import CustomerLocks
 from billing.host_events.events import HostEventConfig
 from billing.notifier import Notifier
 from billing.stripe_gateway import StripeGateway
-from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
+from billing.sync import SyncResult, notifications_for, notify_all, sync_customer
 from db.engine import Database
 from db.models import account_table
 

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from billing.access import SubscriptionState, is_user_id, load_subscription
 from billing.clock import Clock, utcnow
+from billing.customer_locks import CustomerLocks
 from billing.errors import BillingError, ErrorCode
 from billing.owners import org_key, owner_columns
 from billing.plan_changes.live import Account, LiveSubscription, change_lock, load_account, load_live
@@ -34,7 +35,7 @@ from billing.plans import Catalog, Plan
 from billing.stripe_gateway import StripeGateway, idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import stripe_time
-from billing.sync import LIVE_STATUSES, CustomerLocks
+from billing.stripe_state import LIVE_STATUSES
 from db.engine import Database
 from db.models import account_table
 

@@ -30,6 +30,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from billing import tracing
 from billing.background import BackgroundWorker
 from billing.clock import Clock, utcnow
+from billing.customer_locks import CustomerLocks
 from billing.errors import BillingError
 from billing.host_events.events import HostEventConfig, StripeTrigger
 from billing.logs import EVENT_ID as APPLYING
@@ -38,7 +39,7 @@ from billing.notifier import Notification, NotificationKind, Notifier
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
 from billing.stripe_objects import object_id, stripe_time
-from billing.sync import CustomerLocks, SyncResult, notifications_for, notify_all, sync_customer
+from billing.sync import SyncResult, notifications_for, notify_all, sync_customer
 from billing.work_queue import LeasedQueue, release_on_shutdown
 from db.engine import Database
 from db.enums import EventStatus

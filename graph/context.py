@@ -23,6 +23,7 @@ import strawberry
 
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
 from billing.clock import Clock, utcnow
+from billing.customer_locks import CustomerLocks
 from billing.customers import Identity
 from billing.errors import BillingError, ErrorCode
 from billing.logs import REQUEST_ID, USER_ID, request_id_for
@@ -31,7 +32,6 @@ from billing.plans import Catalog
 from billing.realtime import BillingStateHub
 from billing.settings import Settings
 from billing.stripe_gateway import StripeGateway
-from billing.sync import CustomerLocks
 from billing.usage.reporting import UsageReporter
 from db.engine import Database
 from graph.auth import Authenticator, Principal, ServicePrincipal, User

@@ -36,11 +36,13 @@ from hypothesis import strategies as st
 from sqlalchemy import select
 
 from billing.clock import utcnow
+from billing.customer_locks import CustomerLocks
 from billing.ledger import ACCOUNT_FIELDS, plain
 from billing.plan_changes import change_plan
 from billing.plans import load_catalog
 from billing.stripe_gateway import StripeGateway
-from billing.sync import LIVE_STATUSES, CustomerLocks, sync_customer
+from billing.stripe_state import LIVE_STATUSES
+from billing.sync import sync_customer
 from db.engine import Database
 from db.enums import BillingInterval, Tier
 from db.models import event_table, invoice_table, ledger_table

@@ -14,7 +14,7 @@ from billing.clock import utcnow
 from billing.plans import plan_of_price
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import stripe_time
-from billing.sync import licensed_item
+from billing.stripe_state import licensed_item
 from billing.webhooks import requeue
 from db.engine import Database
 from db.models import account_table, event_table

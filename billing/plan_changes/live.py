@@ -15,7 +15,7 @@ from billing.plans import Catalog, plan_of_price
 from billing.stripe_gateway import StripeGateway
 from billing.stripe_objects import field as get
 from billing.stripe_objects import metadata, object_id
-from billing.sync import LIVE_STATUSES, licensed_item
+from billing.stripe_state import LIVE_STATUSES, licensed_item
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
 from db.models import account_table

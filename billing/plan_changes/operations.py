@@ -7,6 +7,7 @@ from typing import Any
 
 from billing.access import SubscriptionState
 from billing.clock import Clock, utcnow
+from billing.customer_locks import CustomerLocks
 from billing.plan_changes.live import (
     change_lock,
     classify_change,
@@ -39,7 +40,7 @@ from billing.plan_changes.stripe_calls import (
 from billing.plans import Catalog
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
-from billing.sync import LIVE_STATUSES, CustomerLocks
+from billing.stripe_state import LIVE_STATUSES
 from db.engine import Database
 from db.enums import BillingInterval, SubscriptionStatus, Tier
 

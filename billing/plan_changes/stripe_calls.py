@@ -11,13 +11,14 @@ from stripe import RequestOptions
 
 from billing.access import SubscriptionState, load_subscription
 from billing.clock import Clock
+from billing.customer_locks import CustomerLocks
 from billing.errors import BillingError, ErrorCode
 from billing.ledger import MUTATION
 from billing.plan_changes.live import Account, ItemChange, LiveSubscription, phase_items, update_items
 from billing.stripe_gateway import StripeGateway, random_idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import object_id
-from billing.sync import CustomerLocks, sync_customer
+from billing.sync import sync_customer
 from db.engine import Database
 
 log = logging.getLogger("billing.plan_changes")

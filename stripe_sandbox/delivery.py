@@ -207,7 +207,15 @@ class Deliverer:
     async def deliver_due(self) -> int:
         """Claim one batch of due events, send it, record the results; the number claimed."""
         async with self._pass_lock:
-            mode, batch = await self._claim()
+            claiming = asyncio.ensure_future(self._claim())
+            try:
+                mode, batch = await asyncio.shield(claiming)
+            except asyncio.CancelledError:
+                # Stopping while the claim commits: let it end, then give its batch back at once
+                # (else it would wait out the lease, minutes, after a restart).
+                _, taken = await claiming
+                await self._release([event.id for event in taken])
+                raise
             if not batch:
                 return 0
             sends = list(batch)

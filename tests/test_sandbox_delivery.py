@@ -6,6 +6,7 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -291,3 +292,32 @@ async def test_delivery_holds_no_write_transaction_while_the_endpoint_calls_back
     assert [customer_of(d) for d in hooked.receiver.deliveries] == [first.id, made[0]]
     assert [d.status for d in hooked.receiver.deliveries] == [200, 200]
     assert (stats.pending, stats.delivered) == (0, 2)
+
+
+async def test_a_stop_during_the_claim_gives_the_batch_back_at_once(
+    database: Database, sandbox_db: DbTarget, receiver: WebhookReceiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The process stops (its task cancelled) just as a claim commits: the batch is due again now,
+    not when its lease ends minutes later (a restarted service would wait that long)."""
+    async with hooked_service(database, sandbox_db, receiver, deliver_webhooks=False) as hooked:
+        for n in range(3):
+            await hooked.gateway.v1.customers.create_async({"name": f"stopped{n}"})
+        deliverer = hooked.sandbox.delivery
+        claim = deliverer._claim
+        committed = asyncio.Event()
+
+        async def claim_then_stop() -> Any:
+            result = await claim()
+            committed.set()
+            await asyncio.sleep(0.5)  # the cancellation lands here, the lease already written
+            return result
+
+        monkeypatch.setattr(deliverer, "_claim", claim_then_stop)
+        passing = asyncio.create_task(deliverer.deliver_due())
+        await asyncio.wait_for(committed.wait(), 10)
+        passing.cancel()
+        await asyncio.gather(passing, return_exceptions=True)
+        rows = await hooked.outbox()
+    assert passing.cancelled() and receiver.deliveries == []
+    assert len(rows) == 3
+    assert all(not row["delivered"] and row["next_attempt_at"] <= time.time() for row in rows), rows

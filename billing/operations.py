@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import select
 
@@ -39,47 +40,10 @@ class AccountBrief:
     current_period_end: datetime | None
 
 
-async def stuck_events(database: Database, *, limit: int = 100) -> list[InboxEvent]:
-    """Failed events first, then those waiting (pending or being processed), oldest first."""
+def _inbox_select() -> Any:
     e = event_table.c
     customer = e.payload["data"]["object"]["customer"].as_string()
-    query = (
-        select(
-            e.id,
-            e.type,
-            e.status,
-            e.attempts,
-            e.last_error,
-            e.stripe_created,
-            e.received_at,
-            e.next_attempt_at,
-            customer.label("customer"),
-        )
-        .where(e.status.in_(STUCK_STATUSES))
-        .order_by((e.status != EventStatus.FAILED.value), e.received_at, e.id)
-        .limit(limit)
-    )
-    async with database.read() as conn:
-        rows = (await conn.execute(query)).all()
-    return [
-        InboxEvent(
-            id=row.id,
-            type=row.type,
-            status=row.status,
-            attempts=row.attempts,
-            error=row.last_error,
-            created=row.stripe_created,
-            received_at=row.received_at,
-            next_attempt_at=row.next_attempt_at,
-            customer_id=row.customer,
-        )
-        for row in rows
-    ]
-
-
-async def inbox_event(database: Database, event_id: str) -> InboxEvent | None:
-    e = event_table.c
-    query = select(
+    return select(
         e.id,
         e.type,
         e.status,
@@ -88,23 +52,42 @@ async def inbox_event(database: Database, event_id: str) -> InboxEvent | None:
         e.stripe_created,
         e.received_at,
         e.next_attempt_at,
-        e.payload["data"]["object"]["customer"].as_string().label("customer"),
-    ).where(e.id == event_id)
-    async with database.read() as conn:
-        row = (await conn.execute(query)).first()
-    if row is None:
-        return None
-    return InboxEvent(
-        row.id,
-        row.type,
-        row.status,
-        row.attempts,
-        row.last_error,
-        row.stripe_created,
-        row.received_at,
-        row.next_attempt_at,
-        row.customer,
+        customer.label("customer"),
     )
+
+
+def _inbox_event(row: Any) -> InboxEvent:
+    return InboxEvent(
+        id=row.id,
+        type=row.type,
+        status=row.status,
+        attempts=row.attempts,
+        error=row.last_error,
+        created=row.stripe_created,
+        received_at=row.received_at,
+        next_attempt_at=row.next_attempt_at,
+        customer_id=row.customer,
+    )
+
+
+async def stuck_events(database: Database, *, limit: int = 100) -> list[InboxEvent]:
+    """Failed events first, then those waiting (pending or being processed), oldest first."""
+    e = event_table.c
+    query = (
+        _inbox_select()
+        .where(e.status.in_(STUCK_STATUSES))
+        .order_by((e.status != EventStatus.FAILED.value), e.received_at, e.id)
+        .limit(limit)
+    )
+    async with database.read() as conn:
+        rows = (await conn.execute(query)).all()
+    return [_inbox_event(row) for row in rows]
+
+
+async def inbox_event(database: Database, event_id: str) -> InboxEvent | None:
+    async with database.read() as conn:
+        row = (await conn.execute(_inbox_select().where(event_table.c.id == event_id))).first()
+    return None if row is None else _inbox_event(row)
 
 
 async def _accounts(database: Database, condition: object, limit: int) -> list[AccountBrief]:

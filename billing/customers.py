@@ -41,6 +41,7 @@ from billing.errors import BillingError, ErrorCode
 from billing.ledger import MUTATION
 from billing.owners import customer_metadata, owner_columns
 from billing.plans import Catalog
+from billing.realtime import publish_account_change
 from billing.stripe_gateway import StripeGateway, idempotency_key
 from billing.sync import sync_customer
 from db.engine import Database
@@ -203,11 +204,14 @@ async def _create_and_link(
                 updated_at=now,
             )
         )
-        linked = (
+        account_id, linked = (
             await conn.execute(
-                select(account_table.c.stripe_customer_id).where(account_table.c.user_id == user.id)
+                select(account_table.c.id, account_table.c.stripe_customer_id).where(
+                    account_table.c.user_id == user.id
+                )
             )
-        ).scalar_one()
+        ).one()
+        await publish_account_change(conn, database, account_id)
     if linked is None:  # pragma: no cover - the statements above always link or find a link
         raise RuntimeError(f"account {user.id} has no customer after linking")
     if linked != customer.id:
@@ -243,11 +247,14 @@ async def _keep_identity(
         lambda o: gateway.v1.customers.update_async(customer_id, changes, o), what="update customer"
     )
     async with database.write() as conn:
-        await conn.execute(
+        changed = await conn.execute(
             update(account_table)
             .where(account_table.c.user_id == user.id, account_table.c.stripe_customer_id == customer_id)
             .values(**changes, updated_at=clock())
+            .returning(account_table.c.id)
         )
+        for (account_id,) in changed.all():
+            await publish_account_change(conn, database, account_id)
 
 
 async def _account(database: Database, user_id: str) -> Any:

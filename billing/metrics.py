@@ -102,6 +102,17 @@ REALTIME_SUBSCRIPTIONS = Gauge(
     multiprocess_mode="livesum",
 )
 
+ACCOUNT_CACHE_LOOKUPS = Counter(
+    "billing_account_cache_lookups",
+    "Account-state lookups of GraphQL requests, answered from the cache (hit) or read (miss).",
+    ["result"],
+)
+ACCOUNT_CACHE_LIVE = Gauge(
+    "billing_account_cache_live",
+    "1 while the process's account cache is served (its LISTEN connection is up), else 0.",
+    multiprocess_mode="livemin",
+)
+
 _operation_labels: dict[str, str] = {}
 
 

@@ -42,6 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from billing.access import AccessPolicy, SubscriptionState, account_states
+from billing.account_cache import AccountCache
 from billing.clock import Clock, utcnow
 from billing.metrics import REALTIME_SUBSCRIPTIONS
 from db.engine import Database
@@ -69,9 +70,8 @@ async def publish_account_change(conn: AsyncConnection, database: Database, acco
         await conn.execute(
             text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": str(account_id)}
         )
-        return
     broadcast = LocalBroadcast.existing(database)
-    if broadcast is not None:  # nobody listens in this process (the CLI): the poller of the service sees it
+    if broadcast is not None:  # None: nobody listens in this process (the CLI); other processes are told
         broadcast.record(conn, account_id)
 
 
@@ -80,7 +80,7 @@ _COMMITTED = "billing.realtime.committed"  # committed, announced when the conne
 
 
 class LocalBroadcast:
-    """SQLite, in process: account ids written on an engine, announced after their commit.
+    """In process: account ids written on an engine, announced after their commit.
 
     The ids ride on the pooled connection's `info`: moved aside when the transaction commits,
     dropped when it rolls back, and announced when the connection goes back to the pool, after
@@ -415,6 +415,7 @@ class PostgresListener:
         on_accounts: Callable[[Iterable[int]], None],
         on_connected: Callable[[], None],
         *,
+        on_disconnected: Callable[[], None] = lambda: None,
         channel: str = CHANNEL,
         min_backoff: float = 0.1,
         max_backoff: float = 5.0,
@@ -425,6 +426,7 @@ class PostgresListener:
         self.connect = connect
         self.on_accounts = on_accounts
         self.on_connected = on_connected
+        self.on_disconnected = on_disconnected
         self.channel = channel
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
@@ -464,6 +466,7 @@ class PostgresListener:
             finally:
                 self.pid = None
                 self.connected.clear()
+                self.on_disconnected()
                 await _close(conn)
             if time.monotonic() - started >= self.stable_after:
                 delay = self.min_backoff
@@ -566,7 +569,7 @@ async def _close_sqlite(conn: aiosqlite.Connection) -> None:
 
 
 class LocalChanges:
-    """SQLite, in process: the hub hears of this process's commits as they happen."""
+    """This process's commits as they happen: the hub's on SQLite, the account cache's on PostgreSQL."""
 
     def __init__(self, database: Database, on_accounts: Callable[[Iterable[int]], None]) -> None:
         self.broadcast = LocalBroadcast.of(database)
@@ -593,11 +596,20 @@ class Realtime:
     sources: list[ChangeSource]
 
     @classmethod
-    def for_database(cls, database: Database, policy: AccessPolicy) -> Realtime:
+    def for_database(
+        cls, database: Database, policy: AccessPolicy, *, cache: AccountCache | None = None
+    ) -> Realtime:
+        """The hub and its sources; on PostgreSQL, `cache` hears of the same changes."""
         hub = BillingStateHub(database, policy)
         sources: list[ChangeSource] = []
         if database.is_postgres:
-            sources.append(PostgresListener(asyncpg_connector(database), hub.accounts_changed, hub.resync))
+            on_accounts, on_connected, on_lost = _signals(hub, cache)
+            listener = PostgresListener(
+                asyncpg_connector(database), on_accounts, on_connected, on_disconnected=on_lost
+            )
+            sources.append(listener)
+            if cache is not None:  # this process's own commits reach the cache before their writer answers
+                sources.append(LocalChanges(database, cache.accounts_changed))
         else:
             sources.append(LocalChanges(database, hub.accounts_changed))
             path = database.engine.url.database
@@ -618,3 +630,24 @@ class Realtime:
         for source in reversed(self.sources):
             await source.stop()
         await self.hub.stop()
+
+
+_Signals = tuple[Callable[[Iterable[int]], None], Callable[[], None], Callable[[], None]]
+
+
+def _signals(hub: BillingStateHub, cache: AccountCache | None) -> _Signals:
+    """What the LISTEN connection tells: accounts changed, connected, lost; to the cache too."""
+    if cache is None:
+        return hub.accounts_changed, hub.resync, lambda: None
+    account_cache = cache
+
+    def on_accounts(account_ids: Iterable[int]) -> None:
+        ids = tuple(account_ids)
+        account_cache.accounts_changed(ids)
+        hub.accounts_changed(ids)
+
+    def on_connected() -> None:
+        account_cache.connected()
+        hub.resync()
+
+    return on_accounts, on_connected, account_cache.disconnected

@@ -32,6 +32,7 @@ from billing.plan_changes.model import CHANGEABLE_STATUSES, PreviewLine
 from billing.plan_changes.previews import preview_lines, proration_time
 from billing.plan_changes.stripe_calls import synced_state
 from billing.plans import Catalog, Plan
+from billing.realtime import publish_account_change
 from billing.stripe_gateway import StripeGateway, idempotency_key
 from billing.stripe_objects import field as get
 from billing.stripe_objects import stripe_time
@@ -216,8 +217,11 @@ async def _store_seats(database: Database, owner: str, seats: int, now: datetime
         )
         c = account_table.c
         live = [status.value for status in LIVE_STATUSES]
-        await conn.execute(
+        changed = await conn.execute(
             update(account_table)
             .where(c.user_id == owner, c.status.not_in(live))
             .values(seats=seats, updated_at=now)
+            .returning(c.id)
         )
+        for (account_id,) in changed.all():
+            await publish_account_change(conn, database, account_id)

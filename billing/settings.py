@@ -95,6 +95,9 @@ class Settings(BaseSettings):
     rate_limit_stripe_mutations: str = "10/minute"
     # The lean GraphQL executor (graph/lean_executor.py) and asyncpg one-row reads (db/fast_read.py).
     fast_paths: bool = True
+    # Seconds an account state read for a GraphQL request may answer later ones (billing/account_cache.py,
+    # PostgreSQL with FAST_PATHS; dropped at once by each committed change's notification); 0 = off.
+    account_cache_seconds: float = Field(default=10.0, ge=0, le=3600)
     # /docs (Swagger UI) and /openapi.json: unset = on in development, off in production.
     api_docs: bool | None = None
     log_level: str = Field(default="INFO")

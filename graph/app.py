@@ -14,6 +14,7 @@ from starlette.routing import Mount, Route, WebSocketRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from strawberry.schema import BaseSchema
 
+from billing.account_cache import account_cache
 from billing.catalog import sync_catalog
 from billing.errors import BillingError, ErrorCode
 from billing.host_events.config import delivery_config, host_event_config
@@ -172,7 +173,10 @@ def create_app(
         app.state.database.use_fast_reads(settings.fast_paths and tracer_provider is None)
         graphql_services.database = app.state.database
         app.state.metrics_gauges = DatabaseGauges(app.state.database)
-        app.state.realtime = Realtime.for_database(app.state.database, graphql_services.policy)
+        graphql_services.accounts = account_cache(app.state.database, settings)
+        app.state.realtime = Realtime.for_database(
+            app.state.database, graphql_services.policy, cache=graphql_services.accounts
+        )
         await app.state.realtime.start()
         graphql_services.realtime = app.state.realtime.hub
         app.state.stripe = StripeGateway(GatewayConfig.from_settings(settings))

@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 import strawberry
 
 from billing.access import AccessPolicy, SubscriptionState, load_subscription
+from billing.account_cache import AccountCache
 from billing.clock import Clock, utcnow
 from billing.customer_locks import CustomerLocks
 from billing.customers import Identity
@@ -44,8 +45,8 @@ class GraphQLServices:
     """What every request shares: built once per app.
 
     The running services are bound by the app factory at start-up (graph.app.create_app): the
-    database, the real-time hub, the Stripe gateway with the per-customer locks its webhook
-    worker uses too, and the usage reporter.
+    database, the real-time hub and the account cache it feeds, the Stripe gateway with the
+    per-customer locks its webhook worker uses too, and the usage reporter.
     """
 
     settings: Settings
@@ -54,6 +55,7 @@ class GraphQLServices:
     authenticator: Authenticator
     database: Database | None = None
     realtime: BillingStateHub | None = None
+    accounts: AccountCache | None = None
     gateway: StripeGateway | None = None
     locks: CustomerLocks | None = None
     reporter: UsageReporter | None = None
@@ -226,7 +228,10 @@ class Context:
             self._subscriptions = {}
         future = self._subscriptions.get(user_id)
         if future is None:
-            future = asyncio.ensure_future(load_subscription(self.database, user_id))
+            cache = self.services.accounts
+            database = self.database
+            read = load_subscription(database, user_id) if cache is None else cache.load(database, user_id)
+            future = asyncio.ensure_future(read)
             self._subscriptions[user_id] = future
         return await future
 

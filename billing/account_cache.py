@@ -70,12 +70,19 @@ class AccountCache:
         self._version = 0  # moves on every drop: a read that saw it move is not kept
         ACCOUNT_CACHE_LIVE.set(0)
 
-    async def load(self, database: Database, owner: str) -> SubscriptionState:
-        """The owner's state: remembered, or read (and remembered if nothing changed meanwhile)."""
+    def remembered(self, owner: str) -> SubscriptionState | None:
+        """The owner's state if it is here and fresh, without awaiting (counted as a hit)."""
         entry = self._entries.get(owner)
         if entry is not None and entry[0] > self.monotonic():
             _HITS.inc()
             return entry[1]
+        return None
+
+    async def load(self, database: Database, owner: str) -> SubscriptionState:
+        """The owner's state: remembered, or read (and remembered if nothing changed meanwhile)."""
+        state = self.remembered(owner)
+        if state is not None:
+            return state
         _MISSES.inc()
         version = self._version
         state = await load_subscription(database, owner)

@@ -182,9 +182,13 @@ class Context:
     async def principal(self) -> Principal | None:
         """The caller, authenticated once per request; None when no credentials were sent."""
         if self._principal is None:
-            self._principal = asyncio.ensure_future(
-                self.services.authenticator.authenticate(self.authorization)
-            )
+            authenticator = self.services.authenticator
+            authorization = self.authorization
+            user = authenticator.remembered(authorization)
+            if user is not None:
+                self._principal = _done(user)
+            else:
+                self._principal = asyncio.ensure_future(authenticator.authenticate(authorization))
         principal = await self._principal
         if isinstance(principal, User):
             USER_ID.set(principal.id)  # on this request's log lines (billing/logs.py)
@@ -229,9 +233,13 @@ class Context:
         future = self._subscriptions.get(user_id)
         if future is None:
             cache = self.services.accounts
-            database = self.database
-            read = load_subscription(database, user_id) if cache is None else cache.load(database, user_id)
-            future = asyncio.ensure_future(read)
+            state = None if cache is None else cache.remembered(user_id)
+            if state is not None:
+                future = _done(state)
+            elif cache is None:
+                future = asyncio.ensure_future(load_subscription(self.database, user_id))
+            else:
+                future = asyncio.ensure_future(cache.load(self.database, user_id))
             self._subscriptions[user_id] = future
         return await future
 
@@ -252,6 +260,13 @@ class Context:
                 "only a billing admin of the organisation may manage its billing", code=ErrorCode.FORBIDDEN
             )
         return OwnerIdentity(id=user.owner_key)
+
+
+def _done(value: T) -> asyncio.Future[T]:
+    """A future already resolved: awaiting it does not yield to the loop, and it costs no task."""
+    future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
 
 
 def _bound(service: T | None, name: str) -> T:

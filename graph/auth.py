@@ -211,12 +211,15 @@ class Authenticator:
             return ServicePrincipal()
         return await self.verify(token)
 
-    def remembered(self, authorization: str | None) -> User | None:
-        """The user of a bearer token verified less than a minute ago, without awaiting: the hot
-        path of `authenticate` (None: call that)."""
+    def remembered(self, authorization: str | None) -> Principal | None:
+        """The service, or the user of a bearer token verified less than a minute ago, without
+        awaiting: the hot path of `authenticate` (None: call that)."""
         if authorization is None or authorization[:7] != "Bearer ":
             return None
-        remembered = self._verified.get(authorization[7:])
+        token = authorization[7:]
+        if self._service_key is not None and hmac.compare_digest(token.encode(), self._service_key):
+            return ServicePrincipal()
+        remembered = self._verified.get(token)
         if remembered is None or self.clock() >= remembered[1]:
             return None
         return remembered[0]

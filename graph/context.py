@@ -184,9 +184,9 @@ class Context:
         if self._principal is None:
             authenticator = self.services.authenticator
             authorization = self.authorization
-            user = authenticator.remembered(authorization)
-            if user is not None:
-                self._principal = _done(user)
+            known = authenticator.remembered(authorization)
+            if known is not None:
+                self._principal = _done(known)
             else:
                 self._principal = asyncio.ensure_future(authenticator.authenticate(authorization))
         principal = await self._principal

@@ -18,7 +18,7 @@ import pytest
 from billing.errors import BillingError, ErrorCode
 from billing.settings import DEV_JWT_SECRET, Settings
 from db.engine import Database
-from graph.auth import CLOCK_SKEW_SECONDS, VERIFIED_FOR, VERIFIED_TOKENS, Authenticator
+from graph.auth import CLOCK_SKEW_SECONDS, VERIFIED_FOR, VERIFIED_TOKENS, Authenticator, ServicePrincipal
 from tests.auth_support import (
     AUDIENCE,
     ISSUER,
@@ -345,6 +345,27 @@ async def test_a_verified_token_is_checked_again_after_a_minute(counted: Counted
     clock.now += VERIFIED_FOR + 1
     assert (await auth.verify(token)).id == "user-1"
     assert counted.verifications == 2
+
+
+async def test_the_hot_path_knows_only_the_service_key_and_tokens_verified_within_the_minute(
+    counted: Counted,
+) -> None:
+    """`remembered` (the context's path without a task) answers only what `authenticate` would."""
+    auth, clock = counted.auth, counted.clock
+    token = hs256_token("user-1", secret=STRONG_SECRET, ttl=timedelta(hours=1))
+    assert auth.remembered(f"Bearer {token}") is None  # never verified: authenticate() checks it
+    await auth.verify(token)
+    user = auth.remembered(f"Bearer {token}")
+    assert user is not None and user.id == "user-1"
+    for other in (None, token, f"bearer {token}", f"Basic {token}", "Bearer "):
+        assert auth.remembered(other) is None
+    clock.now += VERIFIED_FOR + 1
+    assert auth.remembered(f"Bearer {token}") is None
+    assert counted.verifications == 1
+
+    with_key = Authenticator(Settings(auth_jwt_secret=STRONG_SECRET, service_api_key=SERVICE_KEY))
+    assert isinstance(with_key.remembered(f"Bearer {SERVICE_KEY}"), ServicePrincipal)
+    assert with_key.remembered(f"Bearer {SERVICE_KEY}x") is None
 
 
 async def test_a_token_is_never_remembered_past_its_expiry(counted: Counted) -> None:

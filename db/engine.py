@@ -4,7 +4,7 @@ Code that touches the database asks a `Database` for a connection:
 
 - `db.read()` for reads (no write lock taken on SQLite);
 - `db.first(select, parameters)` for a hot read of one row (with fast reads, `db.fast_read`,
-  asyncpg runs it on a pooled connection: no SQLAlchemy execution around it);
+  asyncpg runs it on a pool of its own: no SQLAlchemy execution around it);
 - `db.insert_one(insert, parameters)` for a hot `INSERT ... ON CONFLICT` (with fast reads,
   asyncpg runs it compiled once);
 - `db.write_one()` for a single statement that is atomic by itself (no transaction round trips
@@ -103,6 +103,7 @@ class Database:
     def __init__(self, engine: AsyncEngine, *, fast_reads: bool = False) -> None:
         self.engine = engine
         self.fast_reads: FastReads | None = None
+        self._retired: list[FastReads] = []
         self.use_fast_reads(fast_reads)
 
     @classmethod
@@ -112,6 +113,8 @@ class Database:
     def use_fast_reads(self, enabled: bool) -> None:
         """`first()` through asyncpg itself (db.fast_read) when enabled, on PostgreSQL."""
         if not enabled or not self.is_postgres:
+            if self.fast_reads is not None:
+                self._retired.append(self.fast_reads)  # its pool, if opened, is closed by dispose()
             self.fast_reads = None
         elif self.fast_reads is None:
             self.fast_reads = FastReads(self.engine)
@@ -182,4 +185,7 @@ class Database:
             yield await conn.execution_options(isolation_level="AUTOCOMMIT")
 
     async def dispose(self) -> None:
+        for fast_reads in [*self._retired, *([self.fast_reads] if self.fast_reads is not None else [])]:
+            await fast_reads.close()
+        self._retired = []
         await self.engine.dispose()

@@ -1,11 +1,14 @@
-"""One-row reads run by asyncpg itself, on a connection of the SQLAlchemy pool (`FAST_PATHS`).
+"""One-row reads and inserts run by asyncpg itself, on a pool of its own (`FAST_PATHS`).
 
 SQLAlchemy's execution of a small read (a checkout with an isolation switch, an execution
 context, a result object, in greenlets) costs about as much CPU as the rest of the viewer
-query's database work (bench/RESULTS.md, fix 9). Here a select is compiled once for the
-engine's dialect and run by asyncpg's `fetchrow`, with the bind and result processors
-SQLAlchemy would apply to each parameter and column (UTC datetimes in and out), outside any
-transaction, as `Database.read()` reads.
+query's database work (bench/RESULTS.md, fix 9), and its pool checkout alone, in greenlets, as
+much as asyncpg's own execution of the statement (fix 18). Here a statement is compiled once
+for the engine's dialect and run by asyncpg's `fetchrow` or `execute`, with the bind and result
+processors SQLAlchemy would apply to each parameter and column (UTC datetimes in and out),
+outside any transaction, as `Database.read()` reads, on a small asyncpg pool opened on first use
+with the engine's connection arguments and search path. Each statement stands alone in
+autocommit, so a connection goes back to that pool without asyncpg's reset round trip.
 
 What it relies on beyond SQLAlchemy's everyday API (pinned below its next minor version in
 pyproject.toml; `tests/test_pinned_internals.py` fails when it changes): the compiled
@@ -17,14 +20,20 @@ statement with that property already computed), and the engine's
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 from sqlalchemy import Insert, Select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 MAX_STATEMENTS = 64  # distinct statements compiled and kept; the service reads a handful
+POOL_SIZE = 10  # connections of the fast paths' own pool, beside the engine's
+POOL_IDLE_SECONDS = 60.0  # an idle connection of that pool is closed after this
+# Arguments of SQLAlchemy's asyncpg dialect that asyncpg's connect does not take.
+_DIALECT_ONLY = ("prepared_statement_cache_size", "prepared_statement_name_func", "async_fallback")
 
 _REQUIRED = object()  # a parameter without a value of its own: the caller must give it
 
@@ -98,6 +107,8 @@ class FastReads:
         self.engine = engine
         self.compiled: dict[Select[Any], CompiledRead | None] = {}
         self.compiled_inserts: dict[tuple[Insert, tuple[str, ...]], CompiledRead | None] = {}
+        self._pool: Any = None  # asyncpg.Pool, opened on first use
+        self._opening = asyncio.Lock()
 
     def read_for(self, statement: Select[Any]) -> CompiledRead | None:
         """`statement` compiled, or None when SQLAlchemy must run it: a statement asyncpg cannot
@@ -125,24 +136,40 @@ class FastReads:
 
     async def insert(self, insert: CompiledRead, parameters: Mapping[str, Any]) -> int:
         """Run a compiled insert in autocommit; the number of rows it inserted."""
-        values = insert.values(parameters)
-        async with self.engine.connect() as conn:
-            connection = await conn.get_raw_connection()
-            try:
-                status = await connection.driver_connection.execute(insert.sql, *values)  # type: ignore[union-attr]
-            except Exception:
-                await conn.invalidate()
-                raise
+        pool = self._pool or await self._open()
+        status: str = await pool.execute(insert.sql, *insert.values(parameters))
         return int(status.rsplit(" ", 1)[-1])
 
     async def first(self, read: CompiledRead, parameters: Mapping[str, Any]) -> dict[str, Any] | None:
-        values = read.values(parameters)
-        async with self.engine.connect() as conn:
-            connection = await conn.get_raw_connection()
-            try:
-                record = await connection.driver_connection.fetchrow(read.sql, *values)  # type: ignore[union-attr]
-            except Exception:
-                # As SQLAlchemy would on a lost connection: never hand this one out again.
-                await conn.invalidate()
-                raise
+        pool = self._pool or await self._open()
+        record = await pool.fetchrow(read.sql, *read.values(parameters))
         return None if record is None else read.row(record)
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def _open(self) -> Any:
+        """The pool, opened on first use: the engine's connection arguments and search path."""
+        async with self._opening:
+            if self._pool is None:
+                async with self.engine.connect() as conn:
+                    search_path = (await conn.exec_driver_sql("SHOW search_path")).scalar_one()
+                _args, params = self.engine.dialect.create_connect_args(self.engine.url)
+                for key in _DIALECT_ONLY:
+                    params.pop(key, None)
+                self._pool = await asyncpg.create_pool(
+                    **params,
+                    server_settings={"search_path": search_path},
+                    min_size=0,
+                    max_size=POOL_SIZE,
+                    max_inactive_connection_lifetime=POOL_IDLE_SECONDS,
+                    reset=_standalone,
+                )
+        return self._pool
+
+
+async def _standalone(_connection: Any) -> None:
+    """Nothing to reset: every statement of the fast paths ran alone in autocommit (asyncpg's
+    default reset would cost a round trip per statement)."""

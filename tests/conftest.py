@@ -223,6 +223,7 @@ def service_settings(url: str, **overrides: Any) -> Settings:
         "public_base_url": url,
         "app_url": "http://app.test",
         "sandbox_sync_catalog": False,  # tests that need the catalog sync it themselves
+        "account_cache_seconds": 0,  # as graphql_support.NO_ACCOUNT_CACHE says
         **overrides,
     }
     return Settings(**values)

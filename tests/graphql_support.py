@@ -33,13 +33,21 @@ PRODUCTION = {
 }
 
 
+# Tests write accounts straight into the database and read them back through the service at
+# once; with the account cache a read could then race the write's notification (the cache's
+# documented bound). Its own tests (test_account_cache.py) turn it on and prove that bound.
+NO_ACCOUNT_CACHE: dict[str, Any] = {"account_cache_seconds": 0}
+
+
 def settings_for(url: str, **overrides: Any) -> Settings:
-    """Settings of a served test app: a (never called) Stripe key, so no sandbox is started."""
+    """Settings of a served test app: a (never called) Stripe key, so no sandbox is started, and
+    no account cache (see `NO_ACCOUNT_CACHE`)."""
     values: dict[str, Any] = {
         "public_base_url": url,
         "app_url": "http://app.test",
         "stripe_secret_key": "sk_test_graphql_tests",
         "webhook_worker": False,
+        **NO_ACCOUNT_CACHE,
         **overrides,
     }
     return Settings(**values)

@@ -14,11 +14,13 @@ from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
+import asyncpg
 import httpx
 from httpx_ws import AsyncWebSocketSession, WebSocketDisconnect, aconnect_ws
 
 from db.engine import Database
 from tests.billing_flows import account
+from tests.conftest import PG_HOST, PG_PORT, PG_USER
 
 PROTOCOL = "graphql-transport-ws"
 STATE_FIELDS = "status tier interval currentPeriodEnd cancelAtPeriodEnd hasAccess"
@@ -157,3 +159,12 @@ async def first_seen(database: Database, user_id: str, within: float = 60.0, **e
 def watch_commit(database: Database, user_id: str, **expected: Any) -> asyncio.Task[float]:
     """Start polling for the change before making it."""
     return asyncio.create_task(first_seen(database, user_id, **expected))
+
+
+async def terminate_backend(pid: int) -> None:
+    """Kill a PostgreSQL backend (a LISTEN connection, say), as a network failure would."""
+    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
+    try:
+        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid) is True
+    finally:
+        await conn.close()

@@ -11,10 +11,9 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, cast
 
-import asyncpg
 import httpx
 import pytest
 from prometheus_client import REGISTRY
@@ -28,8 +27,9 @@ from billing.settings import Settings
 from db.engine import Database
 from db.enums import SubscriptionStatus
 from db.models import account_table
-from tests.conftest import PG_HOST, PG_PORT, PG_USER, DbTarget, Service, running_service
+from tests.conftest import DbTarget, Service, running_service
 from tests.graphql_support import hs256_token, insert_account
+from tests.realtime_support import terminate_backend
 
 WAIT = 10.0
 QUERY = "{ viewer { email subscription { status tier } } }"
@@ -90,16 +90,22 @@ async def test_a_new_account_drops_what_was_remembered_as_having_none() -> None:
     assert db.reads == 2
 
 
-async def test_a_read_overtaken_by_a_notification_is_not_kept() -> None:
-    cache, db = live_cache(), FakeDatabase()
+async def read_while(cache: AccountCache, db: FakeDatabase, meanwhile: Callable[[], None]) -> None:
+    """A load whose read is held until `meanwhile` has run, then one more load."""
     db.gate = asyncio.Event()
     reading = asyncio.create_task(load(cache, db))
     await db.reading.wait()
-    cache.accounts_changed([7])  # committed while the read was on its way: it may be older
+    meanwhile()
     db.gate.set()
     await reading
     db.gate = None
     await load(cache, db)
+
+
+async def test_a_read_overtaken_by_a_notification_is_not_kept() -> None:
+    cache, db = live_cache(), FakeDatabase()
+    # A change committed while the read was on its way: what it read may be older.
+    await read_while(cache, db, lambda: cache.accounts_changed([7]))
     assert db.reads == 2
 
 
@@ -119,15 +125,12 @@ async def test_nothing_is_served_or_kept_while_listen_is_down() -> None:
 
 async def test_a_read_that_straddles_a_reconnection_is_not_kept() -> None:
     cache, db = live_cache(), FakeDatabase()
-    db.gate = asyncio.Event()
-    reading = asyncio.create_task(load(cache, db))
-    await db.reading.wait()
-    cache.disconnected()  # notifications may have been missed from here ...
-    cache.connected()  # ... until here
-    db.gate.set()
-    await reading
-    db.gate = None
-    await load(cache, db)
+
+    def reconnect() -> None:
+        cache.disconnected()  # notifications may have been missed from here ...
+        cache.connected()  # ... until here
+
+    await read_while(cache, db, reconnect)
     assert db.reads == 2
 
 
@@ -340,11 +343,3 @@ async def test_an_unannounced_write_is_seen_once_its_entry_expires(
             assert (await viewer(client, service, "cache-di"))["email"] == "old@example.test"
             await asyncio.sleep(0.6)
             assert (await viewer(client, service, "cache-di"))["email"] == "new@example.test"
-
-
-async def terminate_backend(pid: int) -> None:
-    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
-    try:
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid) is True
-    finally:
-        await conn.close()

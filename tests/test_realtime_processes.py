@@ -24,7 +24,7 @@ from tests.billing_flows import checkout, settle, setup_catalog, subscribe, wait
 from tests.conftest import PG_HOST, PG_PORT, PG_USER, Service, free_port
 from tests.gateways import sandbox_gateway
 from tests.graphql_support import hs256_token
-from tests.realtime_support import DELIVERY, WAIT, live_socket, watch_commit
+from tests.realtime_support import DELIVERY, WAIT, live_socket, terminate_backend, watch_commit
 
 BILLING = str(Path(sys.executable).with_name("billing"))
 QUIET = 0.5
@@ -152,14 +152,6 @@ async def listener_backend(pid: int) -> str | None:
             "SELECT application_name FROM pg_stat_activity WHERE pid = $1", pid
         )
         return name
-    finally:
-        await conn.close()
-
-
-async def terminate_backend(pid: int) -> None:
-    conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database="postgres")
-    try:
-        assert await conn.fetchval("SELECT pg_terminate_backend($1)", pid) is True
     finally:
         await conn.close()
 

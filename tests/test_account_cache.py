@@ -218,6 +218,22 @@ async def set_email(database: Database, user_id: str, email: str, *, announce: b
         )
 
 
+async def write_as_the_sync(database: Database, user_id: str, email: str) -> None:
+    """A change announced in its transaction as `billing.sync` announces it, with the trigger
+    skipped (replica mode): only the explicit announcement tells anyone."""
+    async with database.write() as conn:
+        await conn.execute(text("SET LOCAL session_replication_role = replica"))
+        account_id = (
+            await conn.execute(
+                update(account_table)
+                .where(account_table.c.user_id == user_id)
+                .values(email=email)
+                .returning(account_table.c.id)
+            )
+        ).scalar_one()
+        await publish_account_change(conn, database, account_id)
+
+
 @pytest.mark.postgres_only
 async def test_no_answer_is_older_than_the_last_notification_received(
     cached: Service, other_process: Database
@@ -265,17 +281,7 @@ async def test_a_change_this_process_writes_is_read_back_at_once(cached: Service
     await insert_account(service.database, "cache-bob", email="old@example.test")
     async with httpx.AsyncClient(timeout=WAIT) as client:
         assert (await viewer(client, service, "cache-bob"))["email"] == "old@example.test"
-        async with service.database.write() as conn:
-            await conn.execute(text("SET LOCAL session_replication_role = replica"))  # no trigger
-            account_id = (
-                await conn.execute(
-                    update(account_table)
-                    .where(account_table.c.user_id == "cache-bob")
-                    .values(email="new@example.test")
-                    .returning(account_table.c.id)
-                )
-            ).scalar_one()
-            await publish_account_change(conn, service.database, account_id)
+        await write_as_the_sync(service.database, "cache-bob", "new@example.test")
         assert (await viewer(client, service, "cache-bob"))["email"] == "new@example.test"
 
 
@@ -293,17 +299,7 @@ async def test_this_process_s_commit_drops_the_entry_before_the_writer_goes_on(d
         cache.connected()
         await insert_account(database, "cache-ed", email="old@example.test")
         assert (await cache.load(database, "cache-ed")).email == "old@example.test"
-        async with database.write() as conn:
-            await conn.execute(text("SET LOCAL session_replication_role = replica"))
-            account_id = (
-                await conn.execute(
-                    update(account_table)
-                    .where(account_table.c.user_id == "cache-ed")
-                    .values(email="new@example.test")
-                    .returning(account_table.c.id)
-                )
-            ).scalar_one()
-            await publish_account_change(conn, database, account_id)
+        await write_as_the_sync(database, "cache-ed", "new@example.test")
         assert (await cache.load(database, "cache-ed")).email == "new@example.test"
     finally:
         await local.stop()
